@@ -1,0 +1,98 @@
+"""The ``hydracc::hybrid_attention`` custom op: the one call a converted layer makes.
+
+Design: one op for every head kind, registered with ``torch.library.custom_op`` and
+an explicit schema, so captured graphs (torch.export) keep it as a single opaque node
+``torch.ops.hydracc.hybrid_attention.default``. The default implementation, used on
+every device, is ``composed`` (SDPA for full heads, torch linear attention for the
+others; tested against the plain-torch reference); a device kernel is swapped in with
+``hybrid_attention_op.register_kernel("cuda")(fn)`` without touching callers. The fake
+(meta) implementation validates shapes only and returns a fresh ``[B, Hq, Tq, Dv]``
+tensor. Autograd: the backward recomputes the reference under autograd from the saved
+inputs (no activations kept), so gradients flow through the op to q, k, v and
+head_params; a device kernel will bring its own backward when it needs one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hydracc.kernels.composed import hybrid_attention_composed
+from hydracc.kernels.reference import hybrid_attention_reference, validate_hybrid_inputs
+
+OP_NAME = "hydracc::hybrid_attention"
+OP_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, int[] head_kinds, float scale, Tensor[] head_params)"
+    " -> Tensor"
+)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=(), schema=OP_SCHEMA)
+def hybrid_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_kinds: Sequence[int],
+    scale: float,
+    head_params: Sequence[Tensor],
+) -> Tensor:
+    # Both implementations build a new output tensor, so the result never aliases an input.
+    return hybrid_attention_composed(q, k, v, head_kinds, scale, head_params)
+
+
+@hybrid_attention_op.register_fake
+def _hybrid_attention_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_kinds: Sequence[int],
+    scale: float,
+    head_params: Sequence[Tensor],
+) -> Tensor:
+    validate_hybrid_inputs(q, k, v, head_kinds, head_params)
+    b, hq, tq, _ = q.shape
+    return q.new_empty(b, hq, tq, v.shape[-1])
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    q, k, v, head_kinds, scale, head_params = inputs
+    ctx.save_for_backward(q, k, v, *head_params)
+    ctx.head_kinds, ctx.scale = list(head_kinds), scale
+
+
+def _backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
+    """Recompute the reference under autograd and differentiate it (only inputs saved)."""
+    need_q, need_k, need_v, _, _, need_params = ctx.needs_input_grad
+    needs = [need_q, need_k, need_v, *need_params]
+    tensors = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
+    q, k, v, *params = tensors
+    with torch.enable_grad():
+        out = hybrid_attention_reference(q, k, v, ctx.head_kinds, ctx.scale, params)
+    wrt = [t for t in tensors if t.requires_grad]
+    grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
+    dq, dk, dv, *dparams = (next(grads) if t.requires_grad else None for t in tensors)
+    return dq, dk, dv, None, None, dparams
+
+
+hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hybrid_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_kinds: Sequence[int],
+    scale: float,
+    head_params: Sequence[Tensor] = (),
+) -> Tensor:
+    """Run ``torch.ops.hydracc.hybrid_attention``; see :func:`hybrid_attention_reference`.
+
+    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``, v ``[B, Hkv, Tk, Dv]`` (unexpanded GQA);
+    returns ``[B, Hq, Tq, Dv]`` in ``q.dtype``.
+    """
+    return torch.ops.hydracc.hybrid_attention(
+        q, k, v, [int(c) for c in head_kinds], float(scale), list(head_params)
+    )
