@@ -1,0 +1,256 @@
+"""The conversion plan: which heads of which layer stay full and which become linear.
+
+Design decisions:
+- A plan is plain data (dataclasses) with a versioned JSON form. Every query head has
+  an entry ``{"kind": NAME, "params": {...}}`` so later, learned kinds can carry
+  per-head parameters without a format change; ``kind`` names come from
+  ``hydracc.kernels.head_kinds``.
+- Validation happens on load and against the captured model, and every error names
+  the offending field as a JSON path (``plan.layers[1].heads[5].kind``).
+- The planner in this module is deliberately simple (a fraction of full units, spread
+  evenly over layers and then over units); the unit is the KV group whenever KV heads are shared, because
+  only a whole linear KV group frees cache. Scored planning lives elsewhere and
+  produces the same ``Plan``.
+- KV-cache accounting is per token: a KV head must be cached if any query head using
+  it keeps KV (``HeadKind.keeps_kv``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydracc.capture import AttentionSite
+from hydracc.errors import PlanError
+from hydracc.kernels.head_kinds import KIND_NAMES, kind_by_name
+
+PLAN_FORMAT = "hydracc-plan"
+PLAN_VERSION = 1
+
+
+@dataclass
+class HeadPlan:
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    module: str
+    num_heads: int
+    num_kv_heads: int
+    heads: list[HeadPlan]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [h.kind for h in self.heads]
+
+    def full_heads(self) -> list[int]:
+        return [i for i, h in enumerate(self.heads) if not kind_by_name(h.kind).linear]
+
+    def cached_kv_heads(self) -> list[int]:
+        """KV heads whose keys and values must still be cached."""
+        group = self.num_heads // self.num_kv_heads
+        return [
+            g
+            for g in range(self.num_kv_heads)
+            if any(kind_by_name(self.heads[g * group + i].kind).keeps_kv for i in range(group))
+        ]
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    model: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)
+    unit: str = "head"
+
+    def layer(self, index: int) -> LayerPlan:
+        for lp in self.layers:
+            if lp.layer == index:
+                return lp
+        raise KeyError(index)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "unit": self.unit,
+            "budget": self.budget,
+            "layers": [
+                {
+                    "layer": lp.layer,
+                    "module": lp.module,
+                    "num_heads": lp.num_heads,
+                    "num_kv_heads": lp.num_kv_heads,
+                    "heads": [{"kind": h.kind, "params": h.params} for h in lp.heads],
+                }
+                for lp in self.layers
+            ],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+
+def _field(cond: bool, path: str, message: str) -> None:
+    if not cond:
+        raise PlanError(f"invalid plan: {path}: {message}")
+
+
+def plan_from_json(doc: Any) -> Plan:
+    """Parse and validate a plan document (the dict form of the JSON)."""
+    _field(isinstance(doc, dict), "plan", "must be a JSON object")
+    _field(doc.get("format") == PLAN_FORMAT, "plan.format", f"must be {PLAN_FORMAT!r}, got {doc.get('format')!r}")
+    version = doc.get("version")
+    _field(isinstance(version, int), "plan.version", "must be an integer")
+    _field(version <= PLAN_VERSION, "plan.version", f"{version} is newer than this hydracc understands ({PLAN_VERSION}); upgrade hydracc")
+    layers = doc.get("layers")
+    _field(isinstance(layers, list) and bool(layers), "plan.layers", "must be a non-empty list")
+    out: list[LayerPlan] = []
+    seen: set[int] = set()
+    for i, raw in enumerate(layers):
+        path = f"plan.layers[{i}]"
+        _field(isinstance(raw, dict), path, "must be an object")
+        layer = raw.get("layer")
+        _field(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0, f"{path}.layer", "must be a non-negative integer")
+        _field(layer not in seen, f"{path}.layer", f"layer {layer} appears twice")
+        seen.add(layer)
+        nh, nkv = raw.get("num_heads"), raw.get("num_kv_heads")
+        _field(isinstance(nh, int) and nh > 0, f"{path}.num_heads", "must be a positive integer")
+        _field(isinstance(nkv, int) and nkv > 0 and nh % nkv == 0, f"{path}.num_kv_heads", f"must be a positive divisor of num_heads ({nh})")
+        heads_raw = raw.get("heads")
+        _field(isinstance(heads_raw, list), f"{path}.heads", "must be a list with one entry per query head")
+        _field(len(heads_raw) == nh, f"{path}.heads", f"has {len(heads_raw)} entries but num_heads is {nh}")
+        heads: list[HeadPlan] = []
+        for h, entry in enumerate(heads_raw):
+            hpath = f"{path}.heads[{h}]"
+            if isinstance(entry, str):
+                entry = {"kind": entry}
+            _field(isinstance(entry, dict), hpath, "must be an object like {\"kind\": \"full\"}")
+            kind = entry.get("kind")
+            _field(kind in KIND_NAMES, f"{hpath}.kind", f"unknown head kind {kind!r}; known kinds: {', '.join(KIND_NAMES)}")
+            params = entry.get("params", {})
+            _field(isinstance(params, dict), f"{hpath}.params", "must be an object")
+            heads.append(HeadPlan(kind, dict(params)))
+        out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
+    unit = doc.get("unit", "head")
+    _field(unit in ("head", "kv_group"), "plan.unit", "must be 'head' or 'kv_group'")
+    model = doc.get("model", {})
+    budget = doc.get("budget", {})
+    _field(isinstance(model, dict), "plan.model", "must be an object")
+    _field(isinstance(budget, dict), "plan.budget", "must be an object")
+    return Plan(sorted(out, key=lambda lp: lp.layer), model, budget, unit)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan JSON file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise PlanError(f"cannot read plan file {p}: {exc.strerror or exc}") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"plan file {p} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    return plan_from_json(doc)
+
+
+def check_plan_fits(plan: Plan, sites: Sequence[AttentionSite]) -> None:
+    """Raise ``PlanError`` unless the plan covers exactly the model's attention sites."""
+    by_layer = {s.layer: s for s in sites}
+    for i, lp in enumerate(plan.layers):
+        path = f"plan.layers[{i}]"
+        site = by_layer.get(lp.layer)
+        _field(site is not None, f"{path}.layer", f"layer {lp.layer} does not exist (the model has layers {sorted(by_layer)})")
+        assert site is not None
+        _field(lp.num_heads == site.num_heads, f"{path}.num_heads", f"is {lp.num_heads} but layer {lp.layer} ({site.module}) has {site.num_heads} query heads")
+        _field(lp.num_kv_heads == site.num_kv_heads, f"{path}.num_kv_heads", f"is {lp.num_kv_heads} but layer {lp.layer} ({site.module}) has {site.num_kv_heads} KV heads")
+    missing = sorted(set(by_layer) - {lp.layer for lp in plan.layers})
+    _field(not missing, "plan.layers", f"has no entry for layer(s) {missing}; list every layer (all-full layers too)")
+
+
+def model_summary(sites: Sequence[AttentionSite], model_type: str) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "num_layers": len(sites),
+        "num_heads": sorted({s.num_heads for s in sites}),
+        "num_kv_heads": sorted({s.num_kv_heads for s in sites}),
+        "head_dim": sorted({s.head_dim for s in sites}),
+    }
+
+
+def spread(count: int, total: int) -> list[int]:
+    """``count`` indices out of ``range(total)``, spread evenly (deterministic)."""
+    if count <= 0:
+        return []
+    return sorted({(i * total) // count for i in range(count)})
+
+
+def ratio_plan(
+    sites: Sequence[AttentionSite], model_type: str, *, full_ratio: float, linear_kind: str = "elu"
+) -> Plan:
+    """The simple planner: keep ``round(full_ratio * units)`` units full over the whole model.
+
+    A unit is a KV group under grouped-query attention, otherwise a single head. The
+    full units are spread as evenly as possible over the layers (then over the units of
+    a layer), so with one KV group per layer (MQA) this becomes a layer-wise hybrid.
+    """
+    if not 0.0 <= full_ratio <= 1.0:
+        raise PlanError(f"--full-ratio must be between 0 and 1, got {full_ratio}")
+    kind = kind_by_name(linear_kind)
+    if not kind.linear:
+        raise PlanError(f"--linear-kind must be a linear kind, got {linear_kind!r}")
+    grouped = any(s.num_kv_heads < s.num_heads for s in sites)
+    ordered = sorted(sites, key=lambda s: s.layer)
+    units = [s.num_kv_heads if grouped else s.num_heads for s in ordered]
+    n_full = math.floor(full_ratio * sum(units) + 0.5)
+    # Each layer's share of n_full in proportion to its units (Bresenham-style, deterministic).
+    total, cum = sum(units), 0
+    layers = []
+    for s, u in zip(ordered, units):
+        share = (n_full * (cum + u)) // total - (n_full * cum) // total if total else 0
+        cum += u
+        size = s.num_heads // u
+        full_units = set(spread(min(share, u), u))
+        heads = [HeadPlan("full" if h // size in full_units else kind.name) for h in range(s.num_heads)]
+        layers.append(LayerPlan(s.layer, s.module, s.num_heads, s.num_kv_heads, heads))
+    return Plan(
+        layers,
+        model=model_summary(sites, model_type),
+        budget={"strategy": "full-ratio", "full_ratio": full_ratio, "linear_kind": kind.name, "full_units": n_full},
+        unit="kv_group" if grouped else "head",
+    )
+
+
+@dataclass(frozen=True)
+class CacheCost:
+    """KV-cache bytes per token, and linear-state bytes per sequence, for a plan."""
+
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    linear_state_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.kv_bytes_per_token_after / self.kv_bytes_per_token_before if self.kv_bytes_per_token_before else 1.0
+
+
+def cache_cost(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int) -> CacheCost:
+    """What the plan does to the KV cache (keys + values, ``element_bytes`` each)."""
+    by_layer = {s.layer: s for s in sites}
+    before = after = state = 0
+    for lp in plan.layers:
+        d = by_layer[lp.layer].head_dim
+        before += 2 * lp.num_kv_heads * d * element_bytes
+        after += 2 * len(lp.cached_kv_heads()) * d * element_bytes
+        linear = sum(1 for h in lp.heads if kind_by_name(h.kind).linear)
+        state += linear * (d * d + d) * 4  # fp32 state S (d x d) and normalizer z (d)
+    return CacheCost(before, after, state)
