@@ -1,0 +1,48 @@
+"""hybridize: SDPA sites become hydracc::hybrid_attention with the plan's kinds, and compute the hybrid."""
+
+import pytest
+import torch
+from helpers import build_tiny_model, use_oracle
+
+from hydracc.capture import SDPA, SITE_META, capture
+from hydracc.errors import PassError
+from hydracc.kernels.head_kinds import kind_by_name
+from hydracc.model import build_model
+from hydracc.passes import PassContext, PassManager
+from hydracc.passes.hybridize import hybrid_nodes
+from hydracc.plan import ratio_plan
+
+
+@pytest.mark.parametrize(("family", "heads", "kv"), [("llama", 4, 2), ("qwen3", 4, 1), ("gpt2", 4, 4)], ids=["gqa", "mqa", "mha"])
+def test_hybridize_matches_independent_oracle(family: str, heads: int, kv: int) -> None:
+    model = build_tiny_model(family, heads, kv)
+    cap = capture(build_model(model.config.to_dict()))
+    plan = ratio_plan(cap.sites, family, full_ratio=0.5)
+    PassManager(["fold-gqa", "hybridize"]).run(PassContext(cap, plan))
+    nodes = hybrid_nodes(cap.graph_module.graph)
+    assert len(nodes) == 2 and not any(n.target == SDPA for n in cap.graph_module.graph.nodes)
+    for node in nodes:
+        lp = plan.layer(node.meta[SITE_META])
+        assert list(node.args[3]) == [kind_by_name(k).code for k in lp.kinds]
+        assert node.args[1].meta["val"].shape[1] == kv  # unexpanded K
+    ids = torch.randint(0, 64, cap.input_shape)
+    with torch.no_grad():
+        got = cap.run(dict(model.state_dict()), ids)
+        original = model(ids).logits
+        expected = use_oracle(model, {lp.layer: lp.kinds for lp in plan.layers})(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - original).abs().max() > 1e-3  # the linear heads really changed something
+
+
+def test_hybridize_requires_folded_kv() -> None:
+    model = build_tiny_model("llama", 4, 2)
+    cap = capture(build_model(model.config.to_dict()))
+    plan = ratio_plan(cap.sites, "llama", full_ratio=0.5)
+    with pytest.raises(PassError, match="run 'fold-gqa' before 'hybridize'"):
+        PassManager(["hybridize"]).run(PassContext(cap, plan))
+
+
+def test_hybridize_needs_a_plan() -> None:
+    cap = capture(build_model(build_tiny_model("llama", 4, 2).config.to_dict()))
+    with pytest.raises(PassError, match="needs a plan"):
+        PassManager(["fold-gqa", "hybridize"]).run(PassContext(cap))
