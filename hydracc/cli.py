@@ -1,0 +1,296 @@
+"""The ``hydracc`` command line.
+
+Design decisions:
+- Thin: every command calls the pipeline functions in ``hydracc.convert``; nothing here
+  computes anything a Python user could not get.
+- Exit codes: 0 success; 2 bad input (unreadable checkpoint, unsupported architecture,
+  invalid plan, output exists, bad option); 1 an internal error (a bug: please report);
+  130 interrupted. Errors are one clear message on stderr, never a traceback
+  (``HYDRACC_DEBUG=1`` shows it).
+- ``--json`` prints one JSON document on stdout (the report or the error) and sends the
+  human-readable tables and progress to stderr, so scripts can parse stdout as is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import hydracc
+from hydracc.errors import EXIT_INTERNAL, HydraError
+
+EXIT_INTERRUPTED = 130
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _kinds_cell(kinds: list[str]) -> str:
+    """One character per head: F = full, l = linear (first letter of the kind otherwise)."""
+    return " ".join("F" if k == "full" else k[0] for k in kinds)
+
+
+def _sites_table(inspection: Any) -> Table:
+    table = Table(title="Attention sites found in the captured graph", title_justify="left")
+    for col in ("layer", "module", "attention", "q heads", "kv heads", "group", "head dim", "scale", "mask"):
+        table.add_column(col, justify="right" if col not in ("module", "attention", "mask") else "left")
+    for s in inspection.captured.sites:
+        table.add_row(
+            str(s.layer), s.module, s.attention_kind, str(s.num_heads), str(s.num_kv_heads),
+            str(s.group_size), str(s.head_dim), f"{s.scale:.4g}", "causal" if s.causal else "?",
+        )
+    return table
+
+
+def _plan_table(plan: Any) -> Table:
+    table = Table(title="Plan: head kinds per layer (F = full softmax, e = elu linear)", title_justify="left")
+    for col in ("layer", "module", "heads", "full", "linear", "KV heads cached"):
+        table.add_column(col, justify="left" if col in ("module", "heads") else "right")
+    for lp in plan.layers:
+        full = len(lp.full_heads())
+        table.add_row(
+            str(lp.layer), lp.module, _kinds_cell(lp.kinds), str(full), str(lp.num_heads - full),
+            f"{len(lp.cached_kv_heads())}/{lp.num_kv_heads}",
+        )
+    return table
+
+
+def _report(result: Any, *, dry_run: bool) -> dict[str, Any]:
+    insp = result.inspection
+    cost = result.cost
+    report: dict[str, Any] = {
+        "status": "ok",
+        "hydracc_version": hydracc.__version__,
+        "mode": "plan" if dry_run else "convert",
+        "input": str(insp.checkpoint.root),
+        "model_type": insp.captured.config.model_type,
+        "sites": [
+            {
+                "layer": s.layer, "module": s.module, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
+                "head_dim": s.head_dim, "scale": s.scale, "causal": s.causal, "permutable": s.permutable,
+            }
+            for s in insp.captured.sites
+        ],
+        "plan": result.plan.to_json(),
+        "kv_cache": {
+            "element_bytes": insp.element_bytes,
+            "bytes_per_token_before": cost.kv_bytes_per_token_before,
+            "bytes_per_token_after": cost.kv_bytes_per_token_after,
+            "ratio": round(cost.ratio, 6),
+            "linear_state_bytes_per_sequence": cost.linear_state_bytes,
+        },
+    }
+    if result.rewrite is not None:
+        report["passes"] = result.rewrite.passes
+        report["notes"] = result.rewrite.context.notes
+    if result.output is not None:
+        report["output"] = {"path": str(result.output), "files": [p.name for p in result.files]}
+    return report
+
+
+class _Reporter:
+    def __init__(self, as_json: bool, quiet: bool) -> None:
+        self.as_json = as_json
+        stream = sys.stderr if as_json else sys.stdout
+        width = None if stream.isatty() else 120  # rich's 80-column default would cut module paths
+        self.console = Console(stderr=as_json, quiet=quiet and not as_json, highlight=False, width=width)
+        self.err = Console(stderr=True, highlight=False)
+
+    def fail(self, message: str, code: int) -> None:
+        if self.as_json:
+            click.echo(json.dumps({"status": "error", "exit_code": code, "error": message}))
+        self.err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+
+def _run_guarded(reporter: _Reporter, fn: Any) -> Any:
+    try:
+        return fn()
+    except HydraError as exc:
+        reporter.fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        reporter.fail("interrupted; nothing was written to the output path", EXIT_INTERRUPTED)
+    except Exception as exc:  # a bug, not the user's fault
+        if os.environ.get("HYDRACC_DEBUG") == "1":
+            traceback.print_exc()
+        reporter.fail(
+            f"internal error: {type(exc).__name__}: {exc} (set HYDRACC_DEBUG=1 for the traceback, and please report it)",
+            EXIT_INTERNAL,
+        )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(hydracc.__version__, prog_name="hydracc")
+def main() -> None:
+    """hydracc turns a pretrained transformer into a head-level hybrid: some attention heads keep
+    full softmax attention, the others become linear attention with a fixed-size state.
+
+    \b
+    Typical use:
+      hydracc convert model/ --plan                 # dry run: what would change, KV cache before/after
+      hydracc convert model/ -o out/                # convert; out/ is a normal safetensors checkpoint
+      hydracc convert model/ -o out/ --plan-file p.json --json   # in CI: a given plan, JSON report
+
+    Exit codes: 0 ok, 2 bad input (nothing written), 1 internal error, 130 interrupted.
+    """
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--plan", "dry_run", is_flag=True, help="Dry run: print the sites, the plan and the KV-cache change; write nothing (except --plan-out).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write the converted checkpoint to (atomically).")
+@click.option("--plan-file", type=click.Path(path_type=Path), help="Convert by this plan JSON instead of planning.")
+@click.option("--plan-out", type=click.Path(path_type=Path), help="Write the plan JSON to this file.")
+@click.option("--full-ratio", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True, help="Fraction of heads (KV groups under GQA) kept full in each layer.")
+@click.option("--linear-kind", type=click.Choice(["elu"]), default="elu", show_default=True, help="Kind of linear attention for converted heads.")
+@click.option("--pass", "user_passes", multiple=True, metavar="NAME", help="Run a registered pass (after hybridize, before permute-heads). Repeatable.")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE", help="Load a Python file or module that registers passes. Repeatable.")
+@click.option("--permute/--no-permute", default=True, show_default=True, help="Reorder heads in the weights so full heads are contiguous.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MiB.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report (or error) on stdout; tables go to stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and the --json report).")
+def convert(
+    path: Path,
+    dry_run: bool,
+    output: Path | None,
+    plan_file: Path | None,
+    plan_out: Path | None,
+    full_ratio: float,
+    linear_kind: str,
+    user_passes: tuple[str, ...],
+    plugins: tuple[str, ...],
+    permute: bool,
+    force: bool,
+    max_shard_size: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Convert the checkpoint at PATH (a .safetensors file with config.json beside it, or a folder,
+    sharded or not) into a hybrid-attention checkpoint."""
+    reporter = _Reporter(as_json, quiet)
+
+    def work() -> dict[str, Any]:
+        from hydracc import convert as pipeline
+        from hydracc.emit import parse_size
+        from hydracc.errors import OutputError
+        from hydracc.plan import cache_cost
+
+        if not dry_run and output is None:
+            raise HydraError("nothing to do: give -o OUTPUT to convert, or --plan for a dry run")
+        try:
+            max_bytes = parse_size(max_shard_size)
+        except (TypeError, ValueError) as exc:
+            raise HydraError(f"--max-shard-size: {exc}") from exc
+        if output is not None and not dry_run and output.exists() and not force:
+            raise OutputError(f"output {output} already exists", hint="choose a new path or add --force to replace it")
+        pipeline.load_plugins(plugins)
+        for name in user_passes:
+            from hydracc.passes import get_pass
+
+            get_pass(name)
+        insp = pipeline.inspect_checkpoint(path)
+        try:
+            plan = pipeline.make_plan(insp, plan_file=plan_file, full_ratio=full_ratio, linear_kind=linear_kind)
+            cost = cache_cost(plan, insp.captured.sites, insp.element_bytes)
+            result = pipeline.ConversionResult(insp, plan, cost)
+            if plan_out is not None:
+                _write_text_atomic(plan_out, plan.dumps())
+            if not dry_run:
+                result.rewrite = pipeline.rewrite(insp, plan, user_passes=user_passes, permute=permute)
+                assert output is not None
+                result.files = _emit_with_progress(reporter, pipeline, insp, result.rewrite, output, force, max_bytes)
+                result.output = output
+        finally:
+            insp.checkpoint.close()
+        _print_human(reporter, result, dry_run, plan_out)
+        return _report(result, dry_run=dry_run)
+
+    report = _run_guarded(reporter, work)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    from hydracc.errors import OutputError
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _emit_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, rewrite: Any, output: Path, force: bool, max_bytes: int) -> list[Path]:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    total = insp.checkpoint.total_bytes()
+    with Progress(
+        TextColumn("writing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), transient=True, disable=reporter.console.quiet,
+    ) as progress:
+        task = progress.add_task("write", total=total)
+        return pipeline.emit(
+            insp, rewrite, output, force=force, max_shard_bytes=max_bytes,
+            on_tensor=lambda _name, nbytes: progress.advance(task, nbytes),
+        )
+
+
+def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path | None) -> None:
+    con = reporter.console
+    insp, cost = result.inspection, result.cost
+    con.print(f"[bold]{insp.captured.config.model_type}[/] model at {insp.checkpoint.root}: "
+              f"{len(insp.captured.sites)} attention sites, weights {', '.join(sorted(str(d).removeprefix('torch.') for d in insp.checkpoint.dtypes()))}")
+    con.print(_sites_table(insp))
+    con.print(_plan_table(result.plan))
+    con.print(
+        f"KV cache per token: {_human_bytes(cost.kv_bytes_per_token_before)} before -> "
+        f"{_human_bytes(cost.kv_bytes_per_token_after)} after ({cost.ratio:.1%}); "
+        f"linear heads add a fixed {_human_bytes(cost.linear_state_bytes)} of state per sequence"
+    )
+    if plan_out is not None:
+        con.print(f"plan written to {plan_out}")
+    if result.rewrite is not None:
+        con.print(f"passes: {', '.join(result.rewrite.passes)}")
+        for note in result.rewrite.context.notes:
+            con.print(f"  {note}")
+    if dry_run:
+        con.print("dry run (--plan): nothing else was written")
+    elif result.output is not None:
+        con.print(f"[green]converted checkpoint written to {result.output}[/] ({len(result.files)} files)")
+
+
+@main.command("passes")
+@click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE", help="Load a file or module that registers passes first.")
+def list_passes(plugins: tuple[str, ...]) -> None:
+    """List the registered graph passes (built-in and from --plugin)."""
+    reporter = _Reporter(False, False)
+
+    def work() -> None:
+        from hydracc.convert import load_plugins
+        from hydracc.passes import registered_passes
+
+        load_plugins(plugins)
+        for p in registered_passes():
+            click.echo(f"{p.name:16} {p.description}")
+
+    _run_guarded(reporter, work)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The converted checkpoint's ``hydra`` config section: written from the graph, read back.
+
+Design decisions:
+- The section is derived from the rewritten graph (each ``hybrid_attention`` node's head
+  kinds, in the final head order), not from the plan, so what is saved is what the
+  graph computes, whatever user passes did after planning. The plan that started it
+  is kept alongside for the record.
+- Format (``format_version`` 1)::
+
+      "hydra": {"format_version": 1,
+                "layers": [{"layer": 0, "module": "model.layers.0.self_attn",
+                            "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
+                            "scale": 0.125, "kinds": ["full", "elu", ...],
+                            "head_order": [original head index of each head]}, ...],
+                "plan": {...}, "passes": [...],
+                "provenance": {"hydracc_version": ..., "torch": ..., "transformers": ...,
+                               "inputs": {file name: sha256}}}
+- ``read_hydra_section`` validates a loaded config before any model is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydracc.capture import SITE_META
+from hydracc.errors import CheckpointError
+from hydracc.kernels.head_kinds import KIND_NAMES, kind_by_code, kind_by_name
+from hydracc.passes.hybridize import hybrid_nodes
+from hydracc.passes.manager import PassContext
+from hydracc.passes.permute_heads import HEAD_ORDER_META
+
+HYDRA_FORMAT_VERSION = 1
+
+
+def hydra_section(ctx: PassContext, passes: list[str], provenance: dict[str, Any]) -> dict[str, Any]:
+    """Build the ``hydra`` config section from the rewritten graph in ``ctx``."""
+    layers = []
+    for node in hybrid_nodes(ctx.graph_module.graph):
+        site = ctx.captured.site(node.meta[SITE_META])
+        codes = list(node.args[3])
+        layers.append(
+            {
+                "layer": site.layer,
+                "module": site.module,
+                "num_heads": site.num_heads,
+                "num_kv_heads": site.num_kv_heads,
+                "head_dim": site.head_dim,
+                "scale": float(node.args[4]),
+                "kinds": [kind_by_code(c).name for c in codes],
+                "head_order": list(node.meta.get(HEAD_ORDER_META, range(len(codes)))),
+            }
+        )
+    layers.sort(key=lambda entry: entry["layer"])
+    return {
+        "format_version": HYDRA_FORMAT_VERSION,
+        "layers": layers,
+        "plan": ctx.plan.to_json() if ctx.plan is not None else None,
+        "passes": passes,
+        "provenance": provenance,
+    }
+
+
+def read_hydra_section(config: dict[str, Any], where: str) -> dict[int, list[int]]:
+    """Validate the ``hydra`` section of a converted config; return layer -> head kind codes."""
+    section = config.get("hydra")
+    if not isinstance(section, dict):
+        raise CheckpointError(
+            f"{where}: config.json has no 'hydra' section, so this is not a hydracc-converted checkpoint",
+            hint="convert it first: hydracc convert IN -o OUT",
+        )
+    version = section.get("format_version")
+    if not isinstance(version, int) or version > HYDRA_FORMAT_VERSION:
+        raise CheckpointError(f"{where}: hydra.format_version {version!r} is not supported by this hydracc (max {HYDRA_FORMAT_VERSION})")
+    layers = section.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise CheckpointError(f"{where}: hydra.layers must be a non-empty list")
+    out: dict[int, list[int]] = {}
+    for i, entry in enumerate(layers):
+        path = f"hydra.layers[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("layer"), int):
+            raise CheckpointError(f"{where}: {path}.layer must be an integer")
+        kinds = entry.get("kinds")
+        if not isinstance(kinds, list) or len(kinds) != entry.get("num_heads"):
+            raise CheckpointError(f"{where}: {path}.kinds must list one kind per query head")
+        for h, name in enumerate(kinds):
+            if name not in KIND_NAMES:
+                raise CheckpointError(f"{where}: {path}.kinds[{h}] is {name!r}; known kinds: {', '.join(KIND_NAMES)}")
+        out[entry["layer"]] = [kind_by_name(k).code for k in kinds]
+    return out

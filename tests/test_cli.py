@@ -1,0 +1,177 @@
+"""The command line: dry run, conversion, JSON reports, and clear errors with exit code 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from helpers import ROOT
+
+from hydracc.cli import main
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_plan_dry_run_lists_sites_and_writes_nothing(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    before = sorted(p.name for p in src.iterdir())
+    res = run("convert", src, "--plan", "--plan-out", tmp_path / "plan.json")
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "model.layers.1.self_attn" in out and "GQA" in out and "causal" in out
+    assert "KV cache per token" in out and "before" in out and "after" in out
+    assert json.loads((tmp_path / "plan.json").read_text())["format"] == "hydracc-plan"
+    assert sorted(p.name for p in src.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_plan_json_report(tiny_checkpoint) -> None:
+    res = CliRunner().invoke(main, ["convert", str(tiny_checkpoint("gpt2-mha")), "--plan", "--json", "--full-ratio", "0.5"])
+    assert res.exit_code == 0
+    report = json.loads(res.stdout)
+    assert report["status"] == "ok" and report["mode"] == "plan" and report["model_type"] == "gpt2"
+    assert [s["num_heads"] for s in report["sites"]] == [4, 4]
+    kv = report["kv_cache"]
+    assert kv["bytes_per_token_after"] == kv["bytes_per_token_before"] // 2
+
+
+def test_convert_then_plan_file_round_trip(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("qwen2-mha")
+    assert run("convert", src, "--plan", "--plan-out", tmp_path / "p.json", "--full-ratio", "0.75").exit_code == 0
+    res = run("convert", src, "-o", tmp_path / "out", "--plan-file", tmp_path / "p.json", "-q")
+    assert res.exit_code == 0, res.output
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["hydra"]["plan"] == json.loads((tmp_path / "p.json").read_text())
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+
+
+def test_existing_output_needs_force(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = run("convert", src, "-o", out)
+    assert res.exit_code == 2 and "already exists" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    res = run("convert", src, "-o", out, "--force", "-q")
+    assert res.exit_code == 0 and (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _truncate(d: Path) -> None:
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _wrong_heads(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _unknown_type(d: Path) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "hydra-unknown-arch"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_truncate, "model.safetensors"),
+        (_wrong_heads, "k_proj.weight has shape"),
+        (_unknown_type, "hydra-unknown-arch"),
+    ],
+    ids=["truncated-safetensors", "head-count-mismatch", "unknown-model-type"],
+)
+def test_bad_input_exit_2_output_untouched(tiny_checkpoint, tmp_path, damage, message: str) -> None:
+    src = _copy(tiny_checkpoint("llama-gqa"), tmp_path / "in")
+    damage(src)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["convert", str(src), "-o", str(out), "--json"])
+    assert res.exit_code == 2, res.output
+    error = json.loads(res.stdout)
+    assert error["status"] == "error" and error["exit_code"] == 2 and message in error["error"]
+    assert "Traceback" not in res.output
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_plan_naming_missing_head_exit_2(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    assert run("convert", src, "--plan", "--plan-out", tmp_path / "p.json", "-q").exit_code == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    doc["layers"][1]["heads"].append({"kind": "full"})  # a 5th head in a 4-head layer
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    out = tmp_path / "out"
+    res = run("convert", src, "-o", out, "--plan-file", tmp_path / "p.json")
+    assert res.exit_code == 2
+    assert "plan.layers[1].heads: has 5 entries but num_heads is 4" in res.output
+    assert not out.exists()
+
+
+def test_no_output_and_no_plan_is_a_usage_error(tiny_checkpoint) -> None:
+    res = run("convert", tiny_checkpoint("llama-gqa"))
+    assert res.exit_code == 2 and "give -o OUTPUT" in res.output
+
+
+def test_missing_path(tmp_path) -> None:
+    res = run("convert", tmp_path / "nope", "--plan")
+    assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_custom_pass_plugin(tiny_checkpoint, tmp_path) -> None:
+    res = run("passes", "--plugin", ROOT / "examples" / "custom_pass.py")
+    assert res.exit_code == 0 and "keep-ends-full" in res.output and "fold-gqa" in res.output
+    src = tiny_checkpoint("llama-gqa")
+    res = run("convert", src, "-o", tmp_path / "out", "--full-ratio", "0", "--plugin", ROOT / "examples" / "custom_pass.py",
+              "--pass", "keep-ends-full", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["passes"] == ["fold-gqa", "hybridize", "keep-ends-full", "permute-heads"]
+    layers = json.loads((tmp_path / "out" / "config.json").read_text())["hydra"]["layers"]
+    assert [set(entry["kinds"]) for entry in layers] == [{"full"}, {"full"}]  # both layers are ends; plan said all elu
+
+
+def test_unknown_pass_exit_2(tiny_checkpoint, tmp_path) -> None:
+    res = run("convert", tiny_checkpoint("llama-gqa"), "-o", tmp_path / "out", "--pass", "nope")
+    assert res.exit_code == 2 and "no pass named 'nope'" in res.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_custom_pass_example_script(tiny_checkpoint, tmp_path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "custom_pass.py"), str(tiny_checkpoint("gpt2-mha")), str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "keep-ends-full" in proc.stdout and (tmp_path / "o" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_console_script_end_to_end(tmp_path) -> None:
+    exe = shutil.which("hydracc", path=os.path.dirname(sys.executable)) or shutil.which("hydracc")
+    assert exe, "the hydracc console script is not installed"
+    ck = tmp_path / "ck"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_tiny_checkpoint.py"), str(ck), "--layers", "2",
+                    "--hidden", "64", "--heads", "4", "--kv-heads", "2"], check=True, capture_output=True, timeout=300)
+    proc = subprocess.run([exe, "convert", str(ck / "model.safetensors"), "--plan", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["mode"] == "plan"
+    proc = subprocess.run([exe, "convert", str(ck), "-o", str(tmp_path / "out"), "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "out" / "config.json").exists()
+    proc = subprocess.run([exe, "convert", str(ck), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    assert subprocess.run([exe, "--help"], capture_output=True, timeout=60).returncode == 0
