@@ -7,8 +7,9 @@ Design decisions:
   ``open_checkpoint``: dtypes, shapes, byte offsets against the file size, duplicate names
   across shards and the index are all checked there, reading headers only, so a truncated,
   corrupt or inconsistent checkpoint fails in milliseconds, not halfway through a conversion.
-- Tensor data is read one tensor at a time through ``safetensors.safe_open``; the handles are
-  cached per file and released by ``close()`` / the context manager. Memory use is one tensor.
+- Tensor data is read one tensor at a time with a positioned read at the offset the header
+  gives (no memory map, so dropped tensors free their memory and resident memory does not grow
+  with the model); file handles are cached per file and released by ``close()``.
 - Only float32, bfloat16 and float16 tensors are accepted; quantized or integer weights are
   rejected at open time with the tensor named.
 - Every user-facing failure is a ``CheckpointError`` saying what is wrong, where, and a hint.
@@ -22,6 +23,8 @@ import json
 import math
 import os
 import struct
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -86,6 +89,8 @@ class TensorInfo:
     dtype: torch.dtype
     file: Path
     nbytes: int
+    offset: int = 0
+    """Absolute byte offset of the tensor's data in ``file``."""
 
 
 class Checkpoint:
@@ -138,30 +143,39 @@ class Checkpoint:
 
     # -- data -------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a CPU tensor owning its memory) from its file."""
+        """Read one tensor (a CPU tensor owning its memory) from its file.
+
+        The bytes are read with a plain positioned read into a fresh buffer, not through a
+        memory map, so once the caller drops the tensor its memory is gone: streaming a
+        model through ``get`` keeps resident memory bounded by what the caller holds.
+        """
         if self._closed:
             raise RuntimeError(f"checkpoint {self.root} is closed")
         info = self.info(name)
-        from safetensors import SafetensorError, safe_open
-
         try:
             handle = self._handles.get(info.file)
             if handle is None:
-                handle = safe_open(str(info.file), framework="pt")
+                handle = open(info.file, "rb")  # noqa: SIM115 - kept open until close()
                 self._handles[info.file] = handle
-            tensor = handle.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
+            buf, got = _read_tensor_bytes(handle, info.offset, info.nbytes)
+        except OSError as exc:
             raise CheckpointError(
                 f"cannot read tensor {name!r} from {info.file}: {exc}",
                 hint="the file may have changed since it was opened; re-run the command",
             ) from exc
-        if tuple(tensor.shape) != info.shape or tensor.dtype != info.dtype:
+        if got != info.nbytes:
             raise CheckpointError(
-                f"tensor {name!r} in {info.file} read back as {tuple(tensor.shape)} "
-                f"{tensor.dtype}, but its header said {info.shape} {info.dtype}",
-                hint="the file changed since it was opened; re-run the command",
+                f"tensor {name!r} in {info.file}: read {got} of {info.nbytes} bytes",
+                hint="the file changed (was truncated) since it was opened; re-run the command",
             )
-        return tensor
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frombuffer warns about non-writable buffers only
+            tensor = torch.frombuffer(buf, dtype=info.dtype)
+        if sys.byteorder != "little":  # safetensors data is little-endian
+            tensor = tensor.view(torch.uint8).view(-1, tensor.element_size()).flip(-1).reshape(-1).view(info.dtype)
+        return tensor.reshape(info.shape)
 
     def sha256(self) -> dict[str, str]:
         """Hex sha256 of every input file (config, index, safetensors), keyed by file name."""
@@ -185,7 +199,7 @@ class Checkpoint:
         """Release the open file handles; ``get`` fails afterwards."""
         handles, self._handles = self._handles, {}
         for h in handles.values():
-            h.__exit__(None, None, None)
+            h.close()
         self._closed = True
 
     def __enter__(self) -> Self:
@@ -445,7 +459,7 @@ def _read_header(f: Path) -> dict[str, TensorInfo]:
     data_size = size - 8 - hlen
     spans: list[tuple[int, int, str]] = []
     cut: list[tuple[int, int, str]] = []  # tensors whose data runs past the end of the file
-    entries: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    entries: dict[str, tuple[tuple[int, ...], str, int, int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -476,7 +490,7 @@ def _read_header(f: Path) -> dict[str, TensorInfo]:
                 hint=broken,
             )
         spans.append((begin, end, name))
-        entries[name] = (tuple(shape), tag, end - begin)
+        entries[name] = (tuple(shape), tag, end - begin, 8 + hlen + begin)
 
     if cut:
         begin, end, name = min(cut)
@@ -503,7 +517,7 @@ def _read_header(f: Path) -> dict[str, TensorInfo]:
         )
 
     infos: dict[str, TensorInfo] = {}
-    for name, (shape, tag, nbytes) in entries.items():
+    for name, (shape, tag, nbytes, offset) in entries.items():
         dtype = _ST_DTYPES[tag][1]
         if dtype is None:
             raise CheckpointError(
@@ -512,8 +526,15 @@ def _read_header(f: Path) -> dict[str, TensorInfo]:
                 hint="use an unquantized float32/bfloat16/float16 checkpoint, or convert the "
                 "tensors to one of those dtypes first",
             )
-        infos[name] = TensorInfo(name, shape, dtype, f, nbytes)
+        infos[name] = TensorInfo(name, shape, dtype, f, nbytes, offset)
     return infos
+
+
+def _read_tensor_bytes(handle: Any, offset: int, nbytes: int) -> tuple[bytearray, int]:
+    """The data path: ``nbytes`` from ``offset`` of an open binary file, and how many were read."""
+    buf = bytearray(nbytes)
+    handle.seek(offset)
+    return buf, handle.readinto(buf) or 0
 
 
 def _is_nat(x: object) -> bool:

@@ -13,6 +13,7 @@ import safetensors
 import torch
 from safetensors.torch import save_file
 
+import hydracc.checkpoint
 from hydracc.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from hydracc.errors import CheckpointError
 
@@ -76,12 +77,13 @@ def llama_copy(llama_dirs, tmp_path: Path) -> Path:
 
 
 def no_data_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make any use of safe_open (the data path) fail loudly."""
+    """Make any tensor-data read (safe_open or the checkpoint's own data path) fail loudly."""
 
     def boom(*a, **k):
-        raise AssertionError("safe_open called: data was read where only headers should be")
+        raise AssertionError("data read: tensor data was read where only headers should be")
 
     monkeypatch.setattr(safetensors, "safe_open", boom)
+    monkeypatch.setattr(hydracc.checkpoint, "_read_tensor_bytes", boom)
 
 
 # ---------------------------------------------------------------------------- happy paths
@@ -96,7 +98,8 @@ def test_single_file_folder(single):
     assert ck.dtypes() == {torch.float32, torch.bfloat16, torch.float16}
     assert ck.total_bytes() == sum(t.nbytes for t in tensors.values())
     info = ck.info("a.weight")
-    assert info == TensorInfo("a.weight", (5,), torch.bfloat16, folder / "model.safetensors", 10)
+    assert info == TensorInfo("a.weight", (5,), torch.bfloat16, folder / "model.safetensors", 10, info.offset)
+    assert info.offset > 8  # after the 8-byte length and the JSON header
     with pytest.raises(AttributeError):
         info.shape = (1,)  # frozen
     with pytest.raises(KeyError, match="a.weight"):
@@ -112,7 +115,7 @@ def test_metadata_needs_no_data_reads(single, monkeypatch):
     no_data_reads(monkeypatch)
     ck = open_checkpoint(folder)
     assert [ck.info(n).shape for n in ck.names()] == [tuple(tensors[n].shape) for n in sorted(tensors)]
-    with pytest.raises(AssertionError, match="safe_open called"):
+    with pytest.raises(AssertionError, match="data read"):
         ck.get("a.weight")
 
 

@@ -1,0 +1,5 @@
+"""``python -m hydracc`` runs the command line."""
+
+from hydracc.cli import main
+
+main()
