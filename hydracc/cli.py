@@ -77,6 +77,7 @@ def _report(result: Any, *, dry_run: bool) -> dict[str, Any]:
         "mode": "plan" if dry_run else "convert",
         "input": str(insp.checkpoint.root),
         "model_type": insp.captured.config.model_type,
+        "dropped_tensors": insp.dropped,
         "sites": [
             {
                 "layer": s.layer, "module": s.module, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
@@ -154,7 +155,7 @@ def main() -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write the converted checkpoint to (atomically).")
 @click.option("--plan-file", type=click.Path(path_type=Path), help="Convert by this plan JSON instead of planning.")
 @click.option("--plan-out", type=click.Path(path_type=Path), help="Write the plan JSON to this file.")
-@click.option("--full-ratio", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True, help="Fraction of heads (KV groups under GQA) kept full in each layer.")
+@click.option("--full-ratio", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True, help="Fraction of heads (of KV groups under GQA/MQA) kept full, spread evenly over the layers.")
 @click.option("--linear-kind", type=click.Choice(["elu"]), default="elu", show_default=True, help="Kind of linear attention for converted heads.")
 @click.option("--pass", "user_passes", multiple=True, metavar="NAME", help="Run a registered pass (after hybridize, before permute-heads). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE", help="Load a Python file or module that registers passes. Repeatable.")
@@ -191,6 +192,8 @@ def convert(
 
         if not dry_run and output is None:
             raise HydraError("nothing to do: give -o OUTPUT to convert, or --plan for a dry run")
+        if dry_run and output is not None:
+            raise HydraError("--plan is a dry run and writes no checkpoint: drop -o, or drop --plan to convert")
         try:
             max_bytes = parse_size(max_shard_size)
         except (TypeError, ValueError) as exc:
@@ -239,7 +242,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def _emit_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, rewrite: Any, output: Path, force: bool, max_bytes: int) -> list[Path]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    total = insp.checkpoint.total_bytes()
+    total = sum(insp.checkpoint.info(name).nbytes for name in insp.weight_names.values())
     with Progress(
         TextColumn("writing"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
         console=Console(stderr=True), transient=True, disable=reporter.console.quiet,
@@ -256,6 +259,9 @@ def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path
     insp, cost = result.inspection, result.cost
     con.print(f"[bold]{insp.captured.config.model_type}[/] model at {insp.checkpoint.root}: "
               f"{len(insp.captured.sites)} attention sites, weights {', '.join(sorted(str(d).removeprefix('torch.') for d in insp.checkpoint.dtypes()))}")
+    if insp.dropped:
+        con.print(f"dropping {len(insp.dropped)} tensor(s) transformers ignores on load: {', '.join(insp.dropped[:4])}"
+                  + (" ..." if len(insp.dropped) > 4 else ""))
     con.print(_sites_table(insp))
     con.print(_plan_table(result.plan))
     con.print(

@@ -30,8 +30,8 @@ from hydracc.capture import CapturedModel, capture, require_sites
 from hydracc.checkpoint import Checkpoint, open_checkpoint
 from hydracc.converted import hydra_section
 from hydracc.emit import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
-from hydracc.errors import HydraError, PassError
-from hydracc.model import build_model, check_weights
+from hydracc.errors import HydraError, OutputError, PassError
+from hydracc.model import build_model, match_weights
 from hydracc.passes import PassContext, PassManager, pipeline
 from hydracc.plan import (
     CacheCost,
@@ -41,6 +41,7 @@ from hydracc.plan import (
     load_plan,
     ratio_plan,
 )
+from hydracc.runtime import check_runtime_support
 
 SIDE_FILES = (
     "generation_config.json",
@@ -60,6 +61,14 @@ class Inspection:
 
     checkpoint: Checkpoint
     captured: CapturedModel
+    weight_names: dict[str, str]
+    """Model weight name -> checkpoint tensor name (see ``model.match_weights``)."""
+
+    @property
+    def dropped(self) -> list[str]:
+        """Checkpoint tensors the converted checkpoint leaves out (transformers ignores them too)."""
+        kept = set(self.weight_names.values())
+        return [name for name in self.checkpoint.names() if name not in kept]
 
     @property
     def element_bytes(self) -> int:
@@ -90,10 +99,11 @@ def inspect_checkpoint(path: str | os.PathLike[str]) -> Inspection:
     """Load stage + capture stage: open, validate against the config, capture, find sites."""
     ck = open_checkpoint(path)
     model = build_model(ck.config)
-    check_weights(model, ck)
+    names = match_weights(model, ck)
     captured = capture(model)
     require_sites(captured)
-    return Inspection(ck, captured)
+    check_runtime_support(ck.config, captured.sites)
+    return Inspection(ck, captured, names)
 
 
 def make_plan(
@@ -174,12 +184,18 @@ def emit(
 ) -> list[Path]:
     """Emit stage: write the converted checkpoint to ``out`` atomically; return its files."""
     ck = inspection.checkpoint
+    out_path, src = Path(out).resolve(), ck.root.resolve()
+    if out_path == src or src.is_relative_to(out_path):
+        raise OutputError(
+            f"output {out} would replace the input checkpoint {ck.root}",
+            hint="write the converted checkpoint to a new folder",
+        )
     config = dict(ck.config)
     config["hydra"] = hydra_section(result.context, result.passes, provenance(inspection))
     edits = result.context.weight_edits
     with CheckpointWriter(out, force=force, max_shard_bytes=max_shard_bytes) as writer:
-        for name in ck.names():
-            tensor = edits.apply(name, ck.get(name))
+        for name, ck_name in sorted(inspection.weight_names.items()):
+            tensor = edits.apply(name, ck.get(ck_name))
             writer.add(name, tensor)
             if on_tensor is not None:
                 on_tensor(name, tensor.numel() * tensor.element_size())

@@ -8,7 +8,7 @@ Design decisions:
   buffers on the CPU (like accelerate's ``init_empty_weights``): no weight memory is
   used, yet computed buffers such as RoPE's ``inv_freq`` stay real so the captured graph
   can later run with real weights streamed in.
-- ``check_weights`` compares names and shapes from the safetensors headers with the
+- ``match_weights`` maps model weight names to checkpoint names and compares shapes from the safetensors headers with the
   model built from the config, before any tensor is read, so a checkpoint that does
   not match its config fails in seconds with the offending tensors named.
 """
@@ -16,6 +16,7 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -113,26 +114,54 @@ def expected_weights(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict
     return shapes, tied
 
 
-def check_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Raise ``CheckpointError`` unless the checkpoint's tensors are exactly what the model needs."""
+def match_weights(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """Map each weight the model needs to the checkpoint tensor holding it, or raise ``CheckpointError``.
+
+    Follows what transformers' own loader accepts: names saved from the base model (no
+    ``base_model_prefix``, e.g. GPT-2 checkpoints with ``h.0.attn...``) get the prefix;
+    tensors transformers ignores on load (``_keys_to_ignore_on_load_unexpected``, such as
+    GPT-2's ``attn.bias`` masks, and non-persistent buffers like RoPE's ``inv_freq``) are
+    dropped; tied weights (``lm_head.weight``) may be absent. Shapes are compared from the
+    headers. Returns ``{model name: checkpoint name}``.
+    """
     shapes, tied = expected_weights(model)
-    present = set(checkpoint.names())
-    problems: list[str] = []
-    for name, shape in shapes.items():
-        if name not in present:
-            if name in tied and tied[name] in present:
-                continue
-            problems.append(f"missing tensor {name} (expected shape {list(shape)})")
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    # Buffers the model computes itself (RoPE's inv_freq...); old checkpoints may hold stale copies,
+    # sometimes under an older module path, so they are matched by their last name component.
+    buffer_leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_buffers()} - {n.rsplit(".", 1)[-1] for n in shapes}
+    mapping: dict[str, str] = {}
+    unexpected: list[str] = []
+    for ck_name in checkpoint.names():
+        candidates = [ck_name, f"{prefix}.{ck_name}" if prefix else ck_name]
+        if prefix and ck_name.startswith(prefix + "."):
+            candidates.append(ck_name[len(prefix) + 1 :])
+        name = next((c for c in candidates if c in shapes), None)
+        if name is not None and name not in mapping:
+            mapping[name] = ck_name
+        elif any(p.search(ck_name) for p in ignore) or ck_name.rsplit(".", 1)[-1] in buffer_leaves:
             continue
-        got = tuple(checkpoint.info(name).shape)
+        else:
+            unexpected.append(ck_name)
+    names: list[str] = []
+    shapes_wrong: list[str] = []
+    for name, shape in shapes.items():
+        if name not in mapping:
+            if not (name in tied and tied[name] in mapping):
+                names.append(f"missing tensor {name} (expected shape {list(shape)})")
+            continue
+        got = tuple(checkpoint.info(mapping[name]).shape)
         if got != shape:
-            problems.append(f"tensor {name} has shape {list(got)} but config.json implies {list(shape)}")
-    for name in sorted(present - set(shapes)):
-        problems.append(f"unexpected tensor {name} (the {model.config.model_type} model has no such weight)")
+            shapes_wrong.append(f"tensor {mapping[name]} has shape {list(got)} but config.json implies {list(shape)}")
+    names += [f"unexpected tensor {n} (the {model.config.model_type} model has no such weight)" for n in unexpected]
+    problems = shapes_wrong + names
     if problems:
         shown = "\n  ".join(problems[:8])
         more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-        raise CheckpointError(
-            f"the weights in {checkpoint.root} do not match config.json:\n  {shown}{more}",
-            hint="check that config.json belongs to these weights (head counts, hidden size, number of layers)",
+        hint = (
+            "check that config.json belongs to these weights (head counts, hidden size, number of layers)"
+            if shapes_wrong
+            else f"the tensor names do not follow transformers' layout for model_type {model.config.model_type!r}"
         )
+        raise CheckpointError(f"the weights in {checkpoint.root} do not match config.json:\n  {shown}{more}", hint=hint)
+    return mapping

@@ -99,6 +99,10 @@ class Plan:
         return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _field(cond: bool, path: str, message: str) -> None:
     if not cond:
         raise PlanError(f"invalid plan: {path}: {message}")
@@ -109,7 +113,7 @@ def plan_from_json(doc: Any) -> Plan:
     _field(isinstance(doc, dict), "plan", "must be a JSON object")
     _field(doc.get("format") == PLAN_FORMAT, "plan.format", f"must be {PLAN_FORMAT!r}, got {doc.get('format')!r}")
     version = doc.get("version")
-    _field(isinstance(version, int), "plan.version", "must be an integer")
+    _field(_is_int(version), "plan.version", "must be an integer")
     _field(version <= PLAN_VERSION, "plan.version", f"{version} is newer than this hydracc understands ({PLAN_VERSION}); upgrade hydracc")
     layers = doc.get("layers")
     _field(isinstance(layers, list) and bool(layers), "plan.layers", "must be a non-empty list")
@@ -119,12 +123,12 @@ def plan_from_json(doc: Any) -> Plan:
         path = f"plan.layers[{i}]"
         _field(isinstance(raw, dict), path, "must be an object")
         layer = raw.get("layer")
-        _field(isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0, f"{path}.layer", "must be a non-negative integer")
+        _field(_is_int(layer) and layer >= 0, f"{path}.layer", "must be a non-negative integer")
         _field(layer not in seen, f"{path}.layer", f"layer {layer} appears twice")
         seen.add(layer)
         nh, nkv = raw.get("num_heads"), raw.get("num_kv_heads")
-        _field(isinstance(nh, int) and nh > 0, f"{path}.num_heads", "must be a positive integer")
-        _field(isinstance(nkv, int) and nkv > 0 and nh % nkv == 0, f"{path}.num_kv_heads", f"must be a positive divisor of num_heads ({nh})")
+        _field(_is_int(nh) and nh > 0, f"{path}.num_heads", "must be a positive integer")
+        _field(_is_int(nkv) and nkv > 0 and nh % nkv == 0, f"{path}.num_kv_heads", f"must be a positive divisor of num_heads ({nh})")
         heads_raw = raw.get("heads")
         _field(isinstance(heads_raw, list), f"{path}.heads", "must be a list with one entry per query head")
         _field(len(heads_raw) == nh, f"{path}.heads", f"has {len(heads_raw)} entries but num_heads is {nh}")
@@ -138,6 +142,13 @@ def plan_from_json(doc: Any) -> Plan:
             _field(kind in KIND_NAMES, f"{hpath}.kind", f"unknown head kind {kind!r}; known kinds: {', '.join(KIND_NAMES)}")
             params = entry.get("params", {})
             _field(isinstance(params, dict), f"{hpath}.params", "must be an object")
+            allowed = kind_by_name(kind).plan_params
+            unknown = sorted(set(params) - set(allowed))
+            _field(
+                not unknown,
+                f"{hpath}.params",
+                f"kind {kind!r} takes {'no parameters' if not allowed else 'only ' + ', '.join(allowed)}; got {', '.join(unknown)}",
+            )
             heads.append(HeadPlan(kind, dict(params)))
         out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
     unit = doc.get("unit", "head")

@@ -6,9 +6,10 @@ Design decisions:
   ``AttentionInterface`` as ``"hydracc"`` and calls ``torch.ops.hydracc.hybrid_attention``,
   the same op the rewritten graph calls, with the head kinds of the layer taken from the
   config's ``hydra`` section (``module.layer_idx``).
-- The op is causal by construction; transformers' mask argument is not used. Padded
-  batches are not supported yet (the mask is ignored), and decoding with transformers'
-  own cache recomputes linear heads from the cached keys (correct, not yet fast).
+- The op is causal by construction. transformers' mask is only checked: a batch with
+  padding raises ``PaddingNotSupportedError`` instead of silently attending to pad tokens.
+  Decoding with transformers' own cache recomputes linear heads from the cached keys
+  (correct, not yet fast or memory-saving).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,9 @@ import torch
 from torch import nn
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
+from hydracc.capture import AttentionSite
 from hydracc.converted import read_hydra_section
-from hydracc.errors import CheckpointError
+from hydracc.errors import CheckpointError, HydraError, UnsupportedModelError
 
 ATTN_IMPLEMENTATION = "hydracc"
 
@@ -48,9 +51,28 @@ def hybrid_attention_forward(
             raise CheckpointError(f"attention module for layer {layer} has no entry in the hydra section")
         codes = layers[layer]
         module._hydracc_kinds = codes
+    if attention_mask is not None and not torch.compiler.is_compiling():
+        _refuse_padding(attention_mask, query.shape[2], key.shape[2])
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     out = torch.ops.hydracc.hybrid_attention(query, key, value, codes, float(scale), [])
     return out.transpose(1, 2).contiguous(), None
+
+
+class PaddingNotSupportedError(HydraError):
+    """The batch has padding, which the hybrid runtime cannot honour yet."""
+
+
+def _refuse_padding(mask: torch.Tensor, tq: int, tk: int) -> None:
+    """Raise unless ``mask`` is plain causal attention (no padded or hidden keys)."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril(diagonal=tk - tq)
+    if not bool((allowed == causal).all()):
+        raise PaddingNotSupportedError(
+            "this batch has padding (or a non-causal mask); the hybrid runtime computes plain causal "
+            "attention and would silently attend to pad tokens",
+            hint="run sequences of equal length without padding, or one sequence at a time; padded batches "
+            "come with the hybrid cache",
+        )
 
 
 def _register() -> None:
@@ -66,6 +88,40 @@ def _register() -> None:
 
 
 _register()
+
+
+def check_runtime_support(config: dict[str, Any], sites: Sequence[AttentionSite]) -> None:
+    """Raise ``UnsupportedModelError`` unless a converted model of this config can run the hybrid.
+
+    Builds the model on meta tensors with ``attn_implementation="hydracc"`` (so families that
+    pick attention classes by their own table, like Falcon, fail here, before conversion) and
+    checks that every site's module exposes the ``layer_idx`` the attention function uses.
+    """
+    from hydracc.model import build_model
+
+    try:
+        model = build_model(config, attn_implementation=ATTN_IMPLEMENTATION)
+    except UnsupportedModelError:
+        raise
+    except Exception as exc:  # transformers raises KeyError/ValueError for unsupported backends
+        raise UnsupportedModelError(
+            f"the {config.get('model_type')} model class cannot use a custom attention function "
+            f"({type(exc).__name__}: {exc}), so a converted checkpoint could not run",
+            hint="hydracc needs model classes that call transformers' AttentionInterface (Llama, Mistral, Qwen, GPT-2 ...)",
+        ) from exc
+    if not getattr(model, "_supports_attention_backend", True):
+        raise UnsupportedModelError(
+            f"the {config.get('model_type')} model class does not support custom attention functions",
+            hint="hydracc needs model classes that call transformers' AttentionInterface",
+        )
+    modules = dict(model.named_modules())
+    for site in sites:
+        module = modules.get(site.module)
+        if module is None or getattr(module, "layer_idx", None) != site.layer:
+            raise UnsupportedModelError(
+                f"attention module {site.module} does not carry layer_idx={site.layer}, which the hybrid "
+                "runtime uses to find each layer's head kinds",
+            )
 
 
 def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> nn.Module:

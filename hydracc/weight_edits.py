@@ -39,6 +39,12 @@ class WeightEdits:
         previous = self._index.get(key)
         self._index[key] = local if previous is None else previous[local]
 
+    def merge(self, other: WeightEdits) -> None:
+        """Apply ``other``'s edits after this one's."""
+        for (name, dim), index in other._index.items():
+            previous = self._index.get((name, dim))
+            self._index[(name, dim)] = index if previous is None else previous[index]
+
     def names(self) -> set[str]:
         return {name for name, _ in self._index}
 

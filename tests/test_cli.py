@@ -64,6 +64,15 @@ def test_existing_output_needs_force(tiny_checkpoint, tmp_path) -> None:
     assert res.exit_code == 0 and (out / "config.json").exists() and not (out / "keep.txt").exists()
 
 
+def test_output_may_not_replace_the_input(tiny_checkpoint, tmp_path) -> None:
+    src = _copy(tiny_checkpoint("llama-gqa"), tmp_path / "in")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    for target in (src, tmp_path):
+        res = run("convert", src / "model.safetensors", "-o", target, "--force")
+        assert res.exit_code == 2 and "would replace the input" in res.output
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -62,8 +62,12 @@ def _doc() -> dict:
         (lambda d: d["layers"][0].update(num_kv_heads=3), "plan.layers[0].num_kv_heads"),
         (lambda d: d["layers"][1].update(layer=0), "plan.layers[1].layer"),
         (lambda d: d["layers"][0]["heads"][0].update(params=[1]), "plan.layers[0].heads[0].params"),
+        (lambda d: d["layers"][0]["heads"][7].update(params={"x": 1}), "plan.layers[0].heads[7].params"),
+        (lambda d: d.update(version=True), "plan.version"),
+        (lambda d: d["layers"][1].update(num_heads="8"), "plan.layers[1].num_heads"),
     ],
-    ids=["format", "version", "extra-head", "unknown-kind", "kv-heads", "duplicate-layer", "params"],
+    ids=["format", "version", "extra-head", "unknown-kind", "kv-heads", "duplicate-layer", "params", "unknown-param",
+         "bool-version", "string-heads"],
 )
 def test_validation_names_the_field(edit, field: str) -> None:
     doc = _doc()

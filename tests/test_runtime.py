@@ -77,3 +77,17 @@ def test_decode_with_transformers_cache_matches_full_recompute(tiny_checkpoint, 
         out = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
         again = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(out, again)
+
+
+def test_padded_batch_is_refused_not_silently_wrong(tiny_checkpoint, tmp_path) -> None:
+    from hydracc.runtime import PaddingNotSupportedError
+
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5)
+    model = hydracc.load(tmp_path / "out")
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # no padding: fine
+        mask[0, :3] = 0  # left padding
+        with pytest.raises(PaddingNotSupportedError, match="padding"):
+            model(ids, attention_mask=mask)

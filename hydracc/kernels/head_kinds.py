@@ -19,6 +19,8 @@ class HeadKind:
 
     ``linear``: the head runs a linear-attention recurrence (fixed-size state).
     ``keeps_kv``: the head needs the full key/value cache at decode time.
+    ``plan_params``: names of the per-head settings a plan may give this kind
+    (``{"kind": ..., "params": {...}}``); anything else is rejected.
     """
 
     name: str
@@ -26,6 +28,7 @@ class HeadKind:
     linear: bool
     keeps_kv: bool
     description: str
+    plan_params: tuple[str, ...] = ()
 
 
 FULL = HeadKind(

@@ -7,13 +7,16 @@ heads in the K and V projections. Under GQA the order is built from whole KV gro
 (groups with a full head first), and query heads move only inside their group, so every
 query head keeps its KV head. The pass edits the op's kinds in the graph and records
 the weight reorders as ``WeightEdits``; ``node.meta['hydracc_head_order']`` keeps the
-original index of every head for provenance.
+original index of every head for provenance. Before a reorder is accepted it is checked
+numerically on the block (``block_check``); a layer where something else depends on head
+order (e.g. a norm over all head channels) is left as it is, with a note.
 """
 
 from __future__ import annotations
 
 from hydracc.capture import SITE_META, AttentionSite, Projection
 from hydracc.kernels.head_kinds import kind_by_code
+from hydracc.passes.block_check import reorder_is_exact
 from hydracc.passes.hybridize import hybrid_nodes
 from hydracc.passes.manager import PassContext, register_pass
 from hydracc.weight_edits import WeightEdits
@@ -44,28 +47,41 @@ def _reorder(edits: WeightEdits, ctx: PassContext, proj: Projection, head_dim: i
         edits.reorder_blocks(proj.bias, 0, bsize, proj.offset, head_dim, order)
 
 
-def permute_site(ctx: PassContext, site: AttentionSite, codes: list[int]) -> list[int]:
-    """Record the weight edits for ``site`` and return the query-head order."""
-    order, kv_order = full_first_order(codes, site.num_kv_heads)
+def site_edits(ctx: PassContext, site: AttentionSite, order: list[int], kv_order: list[int]) -> WeightEdits:
+    """The weight reorders that move ``site``'s heads into ``order`` (KV heads into ``kv_order``)."""
     assert site.q_proj and site.k_proj and site.v_proj and site.o_proj
-    _reorder(ctx.weight_edits, ctx, site.q_proj, site.head_dim, order)
-    _reorder(ctx.weight_edits, ctx, site.k_proj, site.head_dim, kv_order)
-    _reorder(ctx.weight_edits, ctx, site.v_proj, site.head_dim, kv_order)
-    _reorder(ctx.weight_edits, ctx, site.o_proj, site.head_dim, order)
-    return order
+    edits = WeightEdits()
+    _reorder(edits, ctx, site.q_proj, site.head_dim, order)
+    _reorder(edits, ctx, site.k_proj, site.head_dim, kv_order)
+    _reorder(edits, ctx, site.v_proj, site.head_dim, kv_order)
+    _reorder(edits, ctx, site.o_proj, site.head_dim, order)
+    return edits
 
 
 @register_pass("permute-heads", description="reorder heads in the projection weights so full heads are contiguous and first")
 def permute_heads(ctx: PassContext) -> None:
+    checked: dict[tuple, bool] = {}
     for node in hybrid_nodes(ctx.graph_module.graph):
         site = ctx.captured.site(node.meta[SITE_META])
         codes = list(node.args[3])
         if not site.permutable:
             ctx.notes.append(f"permute-heads: layer {site.layer} skipped (projection weights not found in the graph)")
             continue
-        order = permute_site(ctx, site, codes)
+        order, kv_order = full_first_order(codes, site.num_kv_heads)
+        if order == list(range(len(codes))):
+            continue
+        edits = site_edits(ctx, site, order, kv_order)
+        new_codes = [codes[i] for i in order]
+        weights = {k: getattr(site, f"{k}_proj").weight for k in ("q", "k", "v", "o")}
+        if not reorder_is_exact(ctx.captured, node, weights, edits.apply, codes, new_codes, cache=checked):
+            ctx.notes.append(
+                f"permute-heads: layer {site.layer} skipped (reordering heads changes the block's output: "
+                "something between the projections and the heads depends on head order)"
+            )
+            continue
+        ctx.weight_edits.merge(edits)
         previous = node.meta.get(HEAD_ORDER_META, list(range(len(codes))))
         node.meta[HEAD_ORDER_META] = [previous[i] for i in order]
         args = list(node.args)
-        args[3] = [codes[i] for i in order]
+        args[3] = new_codes
         node.args = tuple(args)

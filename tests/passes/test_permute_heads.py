@@ -61,3 +61,30 @@ def test_permutation_preserves_outputs(family: str, heads: int, kv: int) -> None
         wrong = permuted.run(state, ids)  # permuted kinds with unpermuted weights
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (wrong - expected).abs().max() > 1e-4
+
+
+def test_head_order_dependent_block_is_left_alone() -> None:
+    """OLMo2 normalizes q and k over all head channels with a per-channel weight the pass does
+    not move; the numeric block check must catch that and skip the layer."""
+    from transformers import AutoModelForCausalLM, Olmo2Config
+
+    torch.manual_seed(0)
+    cfg = Olmo2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # non-trivial norm weights, so a wrong reorder would show
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    plain = capture(build_model(model.config.to_dict()))
+    plan = _mixed_plan(plain, "olmo2")
+    PassManager(["fold-gqa", "hybridize"]).run(PassContext(plain, plan))
+    permuted = capture(build_model(model.config.to_dict()))
+    ctx = PassContext(permuted, plan)
+    PassManager(["fold-gqa", "hybridize", "permute-heads"]).run(ctx)
+    assert not ctx.weight_edits
+    assert sum("skipped (reordering heads changes" in note for note in ctx.notes) == 2
+    ids = torch.randint(0, 64, (2, 16))
+    state = dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(permuted.run(state, ids), plain.run(state, ids), rtol=0, atol=0)
