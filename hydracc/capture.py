@@ -187,10 +187,6 @@ def _on_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
     return copy
 
 
-def example_input_shape(batch: int = 2, seq_len: int = 16) -> tuple[int, int]:
-    return (batch, seq_len)
-
-
 def capture(model: nn.Module, *, batch: int = 2, seq_len: int = 16) -> CapturedModel:
     """Export ``model`` (a transformers causal LM with SDPA attention) and find its attention sites."""
     device = next(iter(model.parameters())).device

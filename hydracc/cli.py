@@ -200,11 +200,11 @@ def convert(
             raise HydraError(f"--max-shard-size: {exc}") from exc
         if output is not None and not dry_run and output.exists() and not force:
             raise OutputError(f"output {output} already exists", hint="choose a new path or add --force to replace it")
+        from hydracc.passes import get_pass
+
         pipeline.load_plugins(plugins)
         for name in user_passes:
-            from hydracc.passes import get_pass
-
-            get_pass(name)
+            get_pass(name)  # an unknown name fails now, before any work
         insp = pipeline.inspect_checkpoint(path)
         try:
             plan = pipeline.make_plan(insp, plan_file=plan_file, full_ratio=full_ratio, linear_kind=linear_kind)
@@ -279,6 +279,61 @@ def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path
         con.print("dry run (--plan): nothing else was written")
     elif result.output is not None:
         con.print(f"[green]converted checkpoint written to {result.output}[/] ({len(result.files)} files)")
+
+
+@main.command("eval")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--task", "task", type=click.Choice(["ppl", "mqar", "passkey", "all"]), default="all", show_default=True,
+              help="Which evaluation to run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+def eval_command(model_path: Path, task: str, as_json: bool, quiet: bool) -> None:
+    """Score MODEL (an original or a converted checkpoint folder) on fixed-seed tasks.
+
+    \b
+    ppl      held-out byte perplexity (standard-library files never trained on)
+    mqar     multi-query associative recall accuracy, by pairs and sequence length
+    passkey  passkey retrieval accuracy, by context length
+    Two runs print the same numbers. The tasks are byte-level (vocab 256), like the example model.
+    """
+    reporter = _Reporter(as_json, quiet)
+
+    def work() -> dict[str, Any]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from hydracc.evaluate import TASKS, EvalSettings, count_batches, evaluate
+
+        tasks = TASKS if task == "all" else (task,)
+        settings = EvalSettings()
+        with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True, disable=quiet) as progress:
+            bar = progress.add_task("eval", total=count_batches(tasks, settings))
+            result = evaluate(model_path, tasks, settings, advance=lambda: progress.advance(bar))
+        _print_scores(reporter.console, result)
+        return {"status": "ok", **result.to_json()}
+
+    report = _run_guarded(reporter, work)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
+def _print_scores(con: Console, result: Any) -> None:
+    kind = "converted" if result.converted else "original"
+    table = Table(title=f"{result.model} ({kind})", title_justify="left")
+    table.add_column("task")
+    table.add_column("setting")
+    table.add_column("score", justify="right")
+    scores = result.scores
+    if "ppl" in scores:
+        table.add_row("ppl", "held-out text", f"{scores['ppl']['ppl']:.3f} ({scores['ppl']['bits_per_byte']:.3f} bits/byte)")
+    if "mqar" in scores:
+        for cell, acc in scores["mqar"]["grid"].items():
+            table.add_row("mqar", cell, f"{acc:.1%}")
+        table.add_row("mqar", "all", f"{scores['mqar']['accuracy']:.1%}")
+    if "passkey" in scores:
+        for cell, acc in scores["passkey"]["by_length"].items():
+            table.add_row("passkey", cell, f"{acc:.1%}")
+    con.print(table)
 
 
 @main.command("passes")

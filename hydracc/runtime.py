@@ -124,6 +124,13 @@ def check_runtime_support(config: dict[str, Any], sites: Sequence[AttentionSite]
             )
 
 
+def quiet_transformers() -> None:
+    """No per-tensor "Loading weights" bars from transformers: hydracc shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Load a converted checkpoint folder; the returned model's forward runs the hybrid.
 
@@ -140,6 +147,7 @@ def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
     read_hydra_section(config, str(root))
+    quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         root,
         attn_implementation=ATTN_IMPLEMENTATION,
