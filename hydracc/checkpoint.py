@@ -255,7 +255,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         else:
             _refuse_single_shard(p)
             files, index_path, weight_map = [p], None, None
-    config = _read_config(root)
+    config = read_config(root)
 
     infos: dict[str, TensorInfo] = {}
     for f in files:
@@ -283,7 +283,8 @@ def _rel_name(p: Path, root: Path) -> str:
         return p.name
 
 
-def _read_config(root: Path) -> dict[str, Any]:
+def read_config(root: Path) -> dict[str, Any]:
+    """Parse and check ``root/config.json`` (a JSON object with a ``model_type``)."""
     cfg_path = root / CONFIG_NAME
     if not cfg_path.is_file():
         raise CheckpointError(

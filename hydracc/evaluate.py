@@ -14,7 +14,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hydracc.errors import CheckpointError, HydraError
+from hydracc.errors import HydraError
 from hydracc.tasks import IGNORE, VOCAB_SIZE, mqar_example, passkey_example, stack, stdlib_corpus
 
 TASKS = ("ppl", "mqar", "passkey")
@@ -58,20 +57,13 @@ def load_for_eval(path: str | Path) -> tuple[torch.nn.Module, bool]:
     """The model at ``path`` (a checkpoint folder or a file in one), and whether it is converted."""
     from transformers import AutoModelForCausalLM
 
+    from hydracc.checkpoint import read_config
     from hydracc.runtime import load, quiet_transformers
 
     root = Path(path)
     if root.is_file():
         root = root.parent
-    config_path = root / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{root} has no config.json", hint="pass a checkpoint folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
+    config = read_config(root)
     if config.get("vocab_size") != VOCAB_SIZE:
         raise HydraError(
             f"hydracc eval's tasks are byte-level (vocab {VOCAB_SIZE}); {root} has vocab_size {config.get('vocab_size')}",

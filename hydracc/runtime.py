@@ -14,7 +14,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -138,15 +137,12 @@ def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None
     """
     from transformers import AutoModelForCausalLM
 
+    from hydracc.checkpoint import read_config
+
     root = Path(path)
-    config_path = root / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{root} has no config.json", hint="pass the folder written by `hydracc convert -o`")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    read_hydra_section(config, str(root))
+    if root.is_file():
+        root = root.parent
+    read_hydra_section(read_config(root), str(root))
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         root,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hydracc.kernels.head_kinds import ELU, FULL
-from hydracc.kernels.reference import causal_linear_attention, validate_hybrid_inputs
+from hydracc.kernels.reference import causal_linear_attention, heads_by_kind, validate_hybrid_inputs
 
 
 def _full_heads(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -52,12 +52,7 @@ def hybrid_attention_composed(
     group = hq // k.shape[1]
     if out is None:
         out = q.new_empty(b, hq, tq, v.shape[-1])
-    for code, run in _RUN.items():
-        heads = [h for h, c in enumerate(head_kinds) if c == code]
-        if not heads:
-            continue
-        q_idx = torch.tensor(heads, device=q.device)
-        kv_idx = q_idx // group
-        res = run(q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), scale)
+    for code, q_idx, kv_idx in heads_by_kind(head_kinds, group, q.device):
+        res = _RUN[code](q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), scale)
         out.index_copy_(1, q_idx, res.to(out.dtype))
     return out

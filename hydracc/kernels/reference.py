@@ -11,7 +11,7 @@ All functions are differentiable with ordinary torch autograd.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +172,13 @@ _RUN_KIND: dict[int, Callable[[Tensor, Tensor, Tensor, float], Tensor]] = {
 }
 
 
+def heads_by_kind(head_kinds: Sequence[int], group: int, device: torch.device) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """For each kind present: ``(code, query head indices, their KV head indices)``."""
+    for code in sorted(set(head_kinds)):
+        q_idx = torch.tensor([h for h, c in enumerate(head_kinds) if c == code], device=device)
+        yield code, q_idx, q_idx // group
+
+
 def hybrid_attention_reference(
     q: Tensor,
     k: Tensor,
@@ -194,12 +201,8 @@ def hybrid_attention_reference(
     group = hq // hkv
     q32, k32, v32 = q.float(), k.float(), v.float()
     out = q32.new_zeros(b, hq, tq, dv)
-    for code, run_heads in _RUN_KIND.items():
-        heads = [h for h, c in enumerate(head_kinds) if c == code]
-        if not heads:
-            continue
-        q_idx = torch.tensor(heads, device=q.device)
-        kv_idx = q_idx // group
+    for code, q_idx, kv_idx in heads_by_kind(head_kinds, group, q.device):
+        run_heads = _RUN_KIND[code]
         res = run_heads(
             q32.index_select(1, q_idx),
             k32.index_select(1, kv_idx),
