@@ -19,7 +19,9 @@ Status (measured 2026-11-27 on the 2-core CPU machine): this recipe learns text 
 but MQAR stays on the "some value seen in context" plateau (loss ~2.2, about 1/pairs
 accuracy) through step 3000 of 6000; probes with MQAR-only data, 2 or 4 layers, 8 or 2 KV
 heads, 16 or 64 keys, lr 1e-3 to 5e-3 and a dense induction side task stayed on the same
-plateau for 1,500-5,000 steps. No example model is shipped until a recipe that recalls is found.
+plateau for 1,500-5,000 steps, and a 4-layer MQAR-only run for 17,750 steps (28 min) too: its
+35% at 8 pairs is exactly "answer a context value not yet asked" (H(8)/8), a shortcut that
+needs no key-value binding. No example model is shipped until a recipe that recalls is found.
 
 Deterministic for a seed on a given machine: data comes from a seeded numpy generator,
 weights from ``torch.manual_seed``, and the thread count is fixed (``--threads``).
