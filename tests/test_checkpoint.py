@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import safetensors
 import torch
+from helpers import build_tiny_model
 from safetensors.torch import save_file
 
 import hydracc.checkpoint
@@ -47,20 +48,9 @@ def llama_dirs(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict[torch.dtype, tuple[Path, dict]]:
     """Real sharded save_pretrained output of a tiny Llama, in three dtypes."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     out = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        cfg = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = build_tiny_model("llama", 4, 2).to(dtype)
         d = tmp_path_factory.mktemp(f"llama-{str(dtype).split('.')[-1]}")
         model.save_pretrained(d, max_shard_size="20KB")
         sd = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import build_tiny_model
 
 import hydracc.emit as emit
 from hydracc.checkpoint import open_checkpoint
@@ -131,24 +132,15 @@ def test_views_and_shared_storage(tmp_path):
 
 
 def test_llama_state_dict_round_trip_through_transformers(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model = build_tiny_model("llama", 4, 2).to(torch.bfloat16)
     sd = model.state_dict()
     out = tmp_path / "llama"
     with CheckpointWriter(out, max_shard_bytes="20KB") as w:
         for name, t in sd.items():
             w.add(name, t)
-        w.write_json("config.json", cfg.to_dict())
+        w.write_json("config.json", model.config.to_dict())
     assert (out / "model.safetensors.index.json").is_file()
     assert_round_trip(out, sd)
     loaded = AutoModelForCausalLM.from_pretrained(out)

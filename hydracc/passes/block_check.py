@@ -30,25 +30,15 @@ def _matmul_for_weight(graph: fx.Graph, weight: str, targets: dict[str, str]) ->
     return None
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
+def _reachable(starts: list[fx.Node], step: Callable[[fx.Node], Any]) -> set[fx.Node]:
+    """Every node reachable from ``starts`` (included) by repeatedly following ``step``."""
     seen: set[fx.Node] = set()
-    stack = [node]
+    stack = list(starts)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.users)
+            stack.extend(step(n))
     return seen
 
 
@@ -71,7 +61,8 @@ class AttentionBlock:
         end = _matmul_for_weight(gm.graph, weights["o"], targets)
         if end is None or any(s is None for s in starts):
             raise ValueError("projection matmuls not found")
-        region = _ancestors(end) & _descendants([s for s in starts if s is not None])
+        ancestors = _reachable([end], lambda n: n.all_input_nodes)
+        region = ancestors & _reachable([s for s in starts if s is not None], lambda n: n.users)
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         self.inputs: list[fx.Node] = []
