@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python examples/custom_pass.py IN_CHECKPOINT OUT_DIR", file=sys.stderr)
         return 2
-    result = convert(argv[0], argv[1], full_ratio=0.25, user_passes=["keep-ends-full"])
+    result = convert(argv[0], argv[1], full_ratio=0.25, strategy="even", user_passes=["keep-ends-full"])
     print(f"converted with passes {result.rewrite.passes} -> {result.output}")
     return 0
 

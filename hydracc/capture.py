@@ -125,8 +125,8 @@ class CapturedModel:
                 return tuple(node.meta["val"].shape)
         raise KeyError(name)
 
-    def run(self, weights: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
-        """Run the (possibly rewritten) graph with real ``weights``; return the logits.
+    def graph_inputs(self, weights: dict[str, torch.Tensor], input_ids: torch.Tensor) -> list[Any]:
+        """The positional inputs of ``graph_module`` for ``input_ids`` and real ``weights``.
 
         ``weights`` maps parameter names to tensors; buffers and constants come from the
         capture (they are computed from the config, not read from the checkpoint).
@@ -153,7 +153,15 @@ class CapturedModel:
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor) and a.device.type == "meta":
                 raise ValueError(f"graph input {sig.input_specs[i].target} has no data (meta); pass it in weights")
-        out = _on_device(self.graph_module, input_ids.device)(*args)
+        return args
+
+    def graph_on(self, device: torch.device) -> fx.GraphModule:
+        """``graph_module`` with its tensor factories retargeted to ``device`` (see ``_on_device``)."""
+        return _on_device(self.graph_module, device)
+
+    def run(self, weights: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+        """Run the (possibly rewritten) graph with real ``weights``; return the logits."""
+        out = self.graph_on(input_ids.device)(*self.graph_inputs(weights, input_ids))
         return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -86,6 +86,7 @@ def _report(result: Any, *, dry_run: bool) -> dict[str, Any]:
             for s in insp.captured.sites
         ],
         "plan": result.plan.to_json(),
+        "analysis": result.analysis.to_json() if result.analysis is not None else None,
         "kv_cache": {
             "element_bytes": insp.element_bytes,
             "bytes_per_token_before": cost.kv_bytes_per_token_before,
@@ -149,14 +150,72 @@ def main() -> None:
     """
 
 
+def _calibration_options(fn: Any) -> Any:
+    for option in reversed([
+        click.option("--calib", type=click.Path(path_type=Path), help="Calibration data: plain text, JSON lines with a \"text\" field, or token ids in .npy. Default: built in (suits the example model; synthetic for other vocabularies)."),
+        click.option("--calib-samples", type=click.IntRange(1), default=16, show_default=True, help="Calibration sequences."),
+        click.option("--seq-len", type=click.IntRange(2), default=256, show_default=True, help="Tokens per calibration sequence."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _planning_options(fn: Any) -> Any:
+    for option in reversed([
+        click.option("--strategy", type=click.Choice(["heads", "layers", "random", "even"]), default="heads", show_default=True,
+                     help="heads: keep the highest-scoring KV groups/heads full (runs the analysis); layers: whole layers "
+                          "(layer-wise hybrid baseline); random: seeded control; even: spread evenly, no analysis."),
+        click.option("--full-ratio", type=click.FloatRange(0.0, 1.0), default=None, help="Budget: fraction of units (KV groups under GQA/MQA, else heads) kept full. Default 0.25."),
+        click.option("--kv-budget", type=click.FloatRange(0.0, 1.0), default=None, help="Budget: fraction of the original KV-cache bytes to keep (instead of --full-ratio)."),
+        click.option("--score", type=click.Choice(["sensitivity", "retrieval", "linear_error"]), default="sensitivity", show_default=True,
+                     help="Score that ranks units for --strategy heads (sensitivity = output KL when the unit is made linear)."),
+        click.option("--min-full-per-layer", type=click.IntRange(0), default=0, show_default=True, help="Keep at least this many units full in every layer."),
+        click.option("--max-full-per-layer", type=click.IntRange(0), default=None, help="Keep at most this many units full in any layer."),
+        click.option("--keep-full", multiple=True, metavar="L.H[,L.H]", help="Keep these query heads full (layer.head; under GQA their whole KV group). Repeatable."),
+        click.option("--force-linear", multiple=True, metavar="L.H[,L.H]", help="Make these query heads linear (under GQA their whole KV group). Repeatable."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --strategy random."),
+        click.option("--linear-kind", type=click.Choice(["elu"]), default="elu", show_default=True, help="Kind of linear attention for converted heads."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _budget(full_ratio: float | None, kv_budget: float | None, min_full: int, max_full: int | None) -> Any:
+    from hydracc.planner import Budget
+
+    if full_ratio is not None and kv_budget is not None:
+        raise HydraError("give one budget: --full-ratio or --kv-budget, not both")
+    return Budget(full_ratio=0.25 if full_ratio is None and kv_budget is None else full_ratio, kv_budget=kv_budget,
+                  min_per_layer=min_full, max_per_layer=max_full)
+
+
+def _analysis_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, calib: Path | None, samples: int, seq_len: int, linear_kind: str) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    calibration = pipeline.calibration_for(insp, calib, samples=samples, seq_len=seq_len)
+    with Progress(TextColumn("analyzing heads"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True, disable=reporter.console.quiet) as progress:
+        bar = progress.add_task("analyze", total=None)
+        return pipeline.analyze_heads(insp, calibration, linear_kind=linear_kind,
+                                      progress=lambda done, total: progress.update(bar, completed=done, total=total))
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--plan", "dry_run", is_flag=True, help="Dry run: print the sites, the plan and the KV-cache change; write nothing (except --plan-out).")
+@click.option("--plan", "dry_run", is_flag=True, help="Dry run: analyze, print the plan with its scores and the KV-cache change; write nothing (except --plan-out/--plan-png).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write the converted checkpoint to (atomically).")
 @click.option("--plan-file", type=click.Path(path_type=Path), help="Convert by this plan JSON instead of planning.")
-@click.option("--plan-out", type=click.Path(path_type=Path), help="Write the plan JSON to this file.")
-@click.option("--full-ratio", type=click.FloatRange(0.0, 1.0), default=0.25, show_default=True, help="Fraction of heads (of KV groups under GQA/MQA) kept full, spread evenly over the layers.")
-@click.option("--linear-kind", type=click.Choice(["elu"]), default="elu", show_default=True, help="Kind of linear attention for converted heads.")
+@click.option("--plan-out", type=click.Path(path_type=Path), help="Write the plan JSON (with the scores) to this file.")
+@click.option("--plan-png", type=click.Path(path_type=Path), help="Draw a layers x heads heat map of the deciding score, full heads marked (needs matplotlib).")
+@_planning_options
+@_calibration_options
 @click.option("--pass", "user_passes", multiple=True, metavar="NAME", help="Run a registered pass (after hybridize, before permute-heads). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE", help="Load a Python file or module that registers passes. Repeatable.")
 @click.option("--permute/--no-permute", default=True, show_default=True, help="Reorder heads in the weights so full heads are contiguous.")
@@ -170,8 +229,20 @@ def convert(
     output: Path | None,
     plan_file: Path | None,
     plan_out: Path | None,
-    full_ratio: float,
+    plan_png: Path | None,
+    strategy: str,
+    full_ratio: float | None,
+    kv_budget: float | None,
+    score: str,
+    min_full_per_layer: int,
+    max_full_per_layer: int | None,
+    keep_full: tuple[str, ...],
+    force_linear: tuple[str, ...],
+    seed: int,
     linear_kind: str,
+    calib: Path | None,
+    calib_samples: int,
+    seq_len: int,
     user_passes: tuple[str, ...],
     plugins: tuple[str, ...],
     permute: bool,
@@ -181,7 +252,13 @@ def convert(
     quiet: bool,
 ) -> None:
     """Convert the checkpoint at PATH (a .safetensors file with config.json beside it, or a folder,
-    sharded or not) into a hybrid-attention checkpoint."""
+    sharded or not) into a hybrid-attention checkpoint.
+
+    \b
+    Planning: with --strategy heads (the default) every head is scored on calibration data
+    (see `hydracc analyze`) and the highest-scoring units stay full within the budget
+    (--full-ratio, default 0.25, or --kv-budget). Under GQA the unit is the KV group.
+    """
     reporter = _Reporter(as_json, quiet)
 
     def work() -> dict[str, Any]:
@@ -200,18 +277,29 @@ def convert(
             raise HydraError(f"--max-shard-size: {exc}") from exc
         if output is not None and not dry_run and output.exists() and not force:
             raise OutputError(f"output {output} already exists", hint="choose a new path or add --force to replace it")
+        budget = _budget(full_ratio, kv_budget, min_full_per_layer, max_full_per_layer) if plan_file is None else None
+        if plan_png is not None:
+            _require_matplotlib()
         from hydracc.passes import get_pass
 
         pipeline.load_plugins(plugins)
         for name in user_passes:
             get_pass(name)  # an unknown name fails now, before any work
-        insp = pipeline.inspect_checkpoint(path)
+        needs_analysis = plan_file is None and strategy == "heads"
+        shape = pipeline.calibration_shape(calib_samples, seq_len) if needs_analysis else (2, 16)
+        insp = pipeline.inspect_checkpoint(path, capture_shape=shape)
         try:
-            plan = pipeline.make_plan(insp, plan_file=plan_file, full_ratio=full_ratio, linear_kind=linear_kind)
+            analysis = _analysis_with_progress(reporter, pipeline, insp, calib, calib_samples, seq_len, linear_kind) if needs_analysis else None
+            plan = pipeline.make_plan(insp, plan_file=plan_file, budget=budget, strategy=strategy, analysis=analysis, score=score,
+                                      keep_full=keep_full, force_linear=force_linear, linear_kind=linear_kind, seed=seed)
             cost = cache_cost(plan, insp.captured.sites, insp.element_bytes)
-            result = pipeline.ConversionResult(insp, plan, cost)
+            result = pipeline.ConversionResult(insp, plan, cost, analysis=analysis)
             if plan_out is not None:
                 _write_text_atomic(plan_out, plan.dumps())
+            if plan_png is not None:
+                from hydracc.plan_plot import draw_plan
+
+                draw_plan(plan, plan_png, score=score if strategy == "heads" else "sensitivity")
             if not dry_run:
                 result.rewrite = pipeline.rewrite(insp, plan, user_passes=user_passes, permute=permute)
                 assert output is not None
@@ -219,12 +307,78 @@ def convert(
                 result.output = output
         finally:
             insp.checkpoint.close()
-        _print_human(reporter, result, dry_run, plan_out)
+        _print_human(reporter, result, dry_run, plan_out, plan_png)
         return _report(result, dry_run=dry_run)
 
     report = _run_guarded(reporter, work)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@_calibration_options
+@click.option("--linear-kind", type=click.Choice(["elu"]), default="elu", show_default=True, help="Linear kind the linear_error and sensitivity scores measure.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON on stdout; the table goes to stderr.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+def analyze(path: Path, calib: Path | None, calib_samples: int, seq_len: int, linear_kind: str, as_json: bool, quiet: bool) -> None:
+    """Score every attention head of the checkpoint at PATH on calibration data.
+
+    \b
+    retrieval    attention on the token after an earlier occurrence of the current token,
+                 above what a uniform head gives (copy / induction heads score near 1)
+    distance     mean attended distance in tokens (small = local)
+    sink         attention mass on the first token
+    entropy      attention entropy / log(position + 1) (1 = uniform)
+    lin_err      relative output error of the linear kind on the same q, k, v
+    sensitivity  KL of the model's next-token distribution when this KV group (GQA) or
+                 head alone is made linear, mean over calibration tokens
+    """
+    reporter = _Reporter(as_json, quiet)
+
+    def work() -> dict[str, Any]:
+        from hydracc import convert as pipeline
+
+        insp = pipeline.inspect_checkpoint(path, capture_shape=pipeline.calibration_shape(calib_samples, seq_len))
+        try:
+            analysis = _analysis_with_progress(reporter, pipeline, insp, calib, calib_samples, seq_len, linear_kind)
+        finally:
+            insp.checkpoint.close()
+        reporter.console.print(_scores_table(analysis, None))
+        reporter.console.print(f"calibration: {analysis.calibration['source']} "
+                               f"({analysis.calibration['samples']} x {analysis.calibration['seq_len']} tokens)")
+        return {"status": "ok", "input": str(path), **analysis.to_json()}
+
+    report = _run_guarded(reporter, work)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise HydraError("--plan-png needs matplotlib", hint="pip install 'hydracc[plot]'") from exc
+
+
+def _scores_table(analysis: Any, plan: Any | None) -> Table:
+    title = "Head scores" + (" and decisions" if plan is not None else "") + f" (unit: {analysis.unit.replace('_', ' ')})"
+    table = Table(title=title, title_justify="left")
+    cols = ["layer", "head", "unit", "retrieval", "distance", "sink", "entropy", "lin_err", "sensitivity"]
+    if plan is not None:
+        cols.append("kind")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "kind" else "right")
+    for ls in analysis.layers:
+        group = ls.num_heads // ls.num_kv_heads if ls.grouped else 1
+        kinds = plan.layer(ls.layer).kinds if plan is not None else None
+        for h, sc in enumerate(ls.heads):
+            row = [str(ls.layer), str(h), f"g{h // group}" if ls.grouped else "-", f"{sc.retrieval:.3f}", f"{sc.distance:.1f}",
+                   f"{sc.sink:.3f}", f"{sc.entropy:.3f}", f"{sc.linear_error:.3f}", f"{sc.sensitivity:.2e}"]
+            if kinds is not None:
+                row.append("[bold]FULL[/]" if kinds[h] == "full" else kinds[h])
+            table.add_row(*row, end_section=h == ls.num_heads - 1)
+    return table
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -254,7 +408,7 @@ def _emit_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, rewrite: 
         )
 
 
-def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path | None) -> None:
+def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path | None, plan_png: Path | None = None) -> None:
     con = reporter.console
     insp, cost = result.inspection, result.cost
     con.print(f"[bold]{insp.captured.config.model_type}[/] model at {insp.checkpoint.root}: "
@@ -263,7 +417,17 @@ def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path
         con.print(f"dropping {len(insp.dropped)} tensor(s) transformers ignores on load: {', '.join(insp.dropped[:4])}"
                   + (" ..." if len(insp.dropped) > 4 else ""))
     con.print(_sites_table(insp))
+    if result.analysis is not None:
+        con.print(_scores_table(result.analysis, result.plan))
+        cal = result.analysis.calibration
+        con.print(f"calibration: {cal['source']} ({cal['samples']} x {cal['seq_len']} tokens)")
     con.print(_plan_table(result.plan))
+    b = result.plan.budget
+    if "full_units" in b:
+        how = b["strategy"] + (f" by {b['score']}" if "score" in b else "") + (f" (seed {b['seed']})" if "seed" in b else "")
+        asked = f"--full-ratio {b['full_ratio']}" if b.get("full_ratio") is not None else f"--kv-budget {b.get('kv_budget')}"
+        con.print(f"budget ({asked}): {b['full_units']} of {b['total_units']} {result.plan.unit.replace('_', ' ')}s full, "
+                  f"{b['kv_fraction_used']:.1%} of the KV cache; strategy {how}")
     con.print(
         f"KV cache per token: {_human_bytes(cost.kv_bytes_per_token_before)} before -> "
         f"{_human_bytes(cost.kv_bytes_per_token_after)} after ({cost.ratio:.1%}); "
@@ -271,6 +435,8 @@ def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path
     )
     if plan_out is not None:
         con.print(f"plan written to {plan_out}")
+    if plan_png is not None:
+        con.print(f"plan picture written to {plan_png}")
     if result.rewrite is not None:
         con.print(f"passes: {', '.join(result.rewrite.passes)}")
         for note in result.rewrite.context.notes:

@@ -26,21 +26,23 @@ from typing import Any
 import torch
 
 import hydracc
+from hydracc.analyze import Analysis, analyze
+from hydracc.calibration import (
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    Calibration,
+    default_calibration,
+    load_calibration,
+)
 from hydracc.capture import CapturedModel, capture, require_sites
 from hydracc.checkpoint import Checkpoint, open_checkpoint
 from hydracc.converted import hydra_section
 from hydracc.emit import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from hydracc.errors import HydraError, OutputError, PassError
-from hydracc.model import build_model, match_weights
+from hydracc.model import build_model, expected_weights, match_weights
 from hydracc.passes import PassContext, PassManager, pipeline
-from hydracc.plan import (
-    CacheCost,
-    Plan,
-    cache_cost,
-    check_plan_fits,
-    load_plan,
-    ratio_plan,
-)
+from hydracc.plan import CacheCost, Plan, cache_cost, check_plan_fits, load_plan
+from hydracc.planner import Budget, make_budget_plan
 from hydracc.runtime import check_runtime_support
 
 SIDE_FILES = (
@@ -63,12 +65,22 @@ class Inspection:
     captured: CapturedModel
     weight_names: dict[str, str]
     """Model weight name -> checkpoint tensor name (see ``model.match_weights``)."""
+    tied: dict[str, str] = field(default_factory=dict)
+    """Model weight name -> the weight it shares storage with (``lm_head.weight`` -> embeddings)."""
 
     @property
     def dropped(self) -> list[str]:
         """Checkpoint tensors the converted checkpoint leaves out (transformers ignores them too)."""
         kept = set(self.weight_names.values())
         return [name for name in self.checkpoint.names() if name not in kept]
+
+    def load_weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Every weight the model needs, read into memory under the model's names."""
+        weights = {name: self.checkpoint.get(ck_name).to(device) for name, ck_name in self.weight_names.items()}
+        for name, source in self.tied.items():
+            if name not in weights and source in weights:
+                weights[name] = weights[source]
+        return weights
 
     @property
     def element_bytes(self) -> int:
@@ -93,32 +105,89 @@ class ConversionResult:
     rewrite: Rewrite | None = None
     output: Path | None = None
     files: list[Path] = field(default_factory=list)
+    analysis: Analysis | None = None
 
 
-def inspect_checkpoint(path: str | os.PathLike[str]) -> Inspection:
-    """Load stage + capture stage: open, validate against the config, capture, find sites."""
+def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int, int] = (2, 16)) -> Inspection:
+    """Load stage + capture stage: open, validate against the config, capture, find sites.
+
+    ``capture_shape`` is the ``[batch, seq_len]`` the graph is exported at; analysis runs
+    calibration batches of exactly that shape through it.
+    """
     ck = open_checkpoint(path)
     model = build_model(ck.config)
     names = match_weights(model, ck)
-    captured = capture(model)
+    captured = capture(model, batch=capture_shape[0], seq_len=capture_shape[1])
     require_sites(captured)
     check_runtime_support(ck.config, captured.sites)
-    return Inspection(ck, captured, names)
+    return Inspection(ck, captured, names, expected_weights(model)[1])
+
+
+CALIBRATION_BATCH = 8
+"""Calibration rows per graph run (the batch the graph is captured at when analyzing)."""
+
+
+def calibration_shape(samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN) -> tuple[int, int]:
+    """The ``capture_shape`` to inspect a checkpoint at so that it can be analyzed."""
+    if samples < 1 or seq_len < 2:
+        raise HydraError(f"calibration needs --calib-samples >= 1 and --seq-len >= 2, got {samples} and {seq_len}")
+    return (min(samples, CALIBRATION_BATCH), seq_len)
+
+
+def calibration_for(
+    inspection: Inspection,
+    calib: str | os.PathLike[str] | None = None,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> Calibration:
+    """Calibration rows for this model: read from ``calib`` or the built-in default."""
+    vocab = int(inspection.checkpoint.config.get("vocab_size") or inspection.captured.config.vocab_size)
+    if calib is not None:
+        return load_calibration(calib, vocab_size=vocab, samples=samples, seq_len=seq_len, checkpoint_root=inspection.checkpoint.root)
+    return default_calibration(vocab_size=vocab, samples=samples, seq_len=seq_len)
+
+
+def analyze_heads(
+    inspection: Inspection,
+    calibration: Calibration,
+    *,
+    linear_kind: str = "elu",
+    progress: Callable[[int, int], None] | None = None,
+) -> Analysis:
+    """Analyze stage: score every head on ``calibration`` (reads all weights into memory)."""
+    if inspection.captured.input_shape[1] != calibration.seq_len:
+        raise HydraError(
+            f"the graph was captured for length {inspection.captured.input_shape[1]} but calibration rows have "
+            f"{calibration.seq_len} tokens; inspect with capture_shape=calibration_shape(...)"
+        )
+    weights = inspection.load_weights()
+    return analyze(inspection.captured, weights, calibration, linear_kind=linear_kind, progress=progress)
 
 
 def make_plan(
     inspection: Inspection,
     *,
     plan_file: str | os.PathLike[str] | None = None,
-    full_ratio: float = 0.25,
+    budget: Budget | None = None,
+    strategy: str = "heads",
+    analysis: Analysis | None = None,
+    score: str = "sensitivity",
+    keep_full: Sequence[str] = (),
+    force_linear: Sequence[str] = (),
     linear_kind: str = "elu",
+    seed: int = 0,
 ) -> Plan:
-    """Plan stage: read ``plan_file`` or build the simple ratio plan; check it fits the model."""
+    """Plan stage: read ``plan_file``, or allocate ``budget`` (default: 25% of units) by ``strategy``."""
     sites = inspection.captured.sites
     if plan_file is not None:
         plan = load_plan(plan_file)
     else:
-        plan = ratio_plan(sites, inspection.captured.config.model_type, full_ratio=full_ratio, linear_kind=linear_kind)
+        plan = make_budget_plan(
+            sites, inspection.captured.config.model_type, budget or Budget(full_ratio=0.25),
+            strategy=strategy, analysis=analysis, score=score, keep_full=keep_full, force_linear=force_linear,
+            linear_kind=linear_kind, seed=seed, element_bytes=inspection.element_bytes,
+        )
     check_plan_fits(plan, sites)
     return plan
 
@@ -212,20 +281,41 @@ def convert(
     out: str | os.PathLike[str],
     *,
     plan_file: str | os.PathLike[str] | None = None,
-    full_ratio: float = 0.25,
+    full_ratio: float | None = None,
+    kv_budget: float | None = None,
+    strategy: str = "heads",
+    calib: str | os.PathLike[str] | None = None,
+    calib_samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
     linear_kind: str = "elu",
     user_passes: Sequence[str | Callable[[PassContext], None]] = (),
     permute: bool = True,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    **plan_options: Any,
 ) -> ConversionResult:
-    """The whole conversion from Python: the same steps as ``hydracc convert PATH -o OUT``."""
-    inspection = inspect_checkpoint(path)
+    """The whole conversion from Python: the same steps as ``hydracc convert PATH -o OUT``.
+
+    The budget is ``full_ratio`` or ``kv_budget`` (default: 25% of units); the ``heads``
+    strategy analyzes the model on calibration data first. ``plan_options`` go to
+    :func:`make_plan` (``score``, ``keep_full``, ``force_linear``, ``seed``).
+    """
+    needs_analysis = plan_file is None and strategy == "heads"
+    shape = calibration_shape(calib_samples, seq_len) if needs_analysis else (2, 16)
+    inspection = inspect_checkpoint(path, capture_shape=shape)
     try:
-        plan = make_plan(inspection, plan_file=plan_file, full_ratio=full_ratio, linear_kind=linear_kind)
+        analysis = None
+        if needs_analysis:
+            calibration = calibration_for(inspection, calib, samples=calib_samples, seq_len=seq_len)
+            analysis = analyze_heads(inspection, calibration, linear_kind=linear_kind)
+        budget = None
+        if plan_file is None:
+            budget = Budget(full_ratio=full_ratio if full_ratio is not None or kv_budget is not None else 0.25, kv_budget=kv_budget)
+        plan = make_plan(inspection, plan_file=plan_file, budget=budget, strategy=strategy, analysis=analysis,
+                         linear_kind=linear_kind, **plan_options)
         cost = cache_cost(plan, inspection.captured.sites, inspection.element_bytes)
         result = rewrite(inspection, plan, user_passes=user_passes, permute=permute)
         files = emit(inspection, result, out, force=force, max_shard_bytes=max_shard_bytes)
     finally:
         inspection.checkpoint.close()
-    return ConversionResult(inspection, plan, cost, result, Path(out), files)
+    return ConversionResult(inspection, plan, cost, result, Path(out), files, analysis)

@@ -7,10 +7,11 @@ Design decisions:
   ``hydracc.kernels.head_kinds``.
 - Validation happens on load and against the captured model, and every error names
   the offending field as a JSON path (``plan.layers[1].heads[5].kind``).
-- The planner in this module is deliberately simple (a fraction of full units, spread
-  evenly over layers and then over units); the unit is the KV group whenever KV heads are shared, because
-  only a whole linear KV group frees cache. Scored planning lives elsewhere and
-  produces the same ``Plan``.
+- Planning (which heads to keep full under a budget) lives in ``hydracc.planner``; this
+  module is the format, its validation and the cache accounting. The unit is the KV
+  group whenever KV heads are shared, because only a whole linear KV group frees cache.
+- Per-head ``scores`` (from the analysis) ride along in the JSON so a plan explains
+  itself; conversion ignores them.
 - KV-cache accounting is per token: a KV head must be cached if any query head using
   it keeps KV (``HeadKind.keeps_kv``).
 """
@@ -18,7 +19,6 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,14 @@ PLAN_VERSION = 1
 class HeadPlan:
     kind: str
     params: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    """What the analysis measured for this head (informational; conversion ignores it)."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "params": self.params}
+        if self.scores:
+            out["scores"] = self.scores
+        return out
 
 
 @dataclass
@@ -89,7 +97,7 @@ class Plan:
                     "module": lp.module,
                     "num_heads": lp.num_heads,
                     "num_kv_heads": lp.num_kv_heads,
-                    "heads": [{"kind": h.kind, "params": h.params} for h in lp.heads],
+                    "heads": [h.to_json() for h in lp.heads],
                 }
                 for lp in self.layers
             ],
@@ -149,7 +157,13 @@ def plan_from_json(doc: Any) -> Plan:
                 f"{hpath}.params",
                 f"kind {kind!r} takes {'no parameters' if not allowed else 'only ' + ', '.join(allowed)}; got {', '.join(unknown)}",
             )
-            heads.append(HeadPlan(kind, dict(params)))
+            scores = entry.get("scores", {})
+            _field(
+                isinstance(scores, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()),
+                f"{hpath}.scores",
+                "must be an object of numbers",
+            )
+            heads.append(HeadPlan(kind, dict(params), {str(k): float(v) for k, v in scores.items()}))
         out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
     unit = doc.get("unit", "head")
     _field(unit in ("head", "kv_group"), "plan.unit", "must be 'head' or 'kv_group'")
@@ -196,49 +210,6 @@ def model_summary(sites: Sequence[AttentionSite], model_type: str) -> dict[str, 
         "num_kv_heads": sorted({s.num_kv_heads for s in sites}),
         "head_dim": sorted({s.head_dim for s in sites}),
     }
-
-
-def spread(count: int, total: int) -> list[int]:
-    """``count`` indices out of ``range(total)``, spread evenly (deterministic)."""
-    if count <= 0:
-        return []
-    return sorted({(i * total) // count for i in range(count)})
-
-
-def ratio_plan(
-    sites: Sequence[AttentionSite], model_type: str, *, full_ratio: float, linear_kind: str = "elu"
-) -> Plan:
-    """The simple planner: keep ``round(full_ratio * units)`` units full over the whole model.
-
-    A unit is a KV group under grouped-query attention, otherwise a single head. The
-    full units are spread as evenly as possible over the layers (then over the units of
-    a layer), so with one KV group per layer (MQA) this becomes a layer-wise hybrid.
-    """
-    if not 0.0 <= full_ratio <= 1.0:
-        raise PlanError(f"--full-ratio must be between 0 and 1, got {full_ratio}")
-    kind = kind_by_name(linear_kind)
-    if not kind.linear:
-        raise PlanError(f"--linear-kind must be a linear kind, got {linear_kind!r}")
-    grouped = any(s.num_kv_heads < s.num_heads for s in sites)
-    ordered = sorted(sites, key=lambda s: s.layer)
-    units = [s.num_kv_heads if grouped else s.num_heads for s in ordered]
-    n_full = math.floor(full_ratio * sum(units) + 0.5)
-    # Each layer's share of n_full in proportion to its units (Bresenham-style, deterministic).
-    total, cum = sum(units), 0
-    layers = []
-    for s, u in zip(ordered, units):
-        share = (n_full * (cum + u)) // total - (n_full * cum) // total if total else 0
-        cum += u
-        size = s.num_heads // u
-        full_units = set(spread(min(share, u), u))
-        heads = [HeadPlan("full" if h // size in full_units else kind.name) for h in range(s.num_heads)]
-        layers.append(LayerPlan(s.layer, s.module, s.num_heads, s.num_kv_heads, heads))
-    return Plan(
-        layers,
-        model=model_summary(sites, model_type),
-        budget={"strategy": "full-ratio", "full_ratio": full_ratio, "linear_kind": kind.name, "full_units": n_full},
-        unit="kv_group" if grouped else "head",
-    )
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ def test_same_numbers_twice(byte_model) -> None:
 
 
 def test_converted_all_full_scores_like_the_original(byte_model, tmp_path) -> None:
-    convert(byte_model, tmp_path / "full", full_ratio=1.0)
+    convert(byte_model, tmp_path / "full", full_ratio=1.0, strategy="even")
     original = evaluate(byte_model, settings=SMALL).to_json()
     converted = evaluate(tmp_path / "full", settings=SMALL).to_json()
     assert converted["converted"] is True

@@ -33,7 +33,7 @@ def test_gpt2_checkpoint_in_hub_layout(tiny_checkpoint, tmp_path) -> None:
         mapping = match_weights(build_model(ck.config), ck)
     assert mapping["transformer.h.0.attn.c_attn.weight"] == "h.0.attn.c_attn.weight"
     assert "lm_head.weight" not in mapping  # tied to wte, loaded by transformers
-    convert(src, tmp_path / "out", full_ratio=1.0)
+    convert(src, tmp_path / "out", full_ratio=1.0, strategy="even")
     ids = torch.randint(0, 64, (1, 9))
     with torch.no_grad():
         assert torch.equal(hydracc.load(tmp_path / "out")(ids).logits, load_original(orig)(ids).logits)
@@ -45,7 +45,7 @@ def test_leftover_rope_buffer_is_dropped(tiny_checkpoint, tmp_path) -> None:
     src = tmp_path / "in"
     shutil.copytree(tiny_checkpoint("llama-gqa"), src)
     _rewrite_tensors(src, lambda t: {**t, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)})
-    result = convert(src, tmp_path / "out", full_ratio=0.5)
+    result = convert(src, tmp_path / "out", full_ratio=0.5, strategy="even")
     assert result.inspection.dropped == ["model.layers.0.self_attn.rotary_emb.inv_freq"]
     assert "model.layers.0.self_attn.rotary_emb.inv_freq" not in load_file(tmp_path / "out" / "model.safetensors")
 

@@ -6,7 +6,8 @@ import pytest
 
 from hydracc.capture import AttentionSite
 from hydracc.errors import PlanError
-from hydracc.plan import cache_cost, check_plan_fits, load_plan, plan_from_json, ratio_plan
+from hydracc.plan import cache_cost, check_plan_fits, load_plan, plan_from_json
+from hydracc.planner import ratio_plan
 
 
 def _sites(layers: int = 3, heads: int = 8, kv: int = 2, d: int = 16) -> list[AttentionSite]:

@@ -14,7 +14,7 @@ from hydracc.errors import CheckpointError
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_all_full_plan_gives_identical_logits(tiny_checkpoint, tmp_path, name: str) -> None:
     src = tiny_checkpoint(name)
-    convert(src, tmp_path / "out", full_ratio=1.0)
+    convert(src, tmp_path / "out", full_ratio=1.0, strategy="even")
     ids = torch.randint(0, 64, (2, 13))
     with torch.no_grad():
         assert torch.equal(hydracc.load(tmp_path / "out")(ids).logits, load_original(src)(ids).logits)
@@ -24,7 +24,7 @@ def test_all_full_plan_gives_identical_logits(tiny_checkpoint, tmp_path, name: s
 @pytest.mark.parametrize("permute", [True, False], ids=["permuted", "unpermuted"])
 def test_mixed_plan_matches_oracle_and_graph(tiny_checkpoint, tmp_path, name: str, permute: bool) -> None:
     src = tiny_checkpoint(name)
-    result = convert(src, tmp_path / "out", full_ratio=0.5, permute=permute)
+    result = convert(src, tmp_path / "out", full_ratio=0.5, strategy="even", permute=permute)
     ids = torch.randint(0, 64, result.inspection.captured.input_shape)
     kinds = {lp.layer: lp.kinds for lp in result.plan.layers}
     converted = hydracc.load(tmp_path / "out")
@@ -45,7 +45,7 @@ def test_mixed_plan_matches_oracle_and_graph(tiny_checkpoint, tmp_path, name: st
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_checkpoint(tiny_checkpoint, tmp_path, dtype) -> None:
     src = tiny_checkpoint("llama-gqa", dtype=dtype)
-    convert(src, tmp_path / "out", full_ratio=0.5)
+    convert(src, tmp_path / "out", full_ratio=0.5, strategy="even")
     model = hydracc.load(tmp_path / "out")
     assert next(model.parameters()).dtype == dtype
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_low_precision_checkpoint(tiny_checkpoint, tmp_path, dtype) -> None:
 def test_sharded_input_and_output(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("llama-gqa", shard="20KB")
     assert (src / "model.safetensors.index.json").exists()
-    result = convert(src, tmp_path / "out", full_ratio=1.0, max_shard_bytes=30_000)
+    result = convert(src, tmp_path / "out", full_ratio=1.0, strategy="even", max_shard_bytes=30_000)
     names = sorted(p.name for p in result.files)
     assert "model.safetensors.index.json" in names and sum(n.endswith(".safetensors") for n in names) > 1
     ids = torch.randint(0, 64, (1, 7))
@@ -70,7 +70,7 @@ def test_load_refuses_unconverted(tiny_checkpoint) -> None:
 
 
 def test_decode_with_transformers_cache_matches_full_recompute(tiny_checkpoint, tmp_path) -> None:
-    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5)
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
     model = hydracc.load(tmp_path / "out")
     ids = torch.randint(0, 64, (1, 6))
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_decode_with_transformers_cache_matches_full_recompute(tiny_checkpoint, 
 def test_padded_batch_is_refused_not_silently_wrong(tiny_checkpoint, tmp_path) -> None:
     from hydracc.runtime import PaddingNotSupportedError
 
-    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5)
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
     model = hydracc.load(tmp_path / "out")
     ids = torch.randint(0, 64, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)

@@ -211,3 +211,12 @@ def hybrid_attention_reference(
         )
         out = out.index_copy(1, q_idx, res)
     return out.to(q.dtype)
+
+
+def run_kind(code: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The reference for heads of one kind, ``code``; q, k, v per query head (GQA expanded)."""
+    try:
+        run_heads = _RUN_KIND[code]
+    except KeyError:
+        raise ValueError(f"unknown head kind code {code!r}") from None
+    return run_heads(q, k, v, scale)

@@ -10,7 +10,7 @@ from hydracc.kernels.head_kinds import kind_by_name
 from hydracc.model import build_model
 from hydracc.passes import PassContext, PassManager
 from hydracc.passes.hybridize import hybrid_nodes
-from hydracc.plan import ratio_plan
+from hydracc.planner import ratio_plan
 
 
 @pytest.mark.parametrize(("family", "heads", "kv"), [("llama", 4, 2), ("qwen3", 4, 1), ("gpt2", 4, 4)], ids=["gqa", "mqa", "mha"])

@@ -9,7 +9,8 @@ from hydracc.model import build_model
 from hydracc.passes import PassContext, PassManager
 from hydracc.passes.hybridize import hybrid_nodes
 from hydracc.passes.permute_heads import HEAD_ORDER_META, full_first_order
-from hydracc.plan import HeadPlan, ratio_plan
+from hydracc.plan import HeadPlan
+from hydracc.planner import ratio_plan
 
 
 def test_full_first_order_respects_kv_groups() -> None:

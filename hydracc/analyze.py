@@ -1,0 +1,296 @@
+"""Analyze stage: run calibration data through the captured graph and score every head.
+
+Design decisions:
+- The captured, not yet rewritten, graph runs under an ``fx.Interpreter`` that stops at
+  each attention site (the SDPA node marked by capture) and hands its q, k, v to the
+  scorer; nothing else of the model is re-implemented, so any family capture accepts can
+  be analyzed. The graph is captured at the calibration shape ``[batch, seq_len]``.
+- Per query head, from its attention probabilities on the calibration batch:
+  ``retrieval`` (attention mass on positions right after an earlier occurrence of the
+  current token, minus what a uniform head would put there: the induction / copy
+  pattern of the Retrieval Head literature; 1 for a perfect copier, about 0 for uniform),
+  ``distance`` (mean attended distance in tokens), ``sink`` (mass on the first token),
+  ``entropy`` (normalized by ``log(position + 1)``, so 1 is uniform), and
+  ``linear_error`` (relative L2 error of the linear kind's output on the same q, k, v).
+- ``sensitivity``: KL(original || variant) of the next-token distribution, mean over all
+  calibration positions, with one unit made linear and everything else unchanged. The
+  unit is the KV group under grouped-query attention (only whole groups free cache),
+  the head otherwise; every head of a group carries the group's value. One graph run per
+  unit and calibration batch; only one batch's logits are held at a time.
+- Sums are accumulated in float64 per sample, so the scores do not depend on the batch
+  size; the same inputs give the same scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from hydracc.calibration import Calibration
+from hydracc.capture import SITE_META, AttentionSite, CapturedModel
+from hydracc.kernels.head_kinds import kind_by_name
+from hydracc.kernels.reference import run_kind
+
+SCORE_NAMES = ("retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity")
+
+
+@dataclass
+class HeadScores:
+    retrieval: float = 0.0
+    distance: float = 0.0
+    sink: float = 0.0
+    entropy: float = 0.0
+    linear_error: float = 0.0
+    sensitivity: float = 0.0
+
+    def to_json(self, digits: int = 6) -> dict[str, float]:
+        return {k: round(float(v), digits) for k, v in asdict(self).items()}
+
+
+@dataclass
+class LayerScores:
+    layer: int
+    module: str
+    num_heads: int
+    num_kv_heads: int
+    heads: list[HeadScores]
+    unit_sensitivity: list[float]
+    """KL per unit: per KV group under GQA, per head otherwise."""
+
+    @property
+    def grouped(self) -> bool:
+        return self.num_kv_heads < self.num_heads
+
+
+@dataclass
+class Analysis:
+    layers: list[LayerScores]
+    calibration: dict[str, Any]
+    linear_kind: str
+    unit: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def layer(self, index: int) -> LayerScores:
+        for ls in self.layers:
+            if ls.layer == index:
+                return ls
+        raise KeyError(index)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "calibration": self.calibration,
+            "linear_kind": self.linear_kind,
+            "unit": self.unit,
+            "layers": [
+                {
+                    "layer": ls.layer,
+                    "module": ls.module,
+                    "num_heads": ls.num_heads,
+                    "num_kv_heads": ls.num_kv_heads,
+                    "unit_sensitivity": [round(x, 6) for x in ls.unit_sensitivity],
+                    "heads": [h.to_json() for h in ls.heads],
+                }
+                for ls in self.layers
+            ],
+        }
+
+
+class _SiteInterpreter(fx.Interpreter):
+    """Runs the graph, sending every attention site through ``hook(layer, target, args, kwargs)``."""
+
+    def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor]) -> None:
+        super().__init__(gm)
+        self.hook = hook
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and n.meta.get(SITE_META) is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return self.hook(n.meta[SITE_META], n.target, args, kwargs)
+        return super().run_node(n)
+
+
+def _qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = args[0], args[1], args[2]
+    if k.shape[1] != q.shape[1]:  # SDPA called with enable_gqa: expand here
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return q, k, v
+
+
+def retrieval_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, T, T]`` bool: key position p is a copy target for query t (p < t, token[p-1] == token[t])."""
+    b, t = tokens.shape
+    prev = torch.cat([tokens.new_full((b, 1), -1), tokens[:, :-1]], dim=1)  # token before each key position
+    match = tokens[:, :, None] == prev[:, None, :]
+    return match & torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril(-1)
+
+
+class _Accumulator:
+    """Per-head sums over calibration samples (float64)."""
+
+    def __init__(self, heads: int) -> None:
+        self.sums = {name: np.zeros(heads) for name in ("retrieval", "distance", "sink", "entropy")}
+        self.counts = {name: 0.0 for name in self.sums}
+        self.err_num = np.zeros(heads)
+        self.err_den = np.zeros(heads)
+
+    def add(self, probs: torch.Tensor, targets: torch.Tensor, sdpa_out: torch.Tensor, linear_out: torch.Tensor) -> None:
+        """probs ``[B, H, T, T]`` fp32 (causal), targets ``[B, T, T]``, outputs ``[B, H, T, Dv]``."""
+        b, h, t, _ = probs.shape
+        pos = torch.arange(t, dtype=torch.float32)
+        dist = (pos[:, None] - pos[None, :]).clamp(min=0)
+        self.sums["distance"] += (probs * dist).sum(-1).sum((0, 2)).double().numpy()
+        self.counts["distance"] += b * t
+        self.sums["sink"] += probs[..., 0].sum((0, 2)).double().numpy()
+        self.counts["sink"] += b * t
+        ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # [B, H, T]
+        norm = (pos + 1).log()
+        self.sums["entropy"] += (ent[..., 1:] / norm[1:]).sum((0, 2)).double().numpy()
+        self.counts["entropy"] += b * (t - 1)
+        tf = targets.float()
+        n_targets = tf.sum(-1)  # [B, T]
+        valid = n_targets > 0
+        mass = (probs * tf[:, None]).sum(-1)  # [B, H, T]
+        excess = mass - (n_targets / (pos + 1))[:, None]
+        self.sums["retrieval"] += (excess * valid[:, None]).sum((0, 2)).double().numpy()
+        self.counts["retrieval"] += float(valid.sum())
+        so, lo = sdpa_out.float(), linear_out.float()
+        self.err_num += ((lo - so) ** 2).sum((0, 2, 3)).double().numpy()
+        self.err_den += (so**2).sum((0, 2, 3)).double().numpy()
+
+    def scores(self) -> list[HeadScores]:
+        mean = {k: self.sums[k] / max(self.counts[k], 1.0) for k in self.sums}
+        err = np.sqrt(self.err_num / np.maximum(self.err_den, 1e-30))
+        return [
+            HeadScores(
+                retrieval=float(mean["retrieval"][i]),
+                distance=float(mean["distance"][i]),
+                sink=float(mean["sink"][i]),
+                entropy=float(mean["entropy"][i]),
+                linear_error=float(err[i]),
+            )
+            for i in range(len(err))
+        ]
+
+
+def _causal_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    t = q.shape[2]
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+    mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
+
+def units_of(site: AttentionSite) -> list[list[int]]:
+    """The planning units of a site: its KV groups under GQA, its single heads otherwise."""
+    if site.num_kv_heads < site.num_heads:
+        g = site.num_heads // site.num_kv_heads
+        return [list(range(u * g, (u + 1) * g)) for u in range(site.num_kv_heads)]
+    return [[h] for h in range(site.num_heads)]
+
+
+def analyze(
+    captured: CapturedModel,
+    weights: dict[str, torch.Tensor],
+    calibration: Calibration,
+    *,
+    linear_kind: str = "elu",
+    sensitivity: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Analysis:
+    """Score every head of every attention site of ``captured`` on ``calibration``.
+
+    ``captured`` must have been captured at ``[batch, calibration.seq_len]``; ``weights``
+    maps the model's parameter names to tensors (all on one device). The calibration rows
+    are processed ``batch`` at a time; a short last batch is padded with repeated rows
+    that are not counted.
+    """
+    kind = kind_by_name(linear_kind)
+    if not kind.linear:
+        raise ValueError(f"linear_kind must be a linear kind, got {linear_kind!r}")
+    batch, seq_len = captured.input_shape
+    if calibration.seq_len != seq_len:
+        raise ValueError(f"graph captured for length {seq_len}, calibration rows have {calibration.seq_len}")
+    device = next(iter(weights.values())).device
+    gm = captured.graph_on(device)
+    sites = {s.layer: s for s in captured.sites}
+    acc = {layer: _Accumulator(s.num_heads) for layer, s in sites.items()}
+    units = {layer: units_of(s) for layer, s in sites.items()}
+    kl_sums = {layer: np.zeros(len(u)) for layer, u in units.items()}
+    n_rows = calibration.samples
+    n_batches = math.ceil(n_rows / batch)
+    variants = [(layer, u) for layer in sorted(units) for u in range(len(units[layer]))] if sensitivity else []
+    total, done = n_batches * (1 + len(variants)), 0
+    positions = 0
+
+    def report() -> None:
+        if progress is not None:
+            progress(done, total)
+
+    report()
+    with torch.no_grad():
+        for bi in range(n_batches):
+            rows = calibration.tokens[bi * batch : (bi + 1) * batch]
+            real = len(rows)
+            if real < batch:
+                rows = np.concatenate([rows, np.resize(calibration.tokens, (batch - real, seq_len))])
+            ids = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+            targets = retrieval_targets(ids[:real]).cpu()
+            inputs = captured.graph_inputs(weights, ids)
+
+            def score_hook(layer: int, target: Any, args: tuple, kwargs: dict, _real=real, _targets=targets) -> torch.Tensor:
+                out = target(*args, **kwargs)
+                q, k, v = _qkv(args, kwargs)
+                site = sites[layer]
+                q, k, v = q[:_real], k[:_real], v[:_real]
+                probs = torch.cat([_causal_probs(q[:, h : h + 1], k[:, h : h + 1], site.scale) for h in range(q.shape[1])], 1)
+                lin = run_kind(kind.code, q.float(), k.float(), v.float(), site.scale)
+                acc[layer].add(probs.cpu(), _targets, out[:_real].cpu(), lin.cpu())
+                return out
+
+            base = _logits(_SiteInterpreter(gm, score_hook).run(*inputs))[:real]
+            base_logp = F.log_softmax(base.float(), dim=-1)
+            positions += base_logp.shape[0] * base_logp.shape[1]
+            done += 1
+            report()
+            for layer, u in variants:
+                heads = units[layer][u]
+
+                def variant_hook(site_layer: int, target: Any, args: tuple, kwargs: dict, _layer=layer, _heads=heads) -> torch.Tensor:
+                    out = target(*args, **kwargs)
+                    if site_layer != _layer:
+                        return out
+                    q, k, v = _qkv(args, kwargs)
+                    idx = torch.tensor(_heads, device=q.device)
+                    lin = run_kind(kind.code, q.index_select(1, idx).float(), k.index_select(1, idx).float(),
+                                   v.index_select(1, idx).float(), sites[site_layer].scale)
+                    return out.index_copy(1, idx, lin.to(out.dtype))
+
+                logits = _logits(_SiteInterpreter(gm, variant_hook).run(*inputs))[:real]
+                logp = F.log_softmax(logits.float(), dim=-1)
+                kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # [B, T]
+                kl_sums[layer][u] += float(kl.double().sum())
+                done += 1
+                report()
+
+    layers = []
+    for layer in sorted(sites):
+        site = sites[layer]
+        heads = acc[layer].scores()
+        unit_kl = [float(x / max(positions, 1)) for x in kl_sums[layer]] if sensitivity else [0.0] * len(units[layer])
+        for u, members in enumerate(units[layer]):
+            for h in members:
+                heads[h].sensitivity = unit_kl[u]
+        layers.append(LayerScores(layer, site.module, site.num_heads, site.num_kv_heads, heads, unit_kl))
+    grouped = any(s.num_kv_heads < s.num_heads for s in sites.values())
+    return Analysis(layers, calibration.describe(), kind.name, "kv_group" if grouped else "head")
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
