@@ -121,6 +121,28 @@ def mqar_example(
     return tokens[:-1], labels[1:]
 
 
+def induction_example(seq_len: int, rng: np.random.Generator, *, min_span: int = 4, max_span: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """A span of random symbols (bytes 128-255), random symbols, the same span again, more symbols.
+
+    The loss is on the repeated span after its first token, which can only be predicted by
+    finding the earlier occurrence of the current symbol and copying what followed it (an
+    induction head). The distance between the two copies varies, so no fixed-offset
+    attention solves it. Used in training only: it teaches the content matching MQAR needs.
+    """
+    span_len = int(rng.integers(min_span, max_span + 1))
+    if seq_len + 1 < 2 * span_len:
+        raise ValueError(f"induction needs seq_len >= {2 * span_len - 1}, got {seq_len}")
+    symbols = 2 * MAX_SYMBOLS
+    span = rng.integers(0, symbols, size=span_len) + KEY_BASE
+    gap = int(rng.integers(0, seq_len + 1 - 2 * span_len + 1))
+    rest = rng.integers(0, symbols, size=seq_len + 1 - 2 * span_len) + KEY_BASE
+    tokens = np.concatenate([span, rest[:gap], span, rest[gap:]])
+    labels = np.full(len(tokens), IGNORE, dtype=np.int64)
+    second = span_len + gap
+    labels[second + 1 : second + span_len] = tokens[second + 1 : second + span_len]
+    return tokens[:-1], labels[1:]
+
+
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is "
 

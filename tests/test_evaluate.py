@@ -58,7 +58,7 @@ def test_cli_eval_json_and_bad_vocab(byte_model, tiny_checkpoint) -> None:
 def test_training_script_runs(tmp_path) -> None:
     out = tmp_path / "trained"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--out", str(out), "--steps", "3",
-                           "--batch", "8", "--log-every", "1"], capture_output=True, text=True, timeout=600)
+                           "--width", "32", "--log-every", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     log = json.loads((out / "training_log.json").read_text())
     assert [e["step"] for e in log["log"]] == [0, 1, 2]
