@@ -108,7 +108,7 @@ class _Reporter:
         self.as_json = as_json
         stream = sys.stderr if as_json else sys.stdout
         width = None if stream.isatty() else 120  # rich's 80-column default would cut module paths
-        self.console = Console(stderr=as_json, quiet=quiet and not as_json, highlight=False, width=width)
+        self.console = Console(stderr=as_json, quiet=quiet, highlight=False, width=width)
         self.err = Console(stderr=True, highlight=False)
 
     def fail(self, message: str, code: int) -> None:
@@ -496,6 +496,8 @@ def _print_scores(con: Console, result: Any) -> None:
         for cell, acc in scores["mqar"]["grid"].items():
             table.add_row("mqar", cell, f"{acc:.1%}")
         table.add_row("mqar", "all", f"{scores['mqar']['accuracy']:.1%}")
+        if "first_query_accuracy" in scores["mqar"]:
+            table.add_row("mqar", "first query of each sequence", f"{scores['mqar']['first_query_accuracy']:.1%}")
     if "passkey" in scores:
         for cell, acc in scores["passkey"]["by_length"].items():
             table.add_row("passkey", cell, f"{acc:.1%}")

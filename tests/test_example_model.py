@@ -1,0 +1,55 @@
+"""The shipped example model: what it is, that its card's numbers reproduce, and that eval tells it from a broken conversion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import ROOT
+
+from hydracc.convert import convert
+from hydracc.evaluate import evaluate
+
+MODEL = ROOT / "examples" / "tiny-llama"
+
+
+def test_shipped_checkpoint_is_a_small_gqa_llama_with_a_card() -> None:
+    files = {p.name for p in MODEL.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "eval.json", "training_log.json"} <= files
+    assert sum(p.stat().st_size for p in MODEL.iterdir()) <= 20 * 1024 * 1024
+    config = json.loads((MODEL / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == 256
+    assert config["num_attention_heads"] == 8 and config["num_key_value_heads"] == 2
+    card = (MODEL / "README.md").read_text()
+    scores = json.loads((MODEL / "eval.json").read_text())
+    assert f"{scores['mqar']['accuracy']:.1%}" in card and f"{scores['passkey']['accuracy']:.1%}" in card
+
+
+@pytest.fixture(scope="module")
+def original_scores() -> dict:
+    return evaluate(MODEL).to_json()
+
+
+@pytest.mark.slow
+def test_card_numbers_reproduce(original_scores) -> None:
+    recorded = json.loads((MODEL / "eval.json").read_text())
+    for task in ("mqar", "passkey"):
+        assert original_scores[task]["accuracy"] == pytest.approx(recorded[task]["accuracy"], abs=0.01)
+    assert original_scores["ppl"]["ppl"] == pytest.approx(recorded["ppl"]["ppl"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_well_above_chance_where_it_was_trained(original_scores) -> None:
+    grid = original_scores["mqar"]["grid"]
+    assert grid["pairs=4,len=128"] > 0.5 and original_scores["mqar"]["first_query_accuracy"] > 0.3  # chance: 1/64
+    assert original_scores["passkey"]["by_length"]["len=128"] > 0.8  # chance: 1e-5
+
+
+@pytest.mark.slow
+def test_all_linear_conversion_scores_far_lower(original_scores, tmp_path) -> None:
+    convert(MODEL, tmp_path / "linear", full_ratio=0.0, strategy="even")
+    broken = evaluate(tmp_path / "linear").to_json()
+    assert broken["converted"] is True
+    assert broken["mqar"]["accuracy"] < 0.5 * original_scores["mqar"]["accuracy"]
+    assert broken["passkey"]["accuracy"] < 0.5 * original_scores["passkey"]["accuracy"]
+    assert broken["ppl"]["ppl"] > original_scores["ppl"]["ppl"]
