@@ -1,6 +1,7 @@
 """Conversion cost on CPU: wall time and peak memory of `hydracc convert` against model size.
 
-What it shows: planning reads no tensor data, and converting streams tensors, so peak
+Runs use ``--strategy even`` (no head analysis, which reads every weight into memory) so the
+rows measure the load / capture / rewrite / emit path alone. What it shows: planning reads no tensor data, and converting streams tensors, so peak
 memory should follow the output shard size (--max-shard-size), not the model size.
 
 Usage: python benchmarks/convert_memory.py [--layers 16] [--hidden 1024] [--workdir DIR]
@@ -52,12 +53,12 @@ def main() -> None:
                         "--kv-heads", "4", "--max-shard-size", "100MB"], check=True, stdout=subprocess.DEVNULL)
     size_mb = sum(p.stat().st_size for p in ck.glob("*.safetensors")) / 2**20
     rows = []
-    wall, rss = run_measured([*hydracc, "convert", str(ck), "--plan", "-q"])
-    rows.append(("`--plan` (dry run)", wall, rss))
+    wall, rss = run_measured([*hydracc, "convert", str(ck), "--plan", "--strategy", "even", "-q"])
+    rows.append(("`--plan --strategy even` (dry run, no analysis)", wall, rss))
     for shard in ("100MB", "1GB"):
         out = work / f"out-{shard}"
         shutil.rmtree(out, ignore_errors=True)
-        wall, rss = run_measured([*hydracc, "convert", str(ck), "-o", str(out), "--max-shard-size", shard, "-q"])
+        wall, rss = run_measured([*hydracc, "convert", str(ck), "-o", str(out), "--strategy", "even", "--max-shard-size", shard, "-q"])
         rows.append((f"convert, --max-shard-size {shard}", wall, rss))
     import torch
     import transformers

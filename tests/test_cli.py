@@ -184,3 +184,46 @@ def test_console_script_end_to_end(tmp_path) -> None:
     proc = subprocess.run([exe, "convert", str(ck), "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "already exists" in proc.stderr and "Traceback" not in proc.stderr
     assert subprocess.run([exe, "--help"], capture_output=True, timeout=60).returncode == 0
+
+
+def test_analyze_json_scores_every_head(tiny_checkpoint) -> None:
+    res = CliRunner().invoke(main, ["analyze", str(tiny_checkpoint("llama-gqa")), "--json", "--calib-samples", "3", "--seq-len", "24"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["unit"] == "kv_group" and report["calibration"]["samples"] == 3
+    layer = report["layers"][0]
+    assert len(layer["heads"]) == 4 and len(layer["unit_sensitivity"]) == 2
+    assert set(layer["heads"][0]) == {"retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity"}
+
+
+def test_plan_with_scores_png_and_strategies(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    res = run("convert", src, "--plan", "--calib-samples", "2", "--seq-len", "16", "--plan-out", tmp_path / "p.json",
+              "--plan-png", tmp_path / "p.png", "--keep-full", "1.3")
+    assert res.exit_code == 0, res.output
+    assert "Head scores and decisions" in res.output and "sensitivity" in res.output and "budget (--full-ratio 0.25)" in res.output
+    plan = json.loads((tmp_path / "p.json").read_text())
+    assert plan["budget"]["strategy"] == "heads" and plan["budget"]["keep_full"] == ["1.3"]
+    assert plan["layers"][1]["heads"][3]["kind"] == "full" and "scores" in plan["layers"][1]["heads"][3]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    for strategy in ("layers", "random", "even"):
+        res = CliRunner().invoke(main, ["convert", str(src), "--plan", "--json", "--strategy", strategy, "--kv-budget", "0.5"])
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        assert report["plan"]["budget"]["strategy"] == strategy and report["analysis"] is None
+        assert report["kv_cache"]["ratio"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--full-ratio", "0.5", "--kv-budget", "0.5"], "not both"),
+        (["--keep-full", "7.0"], "no layer 7"),
+        (["--calib", "missing.txt"], "does not exist"),
+        (["--min-full-per-layer", "3", "--strategy", "even"], "min-full-per-layer"),
+    ],
+)
+def test_planning_errors_exit_2(tiny_checkpoint, args, message) -> None:
+    res = run("convert", tiny_checkpoint("llama-gqa"), "--plan", "--calib-samples", "2", "--seq-len", "16", *args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
