@@ -1,11 +1,61 @@
-"""hydracc: turn a pretrained transformer into a head-level hybrid of full and linear attention."""
+"""hydracc: turn a pretrained transformer into a head-level hybrid of full and linear attention.
+
+``import hydracc`` stays cheap: it does not import torch or transformers. It arranges that
+hydracc's attention function (``"hydracc"``) and the hybrid cache are registered with
+transformers as soon as transformers is imported (or at once if it already is), so that
+``AutoModelForCausalLM.from_pretrained(converted)`` builds the hybrid model; a converted
+checkpoint's ``config.json`` names ``"attn_implementation": "hydracc"``.
+"""
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
+import sys
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
+
+
+def _register_runtime() -> None:
+    try:
+        importlib.import_module("hydracc.runtime")
+    except Exception as exc:  # never break the user's import of transformers
+        warnings.warn(f"hydracc could not register its attention function with transformers: {exc}", stacklevel=2)
+
+
+class _RegisterAfterImport(importlib.abc.Loader):
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.inner.exec_module(module)  # type: ignore[attr-defined]
+        _register_runtime()
+
+
+class _WatchForTransformers(importlib.abc.MetaPathFinder):
+    """Registers hydracc with transformers right after transformers is first imported."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != "transformers":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisterAfterImport(spec.loader)
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_runtime()
+elif not any(isinstance(f, _WatchForTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _WatchForTransformers())
 
 
 def load(path: str | os.PathLike[str], *, dtype: Any = None, device: Any = "cpu") -> Any:
@@ -16,3 +66,11 @@ def load(path: str | os.PathLike[str], *, dtype: Any = None, device: Any = "cpu"
     from hydracc.runtime import load as _load
 
     return _load(path, dtype=dtype, device=device)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HybridCache":  # lazily, so that `import hydracc` does not import torch
+        from hydracc.cache import HybridCache
+
+        return HybridCache
+    raise AttributeError(f"module 'hydracc' has no attribute {name!r}")

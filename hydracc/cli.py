@@ -504,6 +504,76 @@ def _print_scores(con: Console, result: Any) -> None:
     con.print(table)
 
 
+@main.command("generate")
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy; otherwise sample at this temperature.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@click.option("--json", "as_json", is_flag=True, help="Print the continuation and the numbers as JSON on stdout.")
+def generate_command(model_path: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int, as_json: bool) -> None:
+    """Continue --prompt with the converted checkpoint MODEL, using the hybrid cache.
+
+    Prints the continuation, then tokens per second and the cache size: keys and values are
+    kept only for the KV heads full heads use; linear heads keep a fixed-size state.
+    """
+    reporter = _Reporter(as_json, False)
+
+    def work() -> dict[str, Any]:
+        import time
+
+        import torch
+        from transformers import AutoTokenizer
+
+        from hydracc.cache import HybridCache
+        from hydracc.checkpoint import read_config
+        from hydracc.runtime import load
+
+        root = model_path.parent if model_path.is_file() else model_path
+        model = load(root)
+        if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
+            raise HydraError(f"{root} has no tokenizer files", hint="copy the original model's tokenizer.json next to the converted weights")
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        if ids.shape[1] == 0:
+            raise HydraError("--prompt is empty after tokenization")
+        cache = HybridCache(model.config)
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature > 0 else {"do_sample": False}
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, past_key_values=cache, pad_token_id=None, **sampling)
+        seconds = time.perf_counter() - start
+        new = out[0, ids.shape[1]:]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        config = read_config(root)
+        heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
+        head_dim = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd")) // (config.get("num_attention_heads") or config.get("n_head"))
+        layers = config.get("num_hidden_layers") or config.get("n_layer")
+        element = next(p.element_size() for p in model.parameters())
+        tokens = cache.get_seq_length()
+        full_kv = 2 * layers * heads * head_dim * element * tokens
+        report = {
+            "status": "ok", "model": str(root), "prompt": prompt, "continuation": text, "new_tokens": int(new.numel()),
+            "seconds": round(seconds, 4), "tokens_per_second": round(new.numel() / seconds, 2) if seconds > 0 else None,
+            "cache": {"tokens": tokens, "bytes": cache.nbytes(), "kv_bytes": cache.kv_nbytes(),
+                      "full_attention_kv_bytes": full_kv},
+        }
+        if not as_json:
+            click.echo(prompt + text)
+        con = reporter.err if not as_json else reporter.console
+        con.print(f"{new.numel()} tokens in {seconds:.2f} s ({report['tokens_per_second']} tokens/s); cache after {tokens} tokens: "
+                  f"{_human_bytes(cache.nbytes())} ({_human_bytes(cache.kv_nbytes())} of keys/values, "
+                    f"{_human_bytes(cache.nbytes() - cache.kv_nbytes())} of linear-head state) "
+                  f"vs {_human_bytes(full_kv)} of keys/values with full attention everywhere")
+        return report
+
+    report = _run_guarded(reporter, work)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
 @main.command("passes")
 @click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE", help="Load a file or module that registers passes first.")
 def list_passes(plugins: tuple[str, ...]) -> None:

@@ -260,6 +260,7 @@ def emit(
             hint="write the converted checkpoint to a new folder",
         )
     config = dict(ck.config)
+    config["attn_implementation"] = "hydracc"  # Auto loading after `import hydracc` builds the hybrid
     config["hydra"] = hydra_section(result.context, result.passes, provenance(inspection))
     edits = result.context.weight_edits
     with CheckpointWriter(out, force=force, max_shard_bytes=max_shard_bytes) as writer:

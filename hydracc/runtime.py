@@ -8,8 +8,11 @@ Design decisions:
   config's ``hydra`` section (``module.layer_idx``).
 - The op is causal by construction. transformers' mask is only checked: a batch with
   padding raises ``PaddingNotSupportedError`` instead of silently attending to pad tokens.
-  Decoding with transformers' own cache recomputes linear heads from the cached keys
-  (correct, not yet fast or memory-saving).
+- Generation: ``generate`` gets a ``hydracc.cache.HybridCache`` by default for these models
+  (a wrapper around transformers' cache preparation, active only when the attention is
+  ``"hydracc"``); its layers hand the attention function a ``HybridStep`` instead of
+  tensors. With any other cache (a ``DynamicCache`` passed by the caller) linear heads are
+  recomputed from the cached keys: correct, not memory-saving.
 """
 
 from __future__ import annotations
@@ -53,6 +56,10 @@ def hybrid_attention_forward(
     if attention_mask is not None and not torch.compiler.is_compiling():
         _refuse_padding(attention_mask, query.shape[2], key.shape[2])
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    from hydracc.cache import HybridStep  # not at module level: hydracc.cache imports transformers
+
+    if isinstance(key, HybridStep):  # generating with a HybridCache: full heads cached, linear heads stateful
+        return key.attend(query, codes, float(scale)).transpose(1, 2).contiguous(), None
     out = torch.ops.hydracc.hybrid_attention(query, key, value, codes, float(scale), [])
     return out.transpose(1, 2).contiguous(), None
 
@@ -84,6 +91,42 @@ def _register() -> None:
         AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     except ImportError:  # pragma: no cover - older transformers
         pass
+    _use_hybrid_cache_in_generate()
+
+
+def _use_hybrid_cache_in_generate() -> None:
+    """Make ``generate`` give converted models a ``HybridCache`` instead of a ``DynamicCache``.
+
+    Wraps ``GenerationMixin._prepare_cache_for_generation``: after transformers prepared its
+    cache, a plain ``DynamicCache`` for a model whose attention is ``"hydracc"`` is replaced by
+    a ``HybridCache``. Caches the caller passed, other cache implementations and other models
+    are left alone.
+    """
+    try:
+        from transformers.cache_utils import DynamicCache
+        from transformers.generation.utils import GenerationMixin
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(GenerationMixin, "_prepare_cache_for_generation", None)
+    if original is None or getattr(original, "_hydracc_wrapped", False):
+        return
+
+    def prepare(self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if (
+            getattr(self.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+            and type(cache) is DynamicCache
+            and not getattr(cache, "_is_user_defined", False)
+            and cache.get_seq_length() == 0
+        ):
+            from hydracc.cache import HybridCache
+
+            model_kwargs["past_key_values"] = HybridCache(self.config)
+        return result
+
+    prepare._hydracc_wrapped = True  # type: ignore[attr-defined]
+    GenerationMixin._prepare_cache_for_generation = prepare
 
 
 _register()

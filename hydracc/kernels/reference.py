@@ -220,3 +220,31 @@ def run_kind(code: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor
     except KeyError:
         raise ValueError(f"unknown head kind code {code!r}") from None
     return run_heads(q, k, v, scale)
+
+
+def causal_linear_attention_step(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, norm: Tensor | None, eps: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Linear attention over a chunk of new tokens that continues from a saved state.
+
+    q, k: ``[B, H, T, D]``, v: ``[B, H, T, Dv]`` (the chunk: prefill or one decode token);
+    ``state`` ``[B, H, D, Dv]`` and ``norm`` ``[B, H, D]`` sum ``phi(k) v^T`` and ``phi(k)`` over
+    all earlier tokens (fp32; ``None`` for none). Returns ``(out, state', norm')`` with the
+    chunk included: ``out_t = phi(q_t) . (S0 + sum_{s<=t} phi(k_s) v_s^T) / (phi(q_t) . (z0 +
+    sum_{s<=t} phi(k_s)) + eps)``, equal to :func:`causal_linear_attention` over the whole
+    sequence. ``out`` is in ``q.dtype``.
+    """
+    _check_qkv(q, k, v)
+    b, h, t, d = q.shape
+    dv = v.shape[-1]
+    fq, fk, vf = elu_feature_map(q.float()), elu_feature_map(k.float()), v.float()
+    if state is None:
+        state = fq.new_zeros(b, h, d, dv)
+        norm = fq.new_zeros(b, h, d)
+    assert norm is not None
+    weights = (fq @ fk.transpose(-1, -2)).masked_fill(~_causal_mask(t, t, q.device), 0.0)  # [B, H, T, T]
+    numer = fq @ state + weights @ vf
+    denom = (fq * norm[:, :, None, :]).sum(-1, keepdim=True) + weights.sum(-1, keepdim=True) + eps
+    new_state = state + fk.transpose(-1, -2) @ vf
+    new_norm = norm + fk.sum(dim=2)
+    return (numer / denom).to(q.dtype), new_state, new_norm

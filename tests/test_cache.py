@@ -1,0 +1,141 @@
+"""The hybrid cache: decoding with it equals recomputing, all-full equals the original, and it is small."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import ROOT, load_original
+
+import hydracc
+from hydracc.cache import HybridCache
+from hydracc.cli import main
+from hydracc.convert import convert
+from hydracc.kernels.reference import causal_linear_attention, causal_linear_attention_step
+
+
+@pytest.mark.parametrize("chunks", [[7], [3, 1, 1, 2], [1] * 7], ids=["one", "ragged", "tokenwise"])
+def test_linear_attention_step_continues_the_state(chunks) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g) for _ in range(3))
+    expected = causal_linear_attention(q, k, v)
+    outs, state, norm, at = [], None, None, 0
+    for n in chunks:
+        out, state, norm = causal_linear_attention_step(q[:, :, at : at + n], k[:, :, at : at + n], v[:, :, at : at + n], state, norm)
+        outs.append(out)
+        at += n
+    torch.testing.assert_close(torch.cat(outs, 2), expected, rtol=1e-5, atol=1e-6)
+
+
+def _ids(n: int = 12, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, 64, (batch, n), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-mqa", "gpt2-mha"])
+def test_all_full_greedy_generation_equals_the_original(tiny_checkpoint, tmp_path, name) -> None:
+    src = tiny_checkpoint(name)
+    convert(src, tmp_path / "out", full_ratio=1.0, strategy="even")
+    ids = _ids()
+    with torch.no_grad():
+        ours = hydracc.load(tmp_path / "out").generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+        theirs = load_original(src).generate(ids, max_new_tokens=10, do_sample=False)
+    assert isinstance(ours.past_key_values, HybridCache)  # generate picked the hybrid cache by itself
+    assert torch.equal(ours.sequences, theirs)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-mqa", "gpt2-mha", "qwen2-mha"])
+@pytest.mark.parametrize("ratio", [0.5, 0.0], ids=["mixed", "all-linear"])
+def test_decoding_with_the_cache_equals_recomputing(tiny_checkpoint, tmp_path, name, ratio) -> None:
+    convert(tiny_checkpoint(name), tmp_path / "out", full_ratio=ratio, strategy="even")
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(14, batch=2)
+    cache = HybridCache(model.config)
+    with torch.no_grad():
+        pieces = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        pieces.append(model(ids[:, 5:9], past_key_values=cache, use_cache=True).logits)  # a second prefill chunk
+        for t in range(9, 14):
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        full = model(ids).logits
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 14
+
+
+def test_beam_search_and_batches_match_no_cache(tiny_checkpoint, tmp_path) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(8, batch=2)
+    with torch.no_grad():
+        for kw in ({"do_sample": False}, {"num_beams": 3, "do_sample": False}):
+            cached = model.generate(ids, max_new_tokens=6, **kw)
+            plain = model.generate(ids, max_new_tokens=6, use_cache=False, **kw)
+            assert torch.equal(cached, plain), kw
+
+
+def test_cache_keeps_only_full_kv_groups(tiny_checkpoint, tmp_path) -> None:
+    from transformers import DynamicCache
+
+    src = tiny_checkpoint("llama-gqa")  # 2 layers x 2 KV groups
+    convert(src, tmp_path / "out", full_ratio=0.25, strategy="even")  # 1 of 4 groups full
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(200)
+    hybrid, dense = HybridCache(model.config), DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=hybrid, use_cache=True)
+        load_original(src)(ids, past_key_values=dense, use_cache=True)
+    dense_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers)
+    assert hybrid.kv_nbytes() * 4 == dense_bytes
+    assert hybrid.nbytes() - hybrid.kv_nbytes() < 0.2 * dense_bytes  # the linear state is fixed-size
+    with pytest.raises(hydracc.errors.HydraError, match="cropped"):
+        hybrid.crop(-1)
+
+
+def test_auto_loading_after_import_hydracc(tiny_checkpoint, tmp_path) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
+    code = (
+        "import sys, torch\n"
+        "import hydracc\n"
+        "assert 'transformers' not in sys.modules  # import hydracc stays light\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r})\n"
+        "ids = torch.randint(0, 64, (1, 9))\n"
+        f"assert torch.equal(m(ids).logits, hydracc.load({str(tmp_path / 'out')!r})(ids).logits)\n"
+        "print(m.config._attn_implementation)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("hydracc")
+    without = subprocess.run(
+        [sys.executable, "-c", f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r})"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert without.returncode != 0 and "hydracc" in without.stderr  # never silently the wrong model
+
+
+def test_generate_command(tmp_path) -> None:
+    out = tmp_path / "conv"
+    convert(ROOT / "examples" / "tiny-llama", out, kv_budget=0.5, strategy="even")
+    res = CliRunner().invoke(main, ["generate", str(out), "--prompt", "import os\nimport ", "--max-new-tokens", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["new_tokens"] == 6 and report["cache"]["tokens"] == 17 + 6 - 1  # the last token is never fed back
+    assert report["cache"]["kv_bytes"] * 2 == report["cache"]["full_attention_kv_bytes"]
+    model = hydracc.load(out)
+    ids = torch.tensor([list(b"import os\nimport ")])
+    expected = bytes(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()).decode("utf-8", "replace")
+    assert report["continuation"] == expected
+    res = CliRunner().invoke(main, ["generate", str(tmp_path / "missing"), "--prompt", "x"])
+    assert res.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "first",
+    ["import hydracc; hydracc.HybridCache", "import hydracc.cache", "import hydracc.runtime", "import transformers, hydracc"],
+)
+def test_registration_in_any_import_order(first: str) -> None:
+    code = f"{first}\nfrom transformers import AttentionInterface\nassert 'hydracc' in AttentionInterface._global_mapping\n"
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
