@@ -221,6 +221,8 @@ def _analysis_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, calib
 @click.option("--permute/--no-permute", default=True, show_default=True, help="Reorder heads in the weights so full heads are contiguous.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new one is complete).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB or 500MiB.")
+@click.option("--onnx", "onnx", is_flag=True, help="Also export OUTPUT/onnx (prefill and decode graphs), checked with onnxruntime (see export-onnx).")
+@click.option("--atol", type=click.FloatRange(0.0), default=1e-4, show_default=True, help="With --onnx: largest |onnxruntime - torch| accepted.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report (or error) on stdout; tables go to stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (and the --json report).")
 def convert(
@@ -248,6 +250,8 @@ def convert(
     permute: bool,
     force: bool,
     max_shard_size: str,
+    onnx: bool,
+    atol: float,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -258,6 +262,8 @@ def convert(
     Planning: with --strategy heads (the default) every head is scored on calibration data
     (see `hydracc analyze`) and the highest-scoring units stay full within the budget
     (--full-ratio, default 0.25, or --kv-budget). Under GQA the unit is the KV group.
+    With --onnx the converted checkpoint is written first; if the ONNX check then fails the
+    command exits 2 and OUTPUT holds the checkpoint without an onnx folder.
     """
     reporter = _Reporter(as_json, quiet)
 
@@ -280,6 +286,8 @@ def convert(
         budget = _budget(full_ratio, kv_budget, min_full_per_layer, max_full_per_layer) if plan_file is None else None
         if plan_png is not None:
             _require_matplotlib()
+        if onnx and dry_run:
+            raise HydraError("--onnx exports a converted checkpoint: drop --plan and give -o OUTPUT")
         from hydracc.passes import get_pass
 
         pipeline.load_plugins(plugins)
@@ -308,7 +316,11 @@ def convert(
         finally:
             insp.checkpoint.close()
         _print_human(reporter, result, dry_run, plan_out, plan_png)
-        return _report(result, dry_run=dry_run)
+        report = _report(result, dry_run=dry_run)
+        if onnx:
+            assert output is not None
+            report["onnx"] = _export_with_check(reporter, output, None, atol, 8, False).to_json()
+        return report
 
     report = _run_guarded(reporter, work)
     if as_json:
@@ -568,6 +580,53 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
                     f"{_human_bytes(cache.nbytes() - cache.kv_nbytes())} of linear-head state) "
                   f"vs {_human_bytes(full_kv)} of keys/values with full attention everywhere")
         return report
+
+    report = _run_guarded(reporter, work)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
+def _export_with_check(reporter: _Reporter, checkpoint: Path, out: Path | None, atol: float, check_tokens: int, force: bool) -> Any:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise HydraError("ONNX export needs onnx, onnxscript and onnxruntime", hint="pip install 'hydracc[onnx]'") from exc
+    from hydracc.onnx_export import export_onnx
+
+    with reporter.err.status("exporting prefill and decode graphs to ONNX and checking them with onnxruntime"):
+        report = export_onnx(checkpoint, out, atol=atol, check_tokens=check_tokens, force=force)
+    reporter.console.print(
+        f"ONNX written to {report.path} ({', '.join(report.files)}); onnxruntime vs torch: prefill max |diff| "
+        f"{report.prefill_max_diff:.3g}, decode max |diff| {report.decode_max_diff:.3g} over {report.decoded_tokens} tokens "
+        f"(--atol {report.atol:g})"
+    )
+    return report
+
+
+@main.command("export-onnx")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder for the ONNX files (default: CHECKPOINT/onnx).")
+@click.option("--atol", type=click.FloatRange(0.0), default=1e-4, show_default=True, help="Largest |onnxruntime - torch| accepted; above it the export fails (exit 2).")
+@click.option("--check-tokens", type=click.IntRange(1), default=8, show_default=True, help="Tokens to decode through the decode graph in the check.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+def export_onnx_command(checkpoint: Path, output: Path | None, atol: float, check_tokens: int, force: bool, as_json: bool) -> None:
+    """Export the converted CHECKPOINT to ONNX: a prefill graph and a decode-step graph.
+
+    \b
+    prefill.onnx  input_ids, position_ids [batch, seq] -> logits, present.L.* (the hybrid cache)
+    decode.onnx   input_ids, position_ids [batch, 1], past.L.* -> logits, present.L.*
+    Per layer the cache is keys/values for the KV heads full heads use, and the linear heads'
+    state/norm. Batch and lengths are dynamic; weights are fp32. Both graphs are checked with
+    onnxruntime against hydracc on fresh random inputs (decoding --check-tokens tokens); a
+    difference above --atol fails the command and leaves nothing at the output path.
+    """
+    reporter = _Reporter(as_json, False)
+
+    def work() -> dict[str, Any]:
+        report = _export_with_check(reporter, checkpoint, output, atol, check_tokens, force)
+        return {"status": "ok", **report.to_json()}
 
     report = _run_guarded(reporter, work)
     if as_json:

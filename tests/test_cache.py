@@ -75,6 +75,15 @@ def test_beam_search_and_batches_match_no_cache(tiny_checkpoint, tmp_path) -> No
             assert torch.equal(cached, plain), kw
 
 
+def test_sampling_with_several_sequences_per_prompt(tiny_checkpoint, tmp_path) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
+    model = hydracc.load(tmp_path / "out")
+    torch.manual_seed(0)
+    out = model.generate(_ids(8), max_new_tokens=5, do_sample=True, top_k=5, num_return_sequences=3, return_dict_in_generate=True)
+    assert out.sequences.shape == (3, 13) and isinstance(out.past_key_values, HybridCache)
+    assert out.past_key_values.get_seq_length() == 12
+
+
 def test_cache_keeps_only_full_kv_groups(tiny_checkpoint, tmp_path) -> None:
     from transformers import DynamicCache
 

@@ -1,0 +1,71 @@
+"""ONNX export: prefill and decode graphs over the hybrid cache, checked by onnxruntime; a broken export fails."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from hydracc.cli import main
+from hydracc.convert import convert
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from hydracc.onnx_export import ExportError, check_onnx, export_onnx  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("name", "ratio"), [("llama-gqa", 0.5), ("gpt2-mha", 0.25), ("qwen3-mqa", 0.0)])
+def test_export_matches_torch_prefill_and_decode(tiny_checkpoint, tmp_path, name, ratio) -> None:
+    convert(tiny_checkpoint(name), tmp_path / "conv", full_ratio=ratio, strategy="even")
+    report = export_onnx(tmp_path / "conv", atol=1e-4, check_tokens=6)
+    assert report.path == tmp_path / "conv" / "onnx"
+    assert report.files == ["decode.onnx", "export.json", "prefill.onnx"]
+    assert report.prefill_max_diff <= 1e-4 and report.decode_max_diff <= 1e-4 and report.decoded_tokens == 6
+    meta = json.loads((report.path / "export.json").read_text())
+    graph = onnx.load(str(report.path / "decode.onnx"))
+    assert [i.name for i in graph.graph.input] == meta["inputs"]["decode"]
+    batch_dims = {i.type.tensor_type.shape.dim[0].dim_param for i in graph.graph.input}
+    assert len(batch_dims) == 1 and "" not in batch_dims  # one dynamic batch dimension everywhere
+    assert all(n.domain in ("", "ai.onnx") for n in graph.graph.node)  # standard operators only
+
+
+def test_a_broken_export_is_caught(tiny_checkpoint, tmp_path) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")
+    report = export_onnx(tmp_path / "conv")
+    model = onnx.load(str(report.path / "prefill.onnx"))
+    target = max(model.graph.initializer, key=lambda t: np.prod(t.dims))  # the largest weight
+    arr = onnx.numpy_helper.to_array(target).copy()
+    arr.flat[0] += 1.0
+    target.CopyFrom(onnx.numpy_helper.from_array(arr, target.name))
+    onnx.save(model, str(report.path / "prefill.onnx"))
+    with pytest.raises(ExportError, match="prefill graph differs"):
+        check_onnx(report.path, tmp_path / "conv")
+
+
+def test_cli_fails_above_atol_and_writes_nothing(tiny_checkpoint, tmp_path) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")
+    res = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "conv"), "--atol", "0", "--json"])
+    assert res.exit_code == 2 and "differs" in json.loads(res.stdout)["error"]
+    assert not (tmp_path / "conv" / "onnx").exists()
+    assert not [p for p in (tmp_path / "conv").iterdir() if p.name.startswith(".")]
+    res = CliRunner().invoke(main, ["convert", str(tiny_checkpoint("llama-gqa")), "-o", str(tmp_path / "c2"), "--strategy", "even",
+                                    "--onnx", "--json", "-q"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["onnx"]["decoded_tokens"] == 8 and (tmp_path / "c2" / "onnx" / "decode.onnx").exists()
+
+
+def test_external_data_above_the_size_limit(tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    import hydracc.onnx_export as ox
+
+    monkeypatch.setattr(ox, "PROTOBUF_LIMIT", 1024)  # pretend the tiny model is huge
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")
+    report = export_onnx(tmp_path / "conv", check_tokens=2)
+    assert {"prefill.onnx.data", "decode.onnx.data"} <= set(report.files), report.files
+    # the weights (~90 KB of fp32) live beside each graph, and onnxruntime read them for the check
+    assert (report.path / "prefill.onnx.data").stat().st_size > 80_000
