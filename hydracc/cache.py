@@ -143,8 +143,14 @@ class HybridStep:
             kv_of = torch.tensor([pos[h // group] for h in layer.full_heads], device=query.device)
             k, v = layer.keys.index_select(1, kv_of), layer.values.index_select(1, kv_of)
             tk = k.shape[2]
-            mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
-            full = F.scaled_dot_product_attention(query.index_select(1, heads), k, v, attn_mask=mask, scale=scale)
+            qf = query.index_select(1, heads)
+            if tq == tk:  # prefill from empty: plain causal
+                full = F.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=scale)
+            elif tq == 1:  # one decode step sees every key
+                full = F.scaled_dot_product_attention(qf, k, v, scale=scale)
+            else:  # a chunk after earlier tokens: causal, aligned bottom-right
+                mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
+                full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
             out.index_copy_(1, heads, full.to(out.dtype))
         if layer.linear_heads:
             heads = torch.tensor(layer.linear_heads, device=query.device)

@@ -115,6 +115,13 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int
     calibration batches of exactly that shape through it.
     """
     ck = open_checkpoint(path)
+    limit = ck.config.get("max_position_embeddings") or ck.config.get("n_positions")
+    if isinstance(limit, int) and capture_shape[1] > limit:
+        ck.close()
+        raise HydraError(
+            f"--seq-len {capture_shape[1]} is longer than the model's {limit} positions",
+            hint=f"use --seq-len {limit} or less",
+        )
     model = build_model(ck.config)
     names = match_weights(model, ck)
     captured = capture(model, batch=capture_shape[0], seq_len=capture_shape[1])

@@ -227,3 +227,8 @@ def test_planning_errors_exit_2(tiny_checkpoint, args, message) -> None:
     res = run("convert", tiny_checkpoint("llama-gqa"), "--plan", "--calib-samples", "2", "--seq-len", "16", *args)
     assert res.exit_code == 2, res.output
     assert message in res.output
+
+
+def test_calibration_longer_than_the_model_is_refused(tiny_checkpoint) -> None:
+    res = run("analyze", tiny_checkpoint("gpt2-mha"), "--seq-len", "4096")
+    assert res.exit_code == 2 and "positions" in res.output
