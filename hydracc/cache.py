@@ -42,6 +42,7 @@ class HybridLayer(DynamicLayer):
         self.full_heads: list[int] = []
         self.linear_heads: list[int] = []
         self.cached_kv: list[int] = []
+        self.grouped_full = False
         self.state: Tensor | None = None
         self.norm: Tensor | None = None
 
@@ -70,6 +71,12 @@ class HybridLayer(DynamicLayer):
         self.full_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).keeps_kv]
         self.linear_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).linear]
         self.cached_kv = sorted({h // group for h in self.full_heads})
+        # SDPA can read the cached heads unexpanded (enable_gqa) when the i-th block of full heads
+        # uses the i-th cached KV head and all blocks have the same size
+        per = len(self.full_heads) // max(1, len(self.cached_kv))
+        self.grouped_full = bool(self.full_heads) and all(
+            h // group == self.cached_kv[i // per] for i, h in enumerate(self.full_heads)
+        ) and per * len(self.cached_kv) == len(self.full_heads)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -138,19 +145,23 @@ class HybridStep:
                 layer.keys = torch.cat([layer.keys, new_k], dim=-2)
                 layer.values = torch.cat([layer.values, new_v], dim=-2)
         if layer.full_heads:
-            pos = {kv: i for i, kv in enumerate(layer.cached_kv)}
             heads = torch.tensor(layer.full_heads, device=query.device)
-            kv_of = torch.tensor([pos[h // group] for h in layer.full_heads], device=query.device)
-            k, v = layer.keys.index_select(1, kv_of), layer.values.index_select(1, kv_of)
-            tk = k.shape[2]
             qf = query.index_select(1, heads)
+            if layer.grouped_full:  # every cached KV head serves the same number of full heads, in order
+                k, v, gqa = layer.keys, layer.values, len(layer.cached_kv) < len(layer.full_heads)
+            else:  # uneven: expand the cached heads to one per full head
+                pos = {kv: i for i, kv in enumerate(layer.cached_kv)}
+                kv_of = torch.tensor([pos[h // group] for h in layer.full_heads], device=query.device)
+                k, v, gqa = layer.keys.index_select(1, kv_of), layer.values.index_select(1, kv_of), False
+            tk = k.shape[2]
+            extra = {"enable_gqa": True} if gqa else {}
             if tq == tk:  # prefill from empty: plain causal
-                full = F.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=scale)
+                full = F.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=scale, **extra)
             elif tq == 1:  # one decode step sees every key
-                full = F.scaled_dot_product_attention(qf, k, v, scale=scale)
+                full = F.scaled_dot_product_attention(qf, k, v, scale=scale, **extra)
             else:  # a chunk after earlier tokens: causal, aligned bottom-right
                 mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
-                full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+                full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
             out.index_copy_(1, heads, full.to(out.dtype))
         if layer.linear_heads:
             heads = torch.tensor(layer.linear_heads, device=query.device)
