@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from hydracc.tasks import stdlib_corpus
 
     torch.set_num_threads(2)
-    work = Path(tempfile.mkdtemp(prefix="hydracc-generate-"))
+    tmp = tempfile.TemporaryDirectory(prefix="hydracc-generate-")
+    work = Path(tmp.name)
     result = convert(args.model, work / "converted", kv_budget=args.kv_budget)
     original = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa").eval()
     converted = hydracc.load(work / "converted")

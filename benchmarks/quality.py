@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     from hydracc.evaluate import evaluate
 
     torch.set_num_threads(2)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="hydracc-quality-"))
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="hydracc-quality-")
+    work = args.workdir or Path(tmp.name)
     start = time.time()
     insp = inspect_checkpoint(args.model, capture_shape=calibration_shape())
     analysis = analyze_heads(insp, calibration_for(insp))
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
               f"passkey above 0 in {sum(1 for r in every if r['passkey'] > 0)} of {len(every)} plans")
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": rows, "every_plan_at_25": every, "analysis": analysis.to_json()}, indent=1) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
     return 0
 
 

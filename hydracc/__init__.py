@@ -28,27 +28,43 @@ def _register_runtime() -> None:
 
 
 class _RegisterAfterImport(importlib.abc.Loader):
-    def __init__(self, inner: importlib.abc.Loader) -> None:
+    def __init__(self, inner: importlib.abc.Loader, finder: _WatchForTransformers) -> None:
         self.inner = inner
+        self.finder = finder
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
         return self.inner.create_module(spec)
 
     def exec_module(self, module: Any) -> None:
+        if self.finder in sys.meta_path:
+            sys.meta_path.remove(self.finder)
         self.inner.exec_module(module)  # type: ignore[attr-defined]
         _register_runtime()
 
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ... of the real loader
+        return getattr(self.inner, name)
+
 
 class _WatchForTransformers(importlib.abc.MetaPathFinder):
-    """Registers hydracc with transformers right after transformers is first imported."""
+    """Registers hydracc with transformers right after transformers is first imported.
+
+    Stays installed until transformers is actually executed (a mere ``find_spec`` check for
+    whether transformers is installed does not use it up).
+    """
+
+    def __init__(self) -> None:
+        self._busy = False
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "transformers":
+        if fullname != "transformers" or self._busy:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self._busy = False
         if spec is not None and spec.loader is not None:
-            spec.loader = _RegisterAfterImport(spec.loader)
+            spec.loader = _RegisterAfterImport(spec.loader, self)
         return spec
 
 

@@ -17,8 +17,10 @@ Design decisions:
   unit is the KV group under grouped-query attention (only whole groups free cache),
   the head otherwise; every head of a group carries the group's value. One graph run per
   unit and calibration batch; only one batch's logits are held at a time.
-- Sums are accumulated in float64 per sample, so the scores do not depend on the batch
-  size; the same inputs give the same scores.
+- Per-head sums are added up in float64 across batches; the same inputs and batch size give
+  the same scores, and another batch size changes them only by float rounding (the model's
+  own matmuls round differently per batch shape). Attention probabilities are computed one
+  head at a time, so memory is ``[batch, T, T]`` per head.
 """
 
 from __future__ import annotations
@@ -141,29 +143,36 @@ class _Accumulator:
         self.err_num = np.zeros(heads)
         self.err_den = np.zeros(heads)
 
-    def add(self, probs: torch.Tensor, targets: torch.Tensor, sdpa_out: torch.Tensor, linear_out: torch.Tensor) -> None:
-        """probs ``[B, H, T, T]`` fp32 (causal), targets ``[B, T, T]``, outputs ``[B, H, T, Dv]``."""
+    def add(
+        self, probs: torch.Tensor, targets: torch.Tensor, sdpa_out: torch.Tensor, linear_out: torch.Tensor, first: int = 0
+    ) -> None:
+        """probs ``[B, h, T, T]`` fp32 (causal) for heads ``first .. first+h``, targets ``[B, T, T]``, outputs ``[B, h, T, Dv]``."""
         b, h, t, _ = probs.shape
+        sl = slice(first, first + h)
         pos = torch.arange(t, dtype=torch.float32)
         dist = (pos[:, None] - pos[None, :]).clamp(min=0)
-        self.sums["distance"] += (probs * dist).sum(-1).sum((0, 2)).double().numpy()
-        self.counts["distance"] += b * t
-        self.sums["sink"] += probs[..., 0].sum((0, 2)).double().numpy()
-        self.counts["sink"] += b * t
+        self.sums["distance"][sl] += (probs * dist).sum(-1).sum((0, 2)).double().numpy()
+        if first == 0:  # counts are per position, the same for every head
+            self.counts["distance"] += b * t
+        self.sums["sink"][sl] += probs[..., 0].sum((0, 2)).double().numpy()
+        if first == 0:
+            self.counts["sink"] += b * t
         ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # [B, H, T]
         norm = (pos + 1).log()
-        self.sums["entropy"] += (ent[..., 1:] / norm[1:]).sum((0, 2)).double().numpy()
-        self.counts["entropy"] += b * (t - 1)
+        self.sums["entropy"][sl] += (ent[..., 1:] / norm[1:]).sum((0, 2)).double().numpy()
+        if first == 0:
+            self.counts["entropy"] += b * (t - 1)
         tf = targets.float()
         n_targets = tf.sum(-1)  # [B, T]
         valid = n_targets > 0
         mass = (probs * tf[:, None]).sum(-1)  # [B, H, T]
         excess = mass - (n_targets / (pos + 1))[:, None]
-        self.sums["retrieval"] += (excess * valid[:, None]).sum((0, 2)).double().numpy()
-        self.counts["retrieval"] += float(valid.sum())
+        self.sums["retrieval"][sl] += (excess * valid[:, None]).sum((0, 2)).double().numpy()
+        if first == 0:
+            self.counts["retrieval"] += float(valid.sum())
         so, lo = sdpa_out.float(), linear_out.float()
-        self.err_num += ((lo - so) ** 2).sum((0, 2, 3)).double().numpy()
-        self.err_den += (so**2).sum((0, 2, 3)).double().numpy()
+        self.err_num[sl] += ((lo - so).double() ** 2).sum((0, 2, 3)).numpy()
+        self.err_den[sl] += (so.double() ** 2).sum((0, 2, 3)).numpy()
 
     def scores(self) -> list[HeadScores]:
         mean = {k: self.sums[k] / max(self.counts[k], 1.0) for k in self.sums}
@@ -249,9 +258,10 @@ def analyze(
                 q, k, v = _qkv(args, kwargs)
                 site = sites[layer]
                 q, k, v = q[:_real], k[:_real], v[:_real]
-                probs = torch.cat([_causal_probs(q[:, h : h + 1], k[:, h : h + 1], site.scale) for h in range(q.shape[1])], 1)
                 lin = run_kind(kind.code, q.float(), k.float(), v.float(), site.scale)
-                acc[layer].add(probs.cpu(), _targets, out[:_real].cpu(), lin.cpu())
+                for h in range(q.shape[1]):  # one head at a time: memory is [B, T, T], not [B, H, T, T]
+                    probs = _causal_probs(q[:, h : h + 1], k[:, h : h + 1], site.scale)
+                    acc[layer].add(probs.cpu(), _targets, out[:_real, h : h + 1].cpu(), lin[:, h : h + 1].cpu(), first=h)
                 return out
 
             base = _logits(_SiteInterpreter(gm, score_hook).run(*inputs))[:real]
@@ -274,7 +284,7 @@ def analyze(
 
                 logits = _logits(_SiteInterpreter(gm, variant_hook).run(*inputs))[:real]
                 logp = F.log_softmax(logits.float(), dim=-1)
-                kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # [B, T]
+                kl = (torch.special.xlogy(base_logp.exp(), base_logp.exp()) - base_logp.exp() * logp.clamp_min(-1e30)).sum(-1)
                 kl_sums[layer][u] += float(kl.double().sum())
                 done += 1
                 report()

@@ -74,9 +74,11 @@ class HybridLayer(DynamicLayer):
         # SDPA can read the cached heads unexpanded (enable_gqa) when the i-th block of full heads
         # uses the i-th cached KV head and all blocks have the same size
         per = len(self.full_heads) // max(1, len(self.cached_kv))
-        self.grouped_full = bool(self.full_heads) and all(
-            h // group == self.cached_kv[i // per] for i, h in enumerate(self.full_heads)
-        ) and per * len(self.cached_kv) == len(self.full_heads)
+        self.grouped_full = (
+            bool(self.full_heads)
+            and per * len(self.cached_kv) == len(self.full_heads)
+            and all(h // group == self.cached_kv[i // per] for i, h in enumerate(self.full_heads))
+        )
 
     def get_seq_length(self) -> int:
         return self.seen

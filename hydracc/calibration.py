@@ -7,7 +7,9 @@ Design decisions:
   UTF-8 text. Text is tokenized with the checkpoint's own ``tokenizer.json`` (a data file,
   read by the ``tokenizers`` library; no code from the checkpoint runs), or as bytes for a
   byte-level model (vocabulary 256). Rows are consecutive windows of the tokenized stream,
-  so the same file and settings always give the same calibration set.
+  so the same file and settings always give the same calibration set. (The built-in byte
+  set is cut from the running Python's standard library, so it can differ between Python
+  versions; pass ``--calib`` for a set that never changes.)
 - The built-in default depends on the model: for byte-level models (the shipped example)
   a fixed-seed mix of training-split text, MQAR and passkey sequences from
   ``hydracc.tasks`` (never the held-out text ``hydracc eval`` scores on); for any other
@@ -129,6 +131,8 @@ def load_calibration(
         else:
             texts = [text]
         tokens = _rows_from_stream(_tokenize(texts, vocab_size, checkpoint_root, where), samples, seq_len, where)
+    if tokens.shape[0] == 0:
+        raise CalibrationError(f"{where} holds no calibration rows")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise CalibrationError(f"{where} has token ids outside the model's vocabulary [0, {vocab_size})")
     return Calibration(np.ascontiguousarray(tokens), str(p))

@@ -288,6 +288,8 @@ def convert(
             _require_matplotlib()
         if onnx and dry_run:
             raise HydraError("--onnx exports a converted checkpoint: drop --plan and give -o OUTPUT")
+        if onnx:
+            _require_onnx()  # before any work, not after the checkpoint is written
         from hydracc.passes import get_pass
 
         pipeline.load_plugins(plugins)
@@ -586,12 +588,17 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         click.echo(json.dumps(report, indent=2))
 
 
-def _export_with_check(reporter: _Reporter, checkpoint: Path, out: Path | None, atol: float, check_tokens: int, force: bool) -> Any:
+def _require_onnx() -> None:
     try:
+        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise HydraError("ONNX export needs onnx, onnxscript and onnxruntime", hint="pip install 'hydracc[onnx]'") from exc
+
+
+def _export_with_check(reporter: _Reporter, checkpoint: Path, out: Path | None, atol: float, check_tokens: int, force: bool) -> Any:
+    _require_onnx()
     from hydracc.onnx_export import export_onnx
 
     with reporter.err.status("exporting prefill and decode graphs to ONNX and checking them with onnxruntime"):

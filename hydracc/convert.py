@@ -122,11 +122,15 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int
             f"--seq-len {capture_shape[1]} is longer than the model's {limit} positions",
             hint=f"use --seq-len {limit} or less",
         )
-    model = build_model(ck.config)
-    names = match_weights(model, ck)
-    captured = capture(model, batch=capture_shape[0], seq_len=capture_shape[1])
-    require_sites(captured)
-    check_runtime_support(ck.config, captured.sites)
+    try:
+        model = build_model(ck.config)
+        names = match_weights(model, ck)
+        captured = capture(model, batch=capture_shape[0], seq_len=capture_shape[1])
+        require_sites(captured)
+        check_runtime_support(ck.config, captured.sites)
+    except BaseException:
+        ck.close()
+        raise
     return Inspection(ck, captured, names, expected_weights(model)[1])
 
 

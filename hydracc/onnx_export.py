@@ -95,22 +95,18 @@ class CacheLayout:
 
 
 def cache_layout(model: nn.Module) -> CacheLayout:
+    """Per layer: kinds and cache tensor sizes, from the ``hydra`` section (attention modules by path)."""
     config = model.config.to_dict()
     layers = read_hydra_section(config, "model config")
+    entries = {int(e["layer"]): e for e in config["hydra"]["layers"]}
     layout = CacheLayout()
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "config")]
-    by_layer = {m.layer_idx: m for m in modules}
-    probe = HybridLayer()
     for index in sorted(layers):
-        kinds = layers[index]
-        module = by_layer[index]
-        heads = len(kinds)
-        kv = int(getattr(module.config, "num_key_value_heads", None) or heads)
-        probe.kinds = None
-        probe.configure(kinds, heads, kv)
+        kinds, entry = layers[index], entries[index]
+        module = model.get_submodule(entry["module"])
+        probe = HybridLayer()
+        probe.configure(kinds, int(entry["num_heads"]), int(entry["num_kv_heads"]))
         module._hydracc_kinds = kinds
-        head_dim = int(getattr(module, "head_dim", 0) or module.config.hidden_size // heads)
-        layout.layers.append(LayerCache(index, kinds, len(probe.cached_kv), len(probe.linear_heads), head_dim))
+        layout.layers.append(LayerCache(index, kinds, len(probe.cached_kv), len(probe.linear_heads), int(entry["head_dim"])))
     return layout
 
 
@@ -220,7 +216,10 @@ class _restore_level:
         self.logger.setLevel(self.level)
 
 
-def check_onnx(onnx_dir: Path, checkpoint: Path, *, atol: float = 1e-4, tokens: int = 8, seed: int = 0) -> tuple[float, float, int]:
+def check_onnx(
+    onnx_dir: Path, checkpoint: Path, *, atol: float = 1e-4, tokens: int = 8, seed: int = 0,
+    loaded: tuple[nn.Module, CacheLayout] | None = None,
+) -> tuple[float, float, int]:
     """Run both graphs with onnxruntime on fresh random inputs against hydracc's own model.
 
     Prefill: a random batch (3 rows) against the torch export wrapper, every output. Decode:
@@ -231,7 +230,8 @@ def check_onnx(onnx_dir: Path, checkpoint: Path, *, atol: float = 1e-4, tokens: 
     """
     import onnxruntime as ort
 
-    model, layout = _load_for_export(checkpoint)
+    model, layout = loaded if loaded is not None else _load_for_export(checkpoint)
+    model.set_attn_implementation(EXPORT_ATTENTION)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
     batch, length = 3, 11
@@ -295,6 +295,8 @@ def export_onnx(
     if src.is_file():
         src = src.parent
     dest = Path(out) if out is not None else src / "onnx"
+    if dest.resolve() == src.resolve() or src.resolve().is_relative_to(dest.resolve()):
+        raise OutputError(f"output {dest} would replace the checkpoint {src}", hint="write the ONNX files to a new folder (default: CHECKPOINT/onnx)")
     if dest.exists() and not force:
         raise OutputError(f"output {dest} already exists", hint="choose a new path or add --force to replace it")
     model, layout = _load_for_export(src)
@@ -312,7 +314,7 @@ def export_onnx(
         decode = _Step(model, layout, with_past=True).eval()
         step_args = (ids[:, :1], torch.full((batch, 1), length), *past)
         _export_one(decode, step_args, layout, tmp / "decode.onnx", external)
-        prefill_diff, decode_diff, n = check_onnx(tmp, src, atol=atol, tokens=check_tokens)
+        prefill_diff, decode_diff, n = check_onnx(tmp, src, atol=atol, tokens=check_tokens, loaded=(model, layout))
         meta = {
             "format": "hydracc-onnx", "version": 1, "dtype": "float32",
             "inputs": {"prefill": ["input_ids", "position_ids"], "decode": ["input_ids", "position_ids"] + layout.names("past")},

@@ -207,7 +207,14 @@ def make_budget_plan(
     free = [u for u in order if (u.layer, u.index) not in keep and (u.layer, u.index) not in linear]
     # each layer's minimum, best-first in the strategy's order
     for layer in sorted({u.layer for u in units}):
-        for u in [u for u in free if u.layer == layer]:
+        candidates = [u for u in free if u.layer == layer]
+        if count.get(layer, 0) + len(candidates) < budget.min_per_layer:
+            raise PlanError(
+                f"--min-full-per-layer {budget.min_per_layer} cannot be met in layer {layer}: "
+                f"--force-linear leaves it {count.get(layer, 0) + len(candidates)} unit(s)",
+                hint="lower --min-full-per-layer or force fewer heads of that layer linear",
+            )
+        for u in candidates:
             if count.get(layer, 0) >= budget.min_per_layer:
                 break
             if used + cost(u) > cap:

@@ -116,6 +116,7 @@ def _use_hybrid_cache_in_generate() -> None:
         cache = model_kwargs.get("past_key_values")
         if (
             getattr(self.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+            and getattr(generation_config, "cache_implementation", None) in (None, "dynamic")
             and type(cache) is DynamicCache
             and not getattr(cache, "_is_user_defined", False)
             and cache.get_seq_length() == 0

@@ -142,9 +142,37 @@ def test_generate_command(tmp_path) -> None:
 
 @pytest.mark.parametrize(
     "first",
-    ["import hydracc; hydracc.HybridCache", "import hydracc.cache", "import hydracc.runtime", "import transformers, hydracc"],
+    [
+        "import hydracc; hydracc.HybridCache",
+        "import hydracc.cache",
+        "import hydracc.runtime",
+        "import transformers, hydracc",
+        "import hydracc, importlib.util; assert importlib.util.find_spec('transformers')",  # a check is not an import
+    ],
 )
 def test_registration_in_any_import_order(first: str) -> None:
     code = f"{first}\nfrom transformers import AttentionInterface\nassert 'hydracc' in AttentionInterface._global_mapping\n"
     proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_groups_with_full_and_linear_heads_mixed(tiny_checkpoint, tmp_path) -> None:
+    from hydracc.plan import load_plan
+
+    src = tiny_checkpoint("llama-gqa")  # 4 query heads, 2 KV heads
+    convert(src, tmp_path / "even", full_ratio=0.5, strategy="even")
+    plan_json = json.loads((tmp_path / "even" / "config.json").read_text())["hydra"]["plan"]
+    plan_json["layers"][0]["heads"] = [{"kind": k} for k in ("full", "elu", "full", "full")]  # uneven across groups
+    plan_json["layers"][1]["heads"] = [{"kind": k} for k in ("elu", "full", "elu", "elu")]
+    (tmp_path / "plan.json").write_text(json.dumps(plan_json))
+    assert load_plan(tmp_path / "plan.json").layer(0).full_heads() == [0, 2, 3]
+    convert(src, tmp_path / "out", plan_file=tmp_path / "plan.json")
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(10, batch=2)
+    cache = HybridCache(model.config)
+    with torch.no_grad():
+        pieces = [model(ids[:, :6], past_key_values=cache, use_cache=True).logits]
+        for t in range(6, 10):
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        full = model(ids).logits
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)

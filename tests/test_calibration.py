@@ -53,6 +53,7 @@ def test_tokenizer_json_is_used_for_other_vocabularies(tmp_path) -> None:
         ("range.npy", np.full((2, 16), 300), {}, "outside the model's vocabulary"),
         ("short.npy", np.zeros((2, 4), dtype=np.int64), {}, "shorter than"),
         ("plain.txt", "hello " * 20, {"vocab_size": 1000}, "no tokenizer.json"),
+        ("empty.npy", np.zeros((0, 16), dtype=np.int64), {}, "no calibration rows"),
     ],
 )
 def test_bad_calibration_files_fail_clearly(tmp_path, name, content, kw, match) -> None:

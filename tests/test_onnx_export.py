@@ -69,3 +69,10 @@ def test_external_data_above_the_size_limit(tiny_checkpoint, tmp_path, monkeypat
     assert {"prefill.onnx.data", "decode.onnx.data"} <= set(report.files), report.files
     # the weights (~90 KB of fp32) live beside each graph, and onnxruntime read them for the check
     assert (report.path / "prefill.onnx.data").stat().st_size > 80_000
+
+
+def test_output_cannot_replace_the_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")
+    res = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "conv"), "-o", str(tmp_path / "conv"), "--force"])
+    assert res.exit_code == 2 and "would replace" in res.output
+    assert (tmp_path / "conv" / "model.safetensors").exists()

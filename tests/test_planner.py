@@ -106,6 +106,8 @@ def test_per_layer_minimum_and_maximum() -> None:
         make_budget_plan(sites, "llama", Budget(full_ratio=0.25, min_per_layer=1), analysis=analysis)
     with pytest.raises(PlanError, match="below"):
         Budget(full_ratio=0.25, min_per_layer=2, max_per_layer=1)
+    with pytest.raises(PlanError, match="cannot be met in layer 2"):
+        make_budget_plan(sites, "llama", Budget(full_ratio=0.5, min_per_layer=1), analysis=analysis, force_linear=["2.0", "2.4"])
 
 
 def test_overrides() -> None:
