@@ -16,7 +16,8 @@ Design decisions:
   calibration positions, with one unit made linear and everything else unchanged. The
   unit is the KV group under grouped-query attention (only whole groups free cache),
   the head otherwise; every head of a group carries the group's value. One graph run per
-  unit and calibration batch; only one batch's logits are held at a time.
+  unit and calibration batch, recomputing only the part of the graph after the changed site
+  (the values before it come from the baseline run); one batch's logits are held at a time.
 - Per-head sums are added up in float64 across batches; the same inputs and batch size give
   the same scores, and another batch size changes them only by float rounding (the model's
   own matmuls round differently per batch shape). Attention probabilities are computed one
@@ -118,6 +119,65 @@ class _SiteInterpreter(fx.Interpreter):
         return super().run_node(n)
 
 
+class _RecordingInterpreter(_SiteInterpreter):
+    """A ``_SiteInterpreter`` that also keeps the values of the nodes in ``keep``."""
+
+    def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor], keep: set[fx.Node]) -> None:
+        super().__init__(gm, hook)
+        self.keep = keep
+        self.saved: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n in self.keep:
+            self.saved[n] = value
+        return value
+
+
+class _ResumingInterpreter(_SiteInterpreter):
+    """Recomputes only ``downstream`` nodes; every other node takes its value from ``saved``."""
+
+    def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor],
+                 downstream: set[fx.Node], saved: dict[fx.Node, Any]) -> None:
+        super().__init__(gm, hook)
+        self.downstream = downstream
+        self.saved = saved
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "placeholder" or n in self.downstream:
+            return super().run_node(n)
+        return self.saved.get(n)  # None for nodes no recomputed node reads
+
+
+def _prefix_plan(gm: fx.GraphModule) -> tuple[dict[int, set[fx.Node]], dict[int, set[fx.Node]]] | None:
+    """Per site: the nodes that depend on it, and the other nodes those read. ``None`` if unsafe.
+
+    Reusing the values computed before a site is only safe when no op writes into its inputs.
+    """
+    nodes = list(gm.graph.nodes)
+    for n in nodes:
+        target = n.target
+        if n.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
+            return None
+    downstream: dict[int, set[fx.Node]] = {}
+    frontier: dict[int, set[fx.Node]] = {}
+    for n in nodes:
+        layer = n.meta.get(SITE_META) if n.op == "call_function" else None
+        if layer is None:
+            continue
+        down: set[fx.Node] = set()
+        stack = [n]
+        while stack:
+            m = stack.pop()
+            if m in down:
+                continue
+            down.add(m)
+            stack.extend(m.users)
+        downstream[layer] = down
+        frontier[layer] = {a for m in down for a in m.all_input_nodes if a not in down and a.op != "placeholder"}
+    return downstream, frontier
+
+
 def _qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = args[0], args[1], args[2]
     if k.shape[1] != q.shape[1]:  # SDPA called with enable_gqa: expand here
@@ -211,6 +271,7 @@ def analyze(
     *,
     linear_kind: str = "elu",
     sensitivity: bool = True,
+    reuse_prefix: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
     """Score every head of every attention site of ``captured`` on ``calibration``.
@@ -218,7 +279,9 @@ def analyze(
     ``captured`` must have been captured at ``[batch, calibration.seq_len]``; ``weights``
     maps the model's parameter names to tensors (all on one device). The calibration rows
     are processed ``batch`` at a time; a short last batch is padded with repeated rows
-    that are not counted.
+    that are not counted. With ``reuse_prefix`` a sensitivity run recomputes only what
+    depends on the changed site, reading everything before it from the baseline run (kept:
+    the values those later nodes read, about one residual stream per layer).
     """
     kind = kind_by_name(linear_kind)
     if not kind.linear:
@@ -237,6 +300,8 @@ def analyze(
     variants = [(layer, u) for layer in sorted(units) for u in range(len(units[layer]))] if sensitivity else []
     total, done = n_batches * (1 + len(variants)), 0
     positions = 0
+    prefix = _prefix_plan(gm) if reuse_prefix and variants else None
+    keep = set().union(*prefix[1].values()) if prefix is not None else set()
 
     def report() -> None:
         if progress is not None:
@@ -264,7 +329,8 @@ def analyze(
                     acc[layer].add(probs.cpu(), _targets, out[:_real, h : h + 1].cpu(), lin[:, h : h + 1].cpu(), first=h)
                 return out
 
-            base = _logits(_SiteInterpreter(gm, score_hook).run(*inputs))[:real]
+            recorder = _RecordingInterpreter(gm, score_hook, keep)
+            base = _logits(recorder.run(*inputs))[:real]
             base_logp = F.log_softmax(base.float(), dim=-1)
             positions += base_logp.shape[0] * base_logp.shape[1]
             done += 1
@@ -282,7 +348,11 @@ def analyze(
                                    v.index_select(1, idx).float(), sites[site_layer].scale)
                     return out.index_copy(1, idx, lin.to(out.dtype))
 
-                logits = _logits(_SiteInterpreter(gm, variant_hook).run(*inputs))[:real]
+                if prefix is not None:
+                    runner: _SiteInterpreter = _ResumingInterpreter(gm, variant_hook, prefix[0][layer], recorder.saved)
+                else:
+                    runner = _SiteInterpreter(gm, variant_hook)
+                logits = _logits(runner.run(*inputs))[:real]
                 logp = F.log_softmax(logits.float(), dim=-1)
                 kl = (torch.special.xlogy(base_logp.exp(), base_logp.exp()) - base_logp.exp() * logp.clamp_min(-1e30)).sum(-1)
                 kl_sums[layer][u] += float(kl.double().sum())

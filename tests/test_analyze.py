@@ -148,3 +148,13 @@ def test_calibration_shape_and_length_mismatch(tmp_path) -> None:
     insp = inspect_checkpoint(src, capture_shape=(2, 16))
     with pytest.raises(ValueError, match="length"):
         analyze(insp.captured, insp.load_weights(), Calibration(np.zeros((2, 12), dtype=np.int64), "zeros"))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2-mha"])
+def test_prefix_reuse_gives_the_same_sensitivities(tiny_checkpoint, name) -> None:
+    cal = default_calibration(vocab_size=64, samples=3, seq_len=16)
+    insp = inspect_checkpoint(tiny_checkpoint(name), capture_shape=(3, 16))
+    weights = insp.load_weights()
+    reused = analyze(insp.captured, weights, cal, reuse_prefix=True).to_json()
+    rerun = analyze(insp.captured, weights, cal, reuse_prefix=False).to_json()
+    assert reused == rerun
