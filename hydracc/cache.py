@@ -70,6 +70,8 @@ class HybridLayer(DynamicLayer):
         self.kinds = list(kinds)
         self.full_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).keeps_kv]
         self.linear_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).linear]
+        if len(self.full_heads) + len(self.linear_heads) != len(kinds):  # pragma: no cover - a kind that is neither
+            raise HydraError("the hybrid cache handles full and linear heads only; this layer has another kind")
         self.cached_kv = sorted({h // group for h in self.full_heads})
         # SDPA can read the cached heads unexpanded (enable_gqa) when the i-th block of full heads
         # uses the i-th cached KV head and all blocks have the same size
