@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from hydracc.calibration import Calibration
-from hydracc.capture import SITE_META, AttentionSite, CapturedModel
+from hydracc.capture import SITE_META, AttentionSite, CapturedModel, reachable_nodes
 from hydracc.kernels.head_kinds import kind_by_name
 from hydracc.kernels.reference import run_kind
 
@@ -165,14 +165,7 @@ def _prefix_plan(gm: fx.GraphModule) -> tuple[dict[int, set[fx.Node]], dict[int,
         layer = n.meta.get(SITE_META) if n.op == "call_function" else None
         if layer is None:
             continue
-        down: set[fx.Node] = set()
-        stack = [n]
-        while stack:
-            m = stack.pop()
-            if m in down:
-                continue
-            down.add(m)
-            stack.extend(m.users)
+        down = reachable_nodes([n], lambda m: m.users)
         downstream[layer] = down
         frontier[layer] = {a for m in down for a in m.all_input_nodes if a not in down and a.op != "placeholder"}
     return downstream, frontier

@@ -22,6 +22,7 @@ import operator
 import re
 import warnings
 from collections import deque
+from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any
@@ -354,16 +355,22 @@ def _sliding_window(config: Any, layer: int) -> int | None:
     return None
 
 
-def _mask_is_causal(gm: fx.GraphModule, mask: fx.Node, length: int) -> bool:
-    """Evaluate the mask's subgraph on zeros (it depends on positions only) and compare with tril."""
-    needed: set[fx.Node] = set()
-    stack = [mask]
+def reachable_nodes(starts: list[fx.Node], step: Callable[[fx.Node], Any]) -> set[fx.Node]:
+    """Every node reachable from ``starts`` (included) by repeatedly following ``step``
+    (``lambda n: n.users`` downstream, ``lambda n: n.all_input_nodes`` upstream)."""
+    seen: set[fx.Node] = set()
+    stack = list(starts)
     while stack:
         n = stack.pop()
-        if n in needed:
-            continue
-        needed.add(n)
-        stack.extend(n.all_input_nodes)
+        if n not in seen:
+            seen.add(n)
+            stack.extend(step(n))
+    return seen
+
+
+def _mask_is_causal(gm: fx.GraphModule, mask: fx.Node, length: int) -> bool:
+    """Evaluate the mask's subgraph on zeros (it depends on positions only) and compare with tril."""
+    needed = reachable_nodes([mask], lambda n: n.all_input_nodes)
     env: dict[fx.Node, Any] = {}
     cpu = torch.device("cpu")
 

@@ -561,13 +561,10 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         seconds = time.perf_counter() - start
         new = out[0, ids.shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True)
-        config = read_config(root)
-        heads = config.get("num_key_value_heads") or config.get("num_attention_heads") or config.get("n_head")
-        head_dim = config.get("head_dim") or (config.get("hidden_size") or config.get("n_embd")) // (config.get("num_attention_heads") or config.get("n_head"))
-        layers = config.get("num_hidden_layers") or config.get("n_layer")
         element = next(p.element_size() for p in model.parameters())
         tokens = cache.get_seq_length()
-        full_kv = 2 * layers * heads * head_dim * element * tokens
+        sites = read_config(root)["hydra"]["layers"]  # validated by load(); per layer KV heads and head dim
+        full_kv = sum(2 * e["num_kv_heads"] * e["head_dim"] for e in sites) * element * tokens
         report = {
             "status": "ok", "model": str(root), "prompt": prompt, "continuation": text, "new_tokens": int(new.numel()),
             "seconds": round(seconds, 4), "tokens_per_second": round(new.numel() / seconds, 2) if seconds > 0 else None,
@@ -579,7 +576,7 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         con = reporter.err if not as_json else reporter.console
         con.print(f"{new.numel()} tokens in {seconds:.2f} s ({report['tokens_per_second']} tokens/s); cache after {tokens} tokens: "
                   f"{_human_bytes(cache.nbytes())} ({_human_bytes(cache.kv_nbytes())} of keys/values, "
-                    f"{_human_bytes(cache.nbytes() - cache.kv_nbytes())} of linear-head state) "
+                  f"{_human_bytes(cache.nbytes() - cache.kv_nbytes())} of linear-head state) "
                   f"vs {_human_bytes(full_kv)} of keys/values with full attention everywhere")
         return report
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hydracc.capture import CapturedModel, _on_device
+from hydracc.capture import CapturedModel, _on_device, reachable_nodes
 
 
 def _matmul_for_weight(graph: fx.Graph, weight: str, targets: dict[str, str]) -> fx.Node | None:
@@ -28,18 +28,6 @@ def _matmul_for_weight(graph: fx.Graph, weight: str, targets: dict[str, str]) ->
             users = [u for u in node.users if u.op == "call_function"]
             return users[0] if len(users) == 1 else None
     return None
-
-
-def _reachable(starts: list[fx.Node], step: Callable[[fx.Node], Any]) -> set[fx.Node]:
-    """Every node reachable from ``starts`` (included) by repeatedly following ``step``."""
-    seen: set[fx.Node] = set()
-    stack = list(starts)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(step(n))
-    return seen
 
 
 def _random_like(val: Any, gen: torch.Generator) -> Any:
@@ -61,8 +49,8 @@ class AttentionBlock:
         end = _matmul_for_weight(gm.graph, weights["o"], targets)
         if end is None or any(s is None for s in starts):
             raise ValueError("projection matmuls not found")
-        ancestors = _reachable([end], lambda n: n.all_input_nodes)
-        region = ancestors & _reachable([s for s in starts if s is not None], lambda n: n.users)
+        ancestors = reachable_nodes([end], lambda n: n.all_input_nodes)
+        region = ancestors & reachable_nodes([s for s in starts if s is not None], lambda n: n.users)
         graph = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}
         self.inputs: list[fx.Node] = []
