@@ -1,11 +1,14 @@
-"""The hybrid op's portable implementation: SDPA for full heads, torch linear attention for the rest.
+"""The hybrid op's portable implementation: SDPA for softmax heads, torch forms for the rest.
 
 Design: until a fused kernel exists for a device, the op runs full heads through
 ``torch.nn.functional.scaled_dot_product_attention`` in the input dtype (exactly what the
-original model ran, so an all-full layer gives bit-identical outputs) and linear heads
-through the fp32 parallel form from ``reference``. Heads of one kind are gathered with
-``index_select`` and scattered back; the Triton kernels replace this gather/scatter
-composition. Tests compare it with ``hybrid_attention_reference``.
+original model ran, so an all-full layer gives bit-identical outputs), streaming heads
+through SDPA with a boolean sink+window mask (also in the input dtype), and linear heads
+(elu, hedgehog, gdn) through the fp32 forms from ``reference`` (gdn: the chunked form),
+followed by scale-normalized fusion when ``head_params`` is given. Heads of one kind (and,
+for streaming, one ``(sink, window)``) are gathered with ``index_select`` and scattered
+back; the Triton kernels replace this gather/scatter composition. Tests compare it with
+``hybrid_attention_reference``.
 """
 
 from __future__ import annotations
@@ -16,8 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hydracc.kernels.head_kinds import ELU, FULL
-from hydracc.kernels.reference import causal_linear_attention, heads_by_kind, validate_hybrid_inputs
+from hydracc.kernels.head_kinds import FULL, STREAMING, kind_by_code
+from hydracc.kernels.reference import (
+    fuse_linear_output,
+    head_groups,
+    run_kind,
+    select_param_rows,
+    streaming_mask,
+    validate_hybrid_inputs,
+)
 
 
 def _full_heads(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -28,11 +38,12 @@ def _full_heads(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _elu_heads(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    return causal_linear_attention(q, k, v)
-
-
-_RUN = {FULL.code: _full_heads, ELU.code: _elu_heads}
+def _streaming_heads(q: Tensor, k: Tensor, v: Tensor, scale: float, sink: int, window: int) -> Tensor:
+    # Bottom-right aligned: every query sees at least its own key, so no row is fully masked.
+    tq, tk = q.shape[2], k.shape[2]
+    k_pos = torch.arange(tk, device=q.device)
+    mask = streaming_mask(k_pos[tk - tq :], k_pos, sink, window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def hybrid_attention_composed(
@@ -42,17 +53,27 @@ def hybrid_attention_composed(
     head_kinds: Sequence[int],
     scale: float,
     head_params: Sequence[Tensor] = (),
+    head_windows: Sequence[int] = (),
     *,
     out: Tensor | None = None,
 ) -> Tensor:
     """Same contract as ``hybrid_attention_reference``; writes every head of ``out``
     (a fresh ``[B, Hq, Tq, Dv]`` tensor unless given) and returns it."""
-    validate_hybrid_inputs(q, k, v, head_kinds, head_params)
+    validate_hybrid_inputs(q, k, v, head_kinds, head_params, head_windows)
     b, hq, tq, _ = q.shape
     group = hq // k.shape[1]
     if out is None:
         out = q.new_empty(b, hq, tq, v.shape[-1])
-    for code, q_idx, kv_idx in heads_by_kind(head_kinds, group, q.device):
-        res = _RUN[code](q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx), scale)
+    for code, sink, window, q_idx, kv_idx in head_groups(head_kinds, group, q.device, head_windows):
+        qs, ks, vs = q.index_select(1, q_idx), k.index_select(1, kv_idx), v.index_select(1, kv_idx)
+        if code == FULL.code:
+            res = _full_heads(qs, ks, vs, scale)
+        elif code == STREAMING.code:
+            res = _streaming_heads(qs, ks, vs, scale, sink, window)
+        else:
+            rows = select_param_rows(head_params, q_idx)
+            res = run_kind(code, qs.float(), ks.float(), vs.float(), scale, rows)
+            if rows and kind_by_code(code).linear:
+                res = fuse_linear_output(res, rows["fusion_scale"])
         out.index_copy_(1, q_idx, res.to(out.dtype))
     return out

@@ -2,14 +2,17 @@
 
 Design: one op for every head kind, registered with ``torch.library.custom_op`` and
 an explicit schema, so captured graphs (torch.export) keep it as a single opaque node
-``torch.ops.hydracc.hybrid_attention.default``. The default implementation, used on
-every device, is ``composed`` (SDPA for full heads, torch linear attention for the
+``torch.ops.hydracc.hybrid_attention.default``. Arguments are appended, never moved:
+``head_windows`` (streaming heads' ``[sink, window]`` per query head) comes after
+``head_params`` so the first six positions keep their meaning in saved graphs. The
+default implementation, used on every device, is ``composed`` (SDPA for full heads, torch linear attention for the
 others; tested against the plain-torch reference); a device kernel is swapped in with
 ``hybrid_attention_op.register_kernel("cuda")(fn)`` without touching callers. The fake
 (meta) implementation validates shapes only and returns a fresh ``[B, Hq, Tq, Dv]``
 tensor. Autograd: the backward recomputes the reference under autograd from the saved
-inputs (no activations kept), so gradients flow through the op to q, k, v and
-head_params; a device kernel will bring its own backward when it needs one.
+inputs (no activations kept), so gradients flow through the op to q, k, v and every
+head_params tensor (fusion scales, hedgehog and gdn weights); a device kernel will bring
+its own backward when it needs one.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from hydracc.kernels.reference import hybrid_attention_reference, validate_hybri
 
 OP_NAME = "hydracc::hybrid_attention"
 OP_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, int[] head_kinds, float scale, Tensor[] head_params)"
-    " -> Tensor"
+    "(Tensor q, Tensor k, Tensor v, int[] head_kinds, float scale, Tensor[] head_params,"
+    " int[] head_windows) -> Tensor"
 )
 
 
@@ -38,9 +41,10 @@ def hybrid_attention_op(
     head_kinds: Sequence[int],
     scale: float,
     head_params: Sequence[Tensor],
+    head_windows: Sequence[int],
 ) -> Tensor:
     # Both implementations build a new output tensor, so the result never aliases an input.
-    return hybrid_attention_composed(q, k, v, head_kinds, scale, head_params)
+    return hybrid_attention_composed(q, k, v, head_kinds, scale, head_params, head_windows)
 
 
 @hybrid_attention_op.register_fake
@@ -51,30 +55,33 @@ def _hybrid_attention_fake(
     head_kinds: Sequence[int],
     scale: float,
     head_params: Sequence[Tensor],
+    head_windows: Sequence[int],
 ) -> Tensor:
-    validate_hybrid_inputs(q, k, v, head_kinds, head_params)
+    validate_hybrid_inputs(q, k, v, head_kinds, head_params, head_windows)
     b, hq, tq, _ = q.shape
     return q.new_empty(b, hq, tq, v.shape[-1])
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    q, k, v, head_kinds, scale, head_params = inputs
+    q, k, v, head_kinds, scale, head_params, head_windows = inputs
     ctx.save_for_backward(q, k, v, *head_params)
-    ctx.head_kinds, ctx.scale = list(head_kinds), scale
+    ctx.head_kinds, ctx.scale, ctx.head_windows = list(head_kinds), scale, list(head_windows)
 
 
 def _backward(ctx: Any, grad_out: Tensor) -> tuple[Any, ...]:
     """Recompute the reference under autograd and differentiate it (only inputs saved)."""
-    need_q, need_k, need_v, _, _, need_params = ctx.needs_input_grad
+    need_q, need_k, need_v, _, _, need_params, _ = ctx.needs_input_grad
     needs = [need_q, need_k, need_v, *need_params]
     tensors = [t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needs)]
     q, k, v, *params = tensors
     with torch.enable_grad():
-        out = hybrid_attention_reference(q, k, v, ctx.head_kinds, ctx.scale, params)
+        out = hybrid_attention_reference(q, k, v, ctx.head_kinds, ctx.scale, params, ctx.head_windows)
     wrt = [t for t in tensors if t.requires_grad]
     grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
     dq, dk, dv, *dparams = (next(grads) if t.requires_grad else None for t in tensors)
-    return dq, dk, dv, None, None, dparams
+    # torch.library flattens an *empty* list argument like a tensor list, so its "gradient"
+    # must then be an empty list too; a non-empty int[] is one leaf, with gradient None.
+    return dq, dk, dv, None, None, dparams, ([] if not ctx.head_windows else None)
 
 
 hybrid_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -87,6 +94,7 @@ def hybrid_attention(
     head_kinds: Sequence[int],
     scale: float,
     head_params: Sequence[Tensor] = (),
+    head_windows: Sequence[int] = (),
 ) -> Tensor:
     """Run ``torch.ops.hydracc.hybrid_attention``; see :func:`hybrid_attention_reference`.
 
@@ -94,5 +102,11 @@ def hybrid_attention(
     returns ``[B, Hq, Tq, Dv]`` in ``q.dtype``.
     """
     return torch.ops.hydracc.hybrid_attention(
-        q, k, v, [int(c) for c in head_kinds], float(scale), list(head_params)
+        q,
+        k,
+        v,
+        [int(c) for c in head_kinds],
+        float(scale),
+        list(head_params),
+        [int(w) for w in head_windows],
     )

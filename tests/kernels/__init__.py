@@ -1,0 +1,1 @@
+"""Kernel tests (a package so ``kernels.kernel_cases`` resolves here, not to an installed ``kernels``)."""
