@@ -90,6 +90,7 @@ class Analysis:
         return {
             "calibration": self.calibration,
             "linear_kind": self.linear_kind,
+            **self.extra,
             "unit": self.unit,
             "layers": [
                 {
@@ -105,7 +106,7 @@ class Analysis:
         }
 
 
-class _SiteInterpreter(fx.Interpreter):
+class SiteInterpreter(fx.Interpreter):
     """Runs the graph, sending every attention site through ``hook(layer, target, args, kwargs)``."""
 
     def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor]) -> None:
@@ -119,8 +120,8 @@ class _SiteInterpreter(fx.Interpreter):
         return super().run_node(n)
 
 
-class _RecordingInterpreter(_SiteInterpreter):
-    """A ``_SiteInterpreter`` that also keeps the values of the nodes in ``keep``."""
+class _RecordingInterpreter(SiteInterpreter):
+    """A ``SiteInterpreter`` that also keeps the values of the nodes in ``keep``."""
 
     def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor], keep: set[fx.Node]) -> None:
         super().__init__(gm, hook)
@@ -134,7 +135,7 @@ class _RecordingInterpreter(_SiteInterpreter):
         return value
 
 
-class _ResumingInterpreter(_SiteInterpreter):
+class _ResumingInterpreter(SiteInterpreter):
     """Recomputes only ``downstream`` nodes; every other node takes its value from ``saved``."""
 
     def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor],
@@ -263,6 +264,7 @@ def analyze(
     calibration: Calibration,
     *,
     linear_kind: str = "elu",
+    kind_params: dict[str, int] | None = None,
     sensitivity: bool = True,
     reuse_prefix: bool = True,
     progress: Callable[[int, int], None] | None = None,
@@ -277,8 +279,19 @@ def analyze(
     the values those later nodes read, about one residual stream per layer).
     """
     kind = kind_by_name(linear_kind)
-    if not kind.linear:
-        raise ValueError(f"linear_kind must be a linear kind, got {linear_kind!r}")
+    if kind.keeps_kv:
+        raise ValueError(f"linear_kind must be a kind that frees the KV cache, got {linear_kind!r}")
+    # learned kinds are untrained at analysis time: score them as the parameter-free elu kind
+    scored = kind_by_name("elu") if kind.learned else kind
+    window = {k: int(v) for k, v in (kind_params or {}).items() if k in ("sink", "window")}
+    if scored.name == "streaming":
+        from hydracc.plan import STREAMING_DEFAULTS
+
+        window = {**STREAMING_DEFAULTS, **window}
+
+    def run_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return run_kind(scored.code, q, k, v, scale, **window)
+
     batch, seq_len = captured.input_shape
     if calibration.seq_len != seq_len:
         raise ValueError(f"graph captured for length {seq_len}, calibration rows have {calibration.seq_len}")
@@ -316,7 +329,7 @@ def analyze(
                 q, k, v = _qkv(args, kwargs)
                 site = sites[layer]
                 q, k, v = q[:_real], k[:_real], v[:_real]
-                lin = run_kind(kind.code, q.float(), k.float(), v.float(), site.scale)
+                lin = run_scored(q.float(), k.float(), v.float(), site.scale)
                 for h in range(q.shape[1]):  # one head at a time: memory is [B, T, T], not [B, H, T, T]
                     probs = _causal_probs(q[:, h : h + 1], k[:, h : h + 1], site.scale)
                     acc[layer].add(probs.cpu(), _targets, out[:_real, h : h + 1].cpu(), lin[:, h : h + 1].cpu(), first=h)
@@ -337,14 +350,14 @@ def analyze(
                         return out
                     q, k, v = _qkv(args, kwargs)
                     idx = torch.tensor(_heads, device=q.device)
-                    lin = run_kind(kind.code, q.index_select(1, idx).float(), k.index_select(1, idx).float(),
-                                   v.index_select(1, idx).float(), sites[site_layer].scale)
+                    lin = run_scored(q.index_select(1, idx).float(), k.index_select(1, idx).float(),
+                                     v.index_select(1, idx).float(), sites[site_layer].scale)
                     return out.index_copy(1, idx, lin.to(out.dtype))
 
                 if prefix is not None:
-                    runner: _SiteInterpreter = _ResumingInterpreter(gm, variant_hook, prefix[0][layer], recorder.saved)
+                    runner: SiteInterpreter = _ResumingInterpreter(gm, variant_hook, prefix[0][layer], recorder.saved)
                 else:
-                    runner = _SiteInterpreter(gm, variant_hook)
+                    runner = SiteInterpreter(gm, variant_hook)
                 logits = _logits(runner.run(*inputs))[:real]
                 logp = F.log_softmax(logits.float(), dim=-1)
                 kl = (torch.special.xlogy(base_logp.exp(), base_logp.exp()) - base_logp.exp() * logp.clamp_min(-1e30)).sum(-1)
@@ -362,7 +375,8 @@ def analyze(
                 heads[h].sensitivity = unit_kl[u]
         layers.append(LayerScores(layer, site.module, site.num_heads, site.num_kv_heads, heads, unit_kl))
     grouped = any(s.num_kv_heads < s.num_heads for s in sites.values())
-    return Analysis(layers, calibration.describe(), kind.name, "kv_group" if grouped else "head")
+    extra = {"scored_as": scored.name, **window} if scored is not kind or window else {}
+    return Analysis(layers, calibration.describe(), kind.name, "kv_group" if grouped else "head", extra)
 
 
 def _logits(out: Any) -> torch.Tensor:

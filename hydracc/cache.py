@@ -9,9 +9,14 @@ Design decisions:
   the new keys and values of the KV heads some full head still needs, and advances the
   linear heads' state. Nothing else is kept: a KV head whose query heads are all linear costs
   no cache at all.
-- Linear heads keep ``S = sum phi(k) v^T`` and ``z = sum phi(k)`` in fp32 per query head
-  (``reference.causal_linear_attention_step``), so decoding with the cache equals
-  recomputing the whole sequence (tests check it).
+- Linear heads keep a fixed fp32 state per query head, grouped by kind
+  (``reference.linear_state_step``): ``S = sum phi(k) v^T`` and ``z = sum phi(k)`` for elu and
+  hedgehog, the delta-rule matrix ``S`` for gdn; decoding with the cache equals recomputing the
+  whole sequence (tests check it). With learned parameters, linear outputs get the layer's
+  scale-normalized fusion, as in the op.
+- Streaming heads keep their own small cache of the KV heads they read: the first ``sink``
+  positions and the last ``window`` (the largest over the layer's streaming heads), trimmed
+  after every step, with the absolute position of each kept row.
 - ``get_seq_length`` counts tokens seen, not cached rows, so positions and masks are right
   even for a layer that caches nothing.
 - Cropping (assisted decoding) cannot undo a linear state and is refused; batch reordering
@@ -20,6 +25,7 @@ Design decisions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,8 +34,8 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from hydracc.errors import HydraError
-from hydracc.kernels.head_kinds import kind_by_code
-from hydracc.kernels.reference import causal_linear_attention_step
+from hydracc.kernels.head_kinds import ELU, GDN, HEDGEHOG, PARAM_NAMES, STREAMING, kind_by_code
+from hydracc.kernels.reference import fuse_linear_output, linear_state_step, streaming_attention
 
 
 class HybridLayer(DynamicLayer):
@@ -41,10 +47,16 @@ class HybridLayer(DynamicLayer):
         self.kinds: list[int] | None = None
         self.full_heads: list[int] = []
         self.linear_heads: list[int] = []
+        self.linear_groups: dict[int, list[int]] = {}
+        self.stream_heads: list[int] = []
+        self.stream_kv: list[int] = []
         self.cached_kv: list[int] = []
         self.grouped_full = False
-        self.state: Tensor | None = None
-        self.norm: Tensor | None = None
+        self.states: dict[int, tuple[Tensor, ...] | None] = {}
+        self.window_keys: Tensor | None = None
+        self.window_values: Tensor | None = None
+        self.window_pos: Tensor | None = None
+        self.sink = self.window = 0
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -57,21 +69,28 @@ class HybridLayer(DynamicLayer):
         self.seen += key_states.shape[-2]
         return step, step
 
-    def configure(self, kinds: list[int], num_heads: int, num_kv_heads: int) -> None:
+    def configure(self, kinds: list[int], num_heads: int, num_kv_heads: int, head_windows: list[int] | None = None) -> None:
         if self.kinds is not None:
             if list(kinds) != self.kinds:
                 raise HydraError("a HybridCache layer was used with two different head-kind layouts; use one cache per model")
             return
         group = num_heads // num_kv_heads
-        for code in kinds:
-            kind = kind_by_code(code)
-            if kind.linear and kind.name != "elu":  # pragma: no cover - until more linear kinds exist
-                raise HydraError(f"the hybrid cache does not support head kind {kind.name!r} yet")
         self.kinds = list(kinds)
         self.full_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).keeps_kv]
         self.linear_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).linear]
-        if len(self.full_heads) + len(self.linear_heads) != len(kinds):  # pragma: no cover - a kind that is neither
-            raise HydraError("the hybrid cache handles full and linear heads only; this layer has another kind")
+        self.linear_groups = {}
+        for h in self.linear_heads:
+            self.linear_groups.setdefault(kinds[h], []).append(h)
+        self.states = {code: None for code in self.linear_groups}
+        self.stream_heads = [h for h, c in enumerate(kinds) if c == STREAMING.code]
+        if len(self.full_heads) + len(self.linear_heads) + len(self.stream_heads) != len(kinds):  # pragma: no cover
+            raise HydraError("the hybrid cache handles full, linear and streaming heads only; this layer has another kind")
+        if self.stream_heads:
+            if not head_windows or len(head_windows) != 2 * len(kinds):
+                raise HydraError("streaming heads need the layer's head_windows (sink and window per head)")
+            self.stream_kv = sorted({h // group for h in self.stream_heads})
+            self.sink = max(head_windows[2 * h] for h in self.stream_heads)
+            self.window = max(head_windows[2 * h + 1] for h in self.stream_heads)
         self.cached_kv = sorted({h // group for h in self.full_heads})
         # SDPA can read the cached heads unexpanded (enable_gqa) when the i-th block of full heads
         # uses the i-th cached KV head and all blocks have the same size
@@ -82,20 +101,62 @@ class HybridLayer(DynamicLayer):
             and all(h // group == self.cached_kv[i // per] for i, h in enumerate(self.full_heads))
         )
 
+    # --- cache tensors by name (ONNX export feeds and reads them) -----------------------
+
+    def cache_names(self) -> list[str]:
+        """Names of the tensors this layer holds once configured, in a fixed order."""
+        names = ["keys", "values"] if self.cached_kv else []
+        for code in sorted(self.linear_groups):
+            names += [f"{kind_by_code(code).name}.{part}" for part in STATE_PARTS[code]]
+        if self.stream_heads:
+            names += ["window.keys", "window.values", "window.positions"]
+        return names
+
+    def cache_tensors(self) -> list[Tensor]:
+        out: list[Tensor] = []
+        if self.cached_kv:
+            out += [self.keys, self.values]
+        for code in sorted(self.linear_groups):
+            state = self.states[code]
+            if state is None:
+                raise HydraError("the linear state is empty: run the layer before reading its cache")
+            out += list(state)
+        if self.stream_heads:
+            out += [self.window_keys, self.window_values, self.window_pos]
+        return out
+
+    def set_cache_tensors(self, tensors: list[Tensor]) -> None:
+        it = iter(tensors)
+        if self.cached_kv:
+            self.keys, self.values = next(it), next(it)
+        for code in sorted(self.linear_groups):
+            self.states[code] = tuple(next(it) for _ in STATE_PARTS[code])
+        if self.stream_heads:
+            self.window_keys, self.window_values, self.window_pos = next(it), next(it), next(it)
+
     def get_seq_length(self) -> int:
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
+    def _tensors(self) -> list[Tensor]:
+        out = [t for t in (self.keys, self.values, self.window_keys, self.window_values) if isinstance(t, Tensor)]
+        for state in self.states.values():
+            out += list(state or ())
+        return out
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.state, self.norm) if isinstance(t, Tensor))
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def _each(self, fn: Any) -> None:
-        for name in ("keys", "values", "state", "norm"):
+        for name in ("keys", "values", "window_keys", "window_values"):
             t = getattr(self, name)
             if isinstance(t, Tensor) and t.dim() > 0:
                 setattr(self, name, fn(t))
+        for code, state in self.states.items():
+            if state is not None:
+                self.states[code] = tuple(fn(t) for t in state)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._each(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -112,9 +173,14 @@ class HybridLayer(DynamicLayer):
         raise HydraError("the hybrid cache cannot be cropped: a linear head's state cannot forget tokens (assisted decoding is not supported)")
 
     def reset(self) -> None:
-        self.keys = self.values = self.state = self.norm = None
+        self.keys = self.values = self.window_keys = self.window_values = self.window_pos = None
+        self.states = {code: None for code in self.linear_groups}
         self.seen = 0
         self.is_initialized = False
+
+
+STATE_PARTS = {ELU.code: ("state", "norm"), HEDGEHOG.code: ("state", "norm"), GDN.code: ("state",)}
+"""The tensors of each linear kind's state (see ``reference.linear_state_step``)."""
 
 
 class HybridStep:
@@ -132,12 +198,19 @@ class HybridStep:
         b, h, t, d = self.new_keys.shape
         return torch.Size((b, h, self.past + t, d))
 
-    def attend(self, query: Tensor, kinds: list[int], scale: float) -> Tensor:
+    def attend(
+        self,
+        query: Tensor,
+        kinds: list[int],
+        scale: float,
+        head_params: Sequence[Tensor] = (),
+        head_windows: Sequence[int] = (),
+    ) -> Tensor:
         """Hybrid attention of ``query`` ``[B, Hq, T, D]`` over everything seen; returns ``[B, Hq, T, Dv]``."""
         layer = self.layer
         b, hq, tq, _ = query.shape
         hkv = self.new_keys.shape[1]
-        layer.configure(kinds, hq, hkv)
+        layer.configure(kinds, hq, hkv, list(head_windows))
         group = hq // hkv
         out = query.new_empty(b, hq, tq, self.new_values.shape[-1])
         if layer.cached_kv:
@@ -167,15 +240,45 @@ class HybridStep:
                 mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
                 full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
             out.index_copy_(1, heads, full.to(out.dtype))
-        if layer.linear_heads:
-            heads = torch.tensor(layer.linear_heads, device=query.device)
+        for code, members in sorted(layer.linear_groups.items()):
+            heads = torch.tensor(members, device=query.device)
             kv_of = heads // group
-            lin, layer.state, layer.norm = causal_linear_attention_step(
-                query.index_select(1, heads), self.new_keys.index_select(1, kv_of), self.new_values.index_select(1, kv_of),
-                layer.state, layer.norm,
+            rows = {name: t.index_select(0, heads) for name, t in zip(PARAM_NAMES, head_params)} if head_params else None
+            lin, layer.states[code] = linear_state_step(
+                code, query.index_select(1, heads), self.new_keys.index_select(1, kv_of),
+                self.new_values.index_select(1, kv_of), layer.states[code], rows,
             )
+            if rows is not None:
+                lin = fuse_linear_output(lin, rows["fusion_scale"])
             out.index_copy_(1, heads, lin.to(out.dtype))
+        if layer.stream_heads:
+            self._attend_streaming(query, out, scale, group, head_windows)
         return out
+
+    def _attend_streaming(self, query: Tensor, out: Tensor, scale: float, group: int, head_windows: Sequence[int]) -> None:
+        """Streaming heads over their kept rows plus the new ones; then keep only sink + window rows."""
+        layer = self.layer
+        tq = query.shape[2]
+        idx = torch.tensor(layer.stream_kv, device=query.device)
+        new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
+        new_pos = torch.arange(self.past, self.past + tq, device=query.device)
+        if layer.window_keys is None:
+            k, v, pos = new_k, new_v, new_pos
+        else:
+            k = torch.cat([layer.window_keys, new_k], dim=-2)
+            v = torch.cat([layer.window_values, new_v], dim=-2)
+            pos = torch.cat([layer.window_pos, new_pos])
+        slot = {kv: i for i, kv in enumerate(layer.stream_kv)}
+        for h in layer.stream_heads:
+            j = slot[h // group]
+            res = streaming_attention(
+                query[:, h : h + 1], k[:, j : j + 1], v[:, j : j + 1], scale,
+                int(head_windows[2 * h]), int(head_windows[2 * h + 1]), new_pos, pos,
+            )
+            out[:, h : h + 1] = res.to(out.dtype)
+        last = self.past + tq - 1  # keep what any later query may still see
+        keep = (pos < layer.sink) | (pos > last - layer.window)
+        layer.window_keys, layer.window_values, layer.window_pos = k[:, :, keep], v[:, :, keep], pos[keep]
 
 
 class HybridCache(Cache):

@@ -38,9 +38,12 @@ def _human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+_KIND_CHARS = {"full": "F", "elu": "e", "hedgehog": "h", "gdn": "g", "streaming": "s"}
+
+
 def _kinds_cell(kinds: list[str]) -> str:
-    """One character per head: F = full, l = linear (first letter of the kind otherwise)."""
-    return " ".join("F" if k == "full" else k[0] for k in kinds)
+    """One character per head (``_KIND_CHARS``; the first letter for a kind added later)."""
+    return " ".join(_KIND_CHARS.get(k, k[0]) for k in kinds)
 
 
 def _sites_table(inspection: Any) -> Table:
@@ -56,8 +59,8 @@ def _sites_table(inspection: Any) -> Table:
 
 
 def _plan_table(plan: Any) -> Table:
-    table = Table(title="Plan: head kinds per layer (F = full softmax, e = elu linear)", title_justify="left")
-    for col in ("layer", "module", "heads", "full", "linear", "KV heads cached"):
+    table = Table(title="Plan: head kinds per layer (F full softmax, e elu, h hedgehog, g gdn, s streaming)", title_justify="left")
+    for col in ("layer", "module", "heads", "full", "converted", "KV heads cached"):
         table.add_column(col, justify="left" if col in ("module", "heads") else "right")
     for lp in plan.layers:
         full = len(lp.full_heads())
@@ -98,6 +101,8 @@ def _report(result: Any, *, dry_run: bool) -> dict[str, Any]:
     if result.rewrite is not None:
         report["passes"] = result.rewrite.passes
         report["notes"] = result.rewrite.context.notes
+    if getattr(result, "learned", None) is not None:
+        report["distill"] = result.learned.record()
     if result.output is not None:
         report["output"] = {"path": str(result.output), "files": [p.name for p in result.files]}
     return report
@@ -174,10 +179,43 @@ def _planning_options(fn: Any) -> Any:
         click.option("--keep-full", multiple=True, metavar="L.H[,L.H]", help="Keep these query heads full (layer.head; under GQA their whole KV group). Repeatable."),
         click.option("--force-linear", multiple=True, metavar="L.H[,L.H]", help="Make these query heads linear (under GQA their whole KV group). Repeatable."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for --strategy random."),
-        click.option("--linear-kind", type=click.Choice(["elu"]), default="elu", show_default=True, help="Kind of linear attention for converted heads."),
+        click.option("--linear-kind", type=click.Choice(["elu", "hedgehog", "gdn", "streaming"]), default="elu", show_default=True,
+                     help="What converted heads become: elu (parameter-free linear attention), hedgehog (learned feature map), "
+                          "gdn (gated delta rule), streaming (attention sink + sliding window, DuoAttention). hedgehog and "
+                          "gdn get learned parameters: use --distill."),
+        click.option("--sink", type=click.IntRange(0), default=None, help="Streaming heads: first tokens always attended (default 4)."),
+        click.option("--window", type=click.IntRange(1), default=None, help="Streaming heads: most recent tokens attended (default 64)."),
+        click.option("--fusion/--no-fusion", default=None,
+                     help="Scale-normalized fusion: normalize each linear head's output and scale it to the original head's "
+                          "size (learned by --distill). Default: on with --distill or a learned kind."),
     ]):
         fn = option(fn)
     return fn
+
+
+def _distill_options(fn: Any) -> Any:
+    for option in reversed([
+        click.option("--distill", is_flag=True, help="Train what conversion added (fusion scales, feature maps, gates) to match "
+                      "the original heads on calibration data (stage 1, layer by layer), then optionally end to end (stage 2)."),
+        click.option("--steps", type=click.IntRange(0), default=200, show_default=True, help="--distill: attention-transfer steps per layer."),
+        click.option("--e2e-steps", type=click.IntRange(0), default=0, show_default=True, help="--distill: end-to-end KL steps (0: skip stage 2)."),
+        click.option("--lr", type=click.FloatRange(0.0, min_open=True), default=1e-2, show_default=True, help="--distill: stage 1 learning rate (Adam)."),
+        click.option("--e2e-lr", type=click.FloatRange(0.0, min_open=True), default=1e-3, show_default=True, help="--distill: stage 2 learning rate."),
+        click.option("--distill-samples", type=click.IntRange(1), default=64, show_default=True, help="--distill: calibration sequences to train on."),
+        click.option("--distill-batch", type=click.IntRange(1), default=8, show_default=True, help="--distill: sequences per stage 1 step."),
+        click.option("--save-every", type=click.IntRange(1), default=50, show_default=True, help="--distill: steps between saved training states (OUTPUT.hydracc-distill/)."),
+        click.option("--resume", is_flag=True, help="--distill: continue an interrupted run from its saved state (same inputs and options)."),
+        click.option("--device", default=None, help="--distill: train on this torch device (default: cuda when available, else cpu)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _kind_params(sink: int | None, window: int | None, linear_kind: str) -> dict[str, int] | None:
+    if (sink is not None or window is not None) and linear_kind != "streaming":
+        raise HydraError("--sink and --window set streaming heads: add --linear-kind streaming")
+    params = {k: v for k, v in (("sink", sink), ("window", window)) if v is not None}
+    return params or None
 
 
 def _budget(full_ratio: float | None, kv_budget: float | None, min_full: int, max_full: int | None) -> Any:
@@ -189,7 +227,8 @@ def _budget(full_ratio: float | None, kv_budget: float | None, min_full: int, ma
                   min_per_layer=min_full, max_per_layer=max_full)
 
 
-def _analysis_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, calib: Path | None, samples: int, seq_len: int, linear_kind: str) -> Any:
+def _analysis_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, calib: Path | None, samples: int, seq_len: int, linear_kind: str,
+                            kind_params: dict[str, int] | None = None) -> Any:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -203,7 +242,7 @@ def _analysis_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, calib
     with Progress(TextColumn("analyzing heads"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True, disable=reporter.console.quiet) as progress:
         bar = progress.add_task("analyze", total=None)
-        return pipeline.analyze_heads(insp, calibration, linear_kind=linear_kind,
+        return pipeline.analyze_heads(insp, calibration, linear_kind=linear_kind, kind_params=kind_params,
                                       progress=lambda done, total: progress.update(bar, completed=done, total=total))
 
 
@@ -216,6 +255,7 @@ def _analysis_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, calib
 @click.option("--plan-png", type=click.Path(path_type=Path), help="Draw a layers x heads heat map of the deciding score, full heads marked (needs matplotlib).")
 @_planning_options
 @_calibration_options
+@_distill_options
 @click.option("--pass", "user_passes", multiple=True, metavar="NAME", help="Run a registered pass (after hybridize, before permute-heads). Repeatable.")
 @click.option("--plugin", "plugins", multiple=True, metavar="FILE.py|MODULE", help="Load a Python file or module that registers passes. Repeatable.")
 @click.option("--permute/--no-permute", default=True, show_default=True, help="Reorder heads in the weights so full heads are contiguous.")
@@ -242,9 +282,22 @@ def convert(
     force_linear: tuple[str, ...],
     seed: int,
     linear_kind: str,
+    sink: int | None,
+    window: int | None,
+    fusion: bool | None,
     calib: Path | None,
     calib_samples: int,
     seq_len: int,
+    distill: bool,
+    steps: int,
+    e2e_steps: int,
+    lr: float,
+    e2e_lr: float,
+    distill_samples: int,
+    distill_batch: int,
+    save_every: int,
+    resume: bool,
+    device: str | None,
     user_passes: tuple[str, ...],
     plugins: tuple[str, ...],
     permute: bool,
@@ -264,6 +317,12 @@ def convert(
     (--full-ratio, default 0.25, or --kv-budget). Under GQA the unit is the KV group.
     With --onnx the converted checkpoint is written first; if the ONNX check then fails the
     command exits 2 and OUTPUT holds the checkpoint without an onnx folder.
+
+    \b
+    Distillation (--distill) trains only the parameters conversion added, on
+    --distill-samples calibration rows; it saves its state to OUTPUT.hydracc-distill/ every
+    --save-every steps, and --resume continues an interrupted run. The same seed and inputs
+    give the same weights.
     """
     reporter = _Reporter(as_json, quiet)
 
@@ -295,13 +354,34 @@ def convert(
         pipeline.load_plugins(plugins)
         for name in user_passes:
             get_pass(name)  # an unknown name fails now, before any work
+        kind_params = _kind_params(sink, window, linear_kind)
+        if resume and not distill:
+            raise HydraError("--resume continues a distillation: add --distill")
+        if distill and fusion is False:
+            raise HydraError("--distill trains the fusion scales: drop --no-fusion")
+        if distill and dry_run:
+            raise HydraError("--distill trains a converted model: drop --plan and give -o OUTPUT")
+        settings = None
+        if distill:
+            from hydracc.distill import DistillSettings
+
+            settings = DistillSettings(steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, batch=distill_batch, seed=seed,
+                                       save_every=save_every, device=device)
+        want_fusion = bool(fusion) or distill
         needs_analysis = plan_file is None and strategy == "heads"
-        shape = pipeline.calibration_shape(calib_samples, seq_len) if needs_analysis else (2, 16)
+        from hydracc.kernels.head_kinds import kind_by_name
+        from hydracc.plan import load_plan
+
+        may_learn = want_fusion or kind_by_name(linear_kind).learned or (
+            plan_file is not None and pipeline.needs_learned_params(load_plan(plan_file)))
+        samples = max(calib_samples, distill_samples if distill else 0)
+        shape = pipeline.calibration_shape(samples, seq_len) if needs_analysis or may_learn else (2, 16)
         insp = pipeline.inspect_checkpoint(path, capture_shape=shape)
         try:
-            analysis = _analysis_with_progress(reporter, pipeline, insp, calib, calib_samples, seq_len, linear_kind) if needs_analysis else None
+            analysis = _analysis_with_progress(reporter, pipeline, insp, calib, calib_samples, seq_len, linear_kind, kind_params) if needs_analysis else None
             plan = pipeline.make_plan(insp, plan_file=plan_file, budget=budget, strategy=strategy, analysis=analysis, score=score,
-                                      keep_full=keep_full, force_linear=force_linear, linear_kind=linear_kind, seed=seed)
+                                      keep_full=keep_full, force_linear=force_linear, linear_kind=linear_kind, seed=seed,
+                                      kind_params=kind_params, fusion=want_fusion)
             cost = cache_cost(plan, insp.captured.sites, insp.element_bytes)
             result = pipeline.ConversionResult(insp, plan, cost, analysis=analysis)
             if plan_out is not None:
@@ -311,10 +391,19 @@ def convert(
 
                 draw_plan(plan, plan_png, score=score if strategy == "heads" else "sensitivity")
             if not dry_run:
-                result.rewrite = pipeline.rewrite(insp, plan, user_passes=user_passes, permute=permute)
                 assert output is not None
-                result.files = _emit_with_progress(reporter, pipeline, insp, result.rewrite, output, force, max_bytes)
+                if pipeline.needs_learned_params(plan) or settings is not None:
+                    rows = pipeline.calibration_for(insp, calib, samples=distill_samples if distill else calib_samples, seq_len=seq_len)
+                    result.learned = _learn_with_progress(reporter, pipeline, insp, plan, rows, settings, output, resume)
+                result.rewrite = pipeline.rewrite(insp, plan, user_passes=user_passes, permute=permute)
+                result.files = _emit_with_progress(reporter, pipeline, insp, result.rewrite, output, force, max_bytes, result.learned)
                 result.output = output
+                if settings is not None:
+                    import shutil
+
+                    from hydracc.distill import state_dir_for
+
+                    shutil.rmtree(state_dir_for(output), ignore_errors=True)
         finally:
             insp.checkpoint.close()
         _print_human(reporter, result, dry_run, plan_out, plan_png)
@@ -332,7 +421,8 @@ def convert(
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @_calibration_options
-@click.option("--linear-kind", type=click.Choice(["elu"]), default="elu", show_default=True, help="Linear kind the linear_error and sensitivity scores measure.")
+@click.option("--linear-kind", type=click.Choice(["elu", "hedgehog", "gdn", "streaming"]), default="elu", show_default=True,
+              help="Kind the linear_error and sensitivity scores measure (hedgehog and gdn, untrained here, are scored as elu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON on stdout; the table goes to stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 def analyze(path: Path, calib: Path | None, calib_samples: int, seq_len: int, linear_kind: str, as_json: bool, quiet: bool) -> None:
@@ -407,7 +497,37 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _emit_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, rewrite: Any, output: Path, force: bool, max_bytes: int) -> list[Path]:
+def _learn_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, plan: Any, rows: Any, settings: Any, output: Path,
+                         resume: bool) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    label = "distilling" if settings is not None else "initialising added parameters"
+    with Progress(TextColumn(label + " {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                  disable=reporter.console.quiet) as progress:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, step: int, steps: int, loss: float) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=steps, loss="-")
+            progress.update(tasks[stage], completed=step, loss=f"{loss:.4f}")
+
+        learned = pipeline.learn_params(insp, plan, rows, settings=settings, out=output, resume=resume, progress=report)
+    if learned is not None and learned.losses:
+        for key, (first, last) in sorted(learned.losses.items()):
+            reporter.console.print(f"  {key}: loss {first:.4f} -> {last:.4f}")
+    return learned
+
+
+def _emit_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, rewrite: Any, output: Path, force: bool, max_bytes: int,
+                        learned: Any = None) -> list[Path]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     total = sum(insp.checkpoint.info(name).nbytes for name in insp.weight_names.values())
@@ -418,7 +538,7 @@ def _emit_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, rewrite: 
         task = progress.add_task("write", total=total)
         return pipeline.emit(
             insp, rewrite, output, force=force, max_shard_bytes=max_bytes,
-            on_tensor=lambda _name, nbytes: progress.advance(task, nbytes),
+            on_tensor=lambda _name, nbytes: progress.advance(task, nbytes), learned=learned,
         )
 
 
@@ -445,7 +565,7 @@ def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path
     con.print(
         f"KV cache per token: {_human_bytes(cost.kv_bytes_per_token_before)} before -> "
         f"{_human_bytes(cost.kv_bytes_per_token_after)} after ({cost.ratio:.1%}); "
-        f"linear heads add a fixed {_human_bytes(cost.linear_state_bytes)} of state per sequence"
+        f"converted heads add a fixed {_human_bytes(cost.linear_state_bytes)} per sequence (linear states, streaming windows)"
     )
     if plan_out is not None:
         con.print(f"plan written to {plan_out}")
@@ -576,7 +696,7 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         con = reporter.err if not as_json else reporter.console
         con.print(f"{new.numel()} tokens in {seconds:.2f} s ({report['tokens_per_second']} tokens/s); cache after {tokens} tokens: "
                   f"{_human_bytes(cache.nbytes())} ({_human_bytes(cache.kv_nbytes())} of keys/values, "
-                  f"{_human_bytes(cache.nbytes() - cache.kv_nbytes())} of linear-head state) "
+                  f"{_human_bytes(cache.nbytes() - cache.kv_nbytes())} of fixed-size state: linear heads, streaming windows) "
                   f"vs {_human_bytes(full_kv)} of keys/values with full attention everywhere")
         return report
 

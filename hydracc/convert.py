@@ -1,4 +1,4 @@
-"""The conversion pipeline: load -> capture -> plan -> rewrite -> emit, as Python functions.
+"""The conversion pipeline: load -> capture -> plan -> rewrite -> [distill] -> emit, as Python functions.
 
 Design decisions:
 - Each stage is a function taking the previous stage's output, so the CLI and Python
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +39,13 @@ from hydracc.calibration import (
 from hydracc.capture import CapturedModel, capture, require_sites
 from hydracc.checkpoint import Checkpoint, open_checkpoint
 from hydracc.converted import hydra_section
+from hydracc.distill import DistillResult, DistillSettings, distill, initial_params, record_sites, state_dir_for
 from hydracc.emit import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from hydracc.errors import HydraError, OutputError, PassError
+from hydracc.kernels.head_kinds import kind_by_name
 from hydracc.model import build_model, expected_weights, match_weights
 from hydracc.passes import PassContext, PassManager, pipeline
+from hydracc.passes.hybridize import HYBRID_OP
 from hydracc.plan import CacheCost, Plan, cache_cost, check_plan_fits, load_plan
 from hydracc.planner import Budget, make_budget_plan
 from hydracc.runtime import check_runtime_support
@@ -106,6 +111,7 @@ class ConversionResult:
     output: Path | None = None
     files: list[Path] = field(default_factory=list)
     analysis: Analysis | None = None
+    learned: DistillResult | None = None
 
 
 def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int, int] = (2, 16)) -> Inspection:
@@ -164,6 +170,7 @@ def analyze_heads(
     calibration: Calibration,
     *,
     linear_kind: str = "elu",
+    kind_params: dict[str, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
     """Analyze stage: score every head on ``calibration`` (reads all weights into memory)."""
@@ -173,7 +180,7 @@ def analyze_heads(
             f"{calibration.seq_len} tokens; inspect with capture_shape=calibration_shape(...)"
         )
     weights = inspection.load_weights()
-    return analyze(inspection.captured, weights, calibration, linear_kind=linear_kind, progress=progress)
+    return analyze(inspection.captured, weights, calibration, linear_kind=linear_kind, kind_params=kind_params, progress=progress)
 
 
 def make_plan(
@@ -188,16 +195,23 @@ def make_plan(
     force_linear: Sequence[str] = (),
     linear_kind: str = "elu",
     seed: int = 0,
+    kind_params: dict[str, int] | None = None,
+    fusion: bool = False,
 ) -> Plan:
-    """Plan stage: read ``plan_file``, or allocate ``budget`` (default: 25% of units) by ``strategy``."""
+    """Plan stage: read ``plan_file``, or allocate ``budget`` (default: 25% of units) by ``strategy``.
+
+    ``fusion`` turns scale-normalized fusion on (also for a plan file that does not ask for it).
+    """
     sites = inspection.captured.sites
     if plan_file is not None:
         plan = load_plan(plan_file)
+        plan.fusion = plan.fusion or fusion
     else:
         plan = make_budget_plan(
             sites, inspection.captured.config.model_type, budget or Budget(full_ratio=0.25),
             strategy=strategy, analysis=analysis, score=score, keep_full=keep_full, force_linear=force_linear,
-            linear_kind=linear_kind, seed=seed, element_bytes=inspection.element_bytes,
+            linear_kind=linear_kind, seed=seed, element_bytes=inspection.element_bytes, kind_params=kind_params,
+            fusion=fusion,
         )
     check_plan_fits(plan, sites)
     return plan
@@ -242,6 +256,53 @@ def rewrite(
     return Rewrite(ctx, manager.ran)
 
 
+def needs_learned_params(plan: Plan) -> bool:
+    """Whether converting by ``plan`` adds learned parameters (fusion scales, feature maps, gates)."""
+    return any(plan.layer_has_params(lp) for lp in plan.layers)
+
+
+def learn_params(
+    inspection: Inspection,
+    plan: Plan,
+    calibration: Calibration,
+    *,
+    settings: DistillSettings | None = None,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: Callable[[str, int, int, float], None] | None = None,
+) -> DistillResult | None:
+    """Distill stage: values for the parameters ``plan`` adds (``None`` if it adds none).
+
+    Runs on the captured graph *before* ``rewrite`` (it needs the original attention), so call
+    it first; its values are keyed by the checkpoint names the rewrite records. Without
+    ``settings`` the parameters keep their measured initial values (no training). With ``out``,
+    training state is saved beside it (``OUT.hydracc-distill``) for ``resume``. The graph must
+    have been captured at the calibration shape.
+    """
+    if not needs_learned_params(plan):
+        if settings is not None:
+            raise HydraError("--distill: this plan adds no parameters to train (no linear heads)")
+        return None
+    if inspection.captured.input_shape[1] != calibration.seq_len:
+        raise HydraError(
+            f"the graph was captured for length {inspection.captured.input_shape[1]} but calibration rows have "
+            f"{calibration.seq_len} tokens; inspect with capture_shape=calibration_shape(...)"
+        )
+    if any(n.target is HYBRID_OP for n in inspection.captured.graph_module.graph.nodes):
+        raise HydraError("learn_params needs the original graph: call it before rewrite")
+    weights = inspection.load_weights(settings.torch_device() if settings is not None else "cpu")
+    if settings is None:
+        layers = {lp.layer for lp in plan.layers if plan.layer_has_params(lp)}
+        records = record_sites(inspection.captured, weights, calibration, layers)
+        return DistillResult(initial_params(plan, inspection.captured.sites, records), None)
+    fingerprint = json.dumps(inspection.checkpoint.sha256(), sort_keys=True)
+    return distill(
+        inspection.captured, weights, plan, calibration, settings,
+        state_dir=state_dir_for(out) if out is not None else None, fingerprint=fingerprint, resume=resume,
+        progress=progress,
+    )
+
+
 def provenance(inspection: Inspection) -> dict[str, Any]:
     import transformers
 
@@ -261,8 +322,15 @@ def emit(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_tensor: Callable[[str, int], None] | None = None,
+    learned: DistillResult | None = None,
 ) -> list[Path]:
-    """Emit stage: write the converted checkpoint to ``out`` atomically; return its files."""
+    """Emit stage: write the converted checkpoint to ``out`` atomically; return its files.
+
+    ``learned`` gives the values of the parameters the rewrite added (required when it added any).
+    """
+    added = result.context.added_params
+    if added and (learned is None or set(added) - set(learned.values)):
+        raise HydraError("this rewrite added learned parameters; pass their values (learn_params) to emit")
     ck = inspection.checkpoint
     out_path, src = Path(out).resolve(), ck.root.resolve()
     if out_path == src or src.is_relative_to(out_path):
@@ -273,6 +341,8 @@ def emit(
     config = dict(ck.config)
     config["attn_implementation"] = "hydracc"  # Auto loading after `import hydracc` builds the hybrid
     config["hydra"] = hydra_section(result.context, result.passes, provenance(inspection))
+    if learned is not None and added:
+        config["hydra"]["distill"] = learned.record()
     edits = result.context.weight_edits
     with CheckpointWriter(out, force=force, max_shard_bytes=max_shard_bytes) as writer:
         for name, ck_name in sorted(inspection.weight_names.items()):
@@ -281,6 +351,12 @@ def emit(
             if on_tensor is not None:
                 on_tensor(name, tensor.numel() * tensor.element_size())
             del tensor
+        for name in sorted(added):
+            assert learned is not None
+            tensor = edits.apply(name, learned.values[name].detach().float().contiguous())
+            writer.add(name, tensor)
+            if on_tensor is not None:
+                on_tensor(name, tensor.numel() * tensor.element_size())
         writer.write_json("config.json", config)
         for side in SIDE_FILES:
             if (ck.root / side).is_file():
@@ -304,30 +380,48 @@ def convert(
     permute: bool = True,
     force: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    distill_settings: DistillSettings | None = None,
+    distill_samples: int = 64,
+    resume: bool = False,
     **plan_options: Any,
 ) -> ConversionResult:
     """The whole conversion from Python: the same steps as ``hydracc convert PATH -o OUT``.
 
     The budget is ``full_ratio`` or ``kv_budget`` (default: 25% of units); the ``heads``
     strategy analyzes the model on calibration data first. ``plan_options`` go to
-    :func:`make_plan` (``score``, ``keep_full``, ``force_linear``, ``seed``).
+    :func:`make_plan` (``score``, ``keep_full``, ``force_linear``, ``seed``, ``kind_params``,
+    ``fusion``). ``distill_settings`` trains the added parameters on ``distill_samples``
+    calibration rows (``--distill``); a plan that adds parameters without it keeps their
+    measured initial values.
     """
     needs_analysis = plan_file is None and strategy == "heads"
-    shape = calibration_shape(calib_samples, seq_len) if needs_analysis else (2, 16)
+    if distill_settings is not None:
+        plan_options["fusion"] = True
+    may_learn = distill_settings is not None or plan_options.get("fusion") or kind_by_name(linear_kind).learned or (
+        plan_file is not None and needs_learned_params(load_plan(plan_file))
+    )
+    shape = calibration_shape(max(calib_samples, distill_samples), seq_len) if needs_analysis or may_learn else (2, 16)
     inspection = inspect_checkpoint(path, capture_shape=shape)
     try:
         analysis = None
         if needs_analysis:
             calibration = calibration_for(inspection, calib, samples=calib_samples, seq_len=seq_len)
-            analysis = analyze_heads(inspection, calibration, linear_kind=linear_kind)
+            analysis = analyze_heads(inspection, calibration, linear_kind=linear_kind, kind_params=plan_options.get("kind_params"))
         budget = None
         if plan_file is None:
             budget = Budget(full_ratio=full_ratio if full_ratio is not None or kv_budget is not None else 0.25, kv_budget=kv_budget)
         plan = make_plan(inspection, plan_file=plan_file, budget=budget, strategy=strategy, analysis=analysis,
                          linear_kind=linear_kind, **plan_options)
         cost = cache_cost(plan, inspection.captured.sites, inspection.element_bytes)
+        learned = None
+        if needs_learned_params(plan) or distill_settings is not None:
+            samples = distill_samples if distill_settings is not None else calib_samples
+            rows = calibration_for(inspection, calib, samples=samples, seq_len=seq_len)
+            learned = learn_params(inspection, plan, rows, settings=distill_settings, out=out, resume=resume)
         result = rewrite(inspection, plan, user_passes=user_passes, permute=permute)
-        files = emit(inspection, result, out, force=force, max_shard_bytes=max_shard_bytes)
+        files = emit(inspection, result, out, force=force, max_shard_bytes=max_shard_bytes, learned=learned)
+        if distill_settings is not None:
+            shutil.rmtree(state_dir_for(out), ignore_errors=True)
     finally:
         inspection.checkpoint.close()
-    return ConversionResult(inspection, plan, cost, result, Path(out), files, analysis)
+    return ConversionResult(inspection, plan, cost, result, Path(out), files, analysis, learned)

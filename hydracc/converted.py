@@ -11,20 +11,30 @@ Design decisions:
                 "layers": [{"layer": 0, "module": "model.layers.0.self_attn",
                             "num_heads": 8, "num_kv_heads": 2, "head_dim": 64,
                             "scale": 0.125, "kinds": ["full", "elu", ...],
-                            "head_order": [original head index of each head]}, ...],
+                            "head_order": [original head index of each head],
+                            "head_windows": [sink, window per head] or [],
+                            "params": [checkpoint names of the learned parameters] or []},
+                           ...],
                 "plan": {...}, "passes": [...],
                 "provenance": {"hydracc_version": ..., "torch": ..., "transformers": ...,
                                "inputs": {file name: sha256}}}
+- ``head_windows`` is the op's argument as saved (streaming heads' sink and window, in
+  saved head order); ``params`` names the layer's learned tensors in the op's order
+  (``head_kinds.PARAM_NAMES``), stored in the checkpoint under
+  ``{module}.hydra.{name}``, rows in saved head order. A layer with params applies
+  scale-normalized fusion to its linear heads. Sections written before these keys existed
+  read as "no windows, no params".
 - ``read_hydra_section`` validates a loaded config before any model is built.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hydracc.capture import SITE_META
 from hydracc.errors import CheckpointError
-from hydracc.kernels.head_kinds import KIND_NAMES, kind_by_code, kind_by_name
+from hydracc.kernels.head_kinds import KIND_NAMES, PARAM_NAMES, kind_by_code, kind_by_name
 from hydracc.passes.hybridize import hybrid_nodes
 from hydracc.passes.manager import PassContext
 from hydracc.passes.permute_heads import HEAD_ORDER_META
@@ -35,6 +45,7 @@ HYDRA_FORMAT_VERSION = 1
 def hydra_section(ctx: PassContext, passes: list[str], provenance: dict[str, Any]) -> dict[str, Any]:
     """Build the ``hydra`` config section from the rewritten graph in ``ctx``."""
     layers = []
+    names = {attr: name for name, attr in ctx.added_params.items()}
     for node in hybrid_nodes(ctx.graph_module.graph):
         site = ctx.captured.site(node.meta[SITE_META])
         codes = list(node.args[3])
@@ -48,6 +59,8 @@ def hydra_section(ctx: PassContext, passes: list[str], provenance: dict[str, Any
                 "scale": float(node.args[4]),
                 "kinds": [kind_by_code(c).name for c in codes],
                 "head_order": list(node.meta.get(HEAD_ORDER_META, range(len(codes)))),
+                "head_windows": [int(w) for w in node.args[6]] if len(node.args) > 6 else [],
+                "params": [names[str(p.target)] for p in node.args[5]],
             }
         )
     layers.sort(key=lambda entry: entry["layer"])
@@ -60,8 +73,30 @@ def hydra_section(ctx: PassContext, passes: list[str], provenance: dict[str, Any
     }
 
 
+@dataclass(frozen=True)
+class HydraLayer:
+    """One converted layer as the runtime needs it."""
+
+    layer: int
+    module: str
+    codes: list[int]
+    head_windows: list[int]
+    params: list[str]
+    """Checkpoint names of the learned parameters, in the op's order (empty: none, no fusion)."""
+
+    @property
+    def param_attrs(self) -> list[str]:
+        """Names of the parameters on the attention module's ``hydra`` submodule."""
+        return [name.rsplit(".", 1)[-1] for name in self.params]
+
+
 def read_hydra_section(config: dict[str, Any], where: str) -> dict[int, list[int]]:
     """Validate the ``hydra`` section of a converted config; return layer -> head kind codes."""
+    return {layer: entry.codes for layer, entry in read_hydra_layers(config, where).items()}
+
+
+def read_hydra_layers(config: dict[str, Any], where: str) -> dict[int, HydraLayer]:
+    """Validate the ``hydra`` section of a converted config; return layer -> ``HydraLayer``."""
     section = config.get("hydra")
     if not isinstance(section, dict):
         raise CheckpointError(
@@ -74,7 +109,7 @@ def read_hydra_section(config: dict[str, Any], where: str) -> dict[int, list[int
     layers = section.get("layers")
     if not isinstance(layers, list) or not layers:
         raise CheckpointError(f"{where}: hydra.layers must be a non-empty list")
-    out: dict[int, list[int]] = {}
+    out: dict[int, HydraLayer] = {}
     for i, entry in enumerate(layers):
         path = f"hydra.layers[{i}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("layer"), int):
@@ -85,5 +120,19 @@ def read_hydra_section(config: dict[str, Any], where: str) -> dict[int, list[int
         for h, name in enumerate(kinds):
             if name not in KIND_NAMES:
                 raise CheckpointError(f"{where}: {path}.kinds[{h}] is {name!r}; known kinds: {', '.join(KIND_NAMES)}")
-        out[entry["layer"]] = [kind_by_name(k).code for k in kinds]
+        codes = [kind_by_name(k).code for k in kinds]
+        windows = entry.get("head_windows", [])
+        if not isinstance(windows, list) or (windows and len(windows) != 2 * len(kinds)) or not all(
+            isinstance(w, int) and w >= 0 for w in windows
+        ):
+            raise CheckpointError(f"{where}: {path}.head_windows must be empty or two non-negative integers per head")
+        if any(kind_by_name(k).name == "streaming" for k in kinds) and not windows:
+            raise CheckpointError(f"{where}: {path} has streaming heads but no head_windows")
+        params = entry.get("params", [])
+        expected = [f"{entry.get('module')}.hydra.{name}" for name in PARAM_NAMES]
+        if params not in ([], expected):
+            raise CheckpointError(f"{where}: {path}.params must be [] or {expected}")
+        if not params and any(kind_by_name(k).learned for k in kinds):
+            raise CheckpointError(f"{where}: {path} has learned head kinds but no params")
+        out[entry["layer"]] = HydraLayer(entry["layer"], str(entry.get("module")), codes, list(windows), list(params))
     return out

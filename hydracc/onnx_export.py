@@ -9,8 +9,12 @@ Design decisions:
   custom op needs a translation. The causal structure is built into ``attend``, so the
   export's mask function returns no mask, and positions are an explicit input.
 - Cache tensors per layer, named ``past.L.keys``/``values`` (``[B, cached KV heads, P, D]``,
-  only when some head of the layer is full) and ``past.L.state`` (``[B, linear heads, D, D]``,
-  fp32) / ``past.L.norm`` (``[B, linear heads, D]``); outputs are named ``present.L.*``.
+  only when some head of the layer is full) and, per linear kind present, ``past.L.KIND.state``
+  (fp32, ``[B, heads of that kind, F, D]``) and ``past.L.KIND.norm`` (``[B, heads, F]``); outputs
+  are named ``present.L.*``. The names are ``HybridLayer.cache_names``.
+- Kinds exported: full, elu and hedgehog, with or without fusion. gdn (its chunked prefill
+  loops over a data-dependent number of chunks) and streaming (its window is trimmed by
+  position) are refused with a clear error rather than exported wrongly.
   Prefill takes ``input_ids``/``position_ids`` ``[B, T]``; decode also takes the past and
   one token per row. Batch, length and past length are dynamic.
 - Every export is checked with onnxruntime on fresh random inputs against the torch model;
@@ -33,8 +37,9 @@ import torch
 from torch import nn
 
 from hydracc.cache import HybridCache, HybridLayer
-from hydracc.converted import read_hydra_section
+from hydracc.converted import read_hydra_layers
 from hydracc.errors import HydraError, OutputError
+from hydracc.kernels.head_kinds import kind_by_code
 
 EXPORT_ATTENTION = "hydracc_export"
 PROTOBUF_LIMIT = 2 * 1024**3
@@ -50,9 +55,10 @@ def _export_attention(module: nn.Module, query: torch.Tensor, key: Any, value: A
 
     if not isinstance(key, HybridStep):
         raise ExportError("the export attention needs a HybridCache")
-    codes = module._hydracc_kinds
+    entry = module._hydracc_layer
+    params = module.hydra.op_params() if entry.params else []
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return key.attend(query, codes, float(scale)).transpose(1, 2).contiguous(), None
+    return key.attend(query, entry.codes, float(scale), params, entry.head_windows).transpose(1, 2).contiguous(), None
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -76,14 +82,12 @@ class LayerCache:
     cached_kv: int
     linear_heads: int
     head_dim: int
+    tensors: list[str] = field(default_factory=list)
+    """``HybridLayer.cache_names()``: the layer's cache tensors in order."""
+    head_windows: list[int] = field(default_factory=list)
 
     def names(self, prefix: str) -> list[str]:
-        out = []
-        if self.cached_kv:
-            out += [f"{prefix}.{self.layer}.keys", f"{prefix}.{self.layer}.values"]
-        if self.linear_heads:
-            out += [f"{prefix}.{self.layer}.state", f"{prefix}.{self.layer}.norm"]
-        return out
+        return [f"{prefix}.{self.layer}.{name}" for name in self.tensors]
 
 
 @dataclass
@@ -97,17 +101,27 @@ class CacheLayout:
 def cache_layout(model: nn.Module) -> CacheLayout:
     """Per layer: kinds and cache tensor sizes, from the ``hydra`` section (attention modules by path)."""
     config = model.config.to_dict()
-    layers = read_hydra_section(config, "model config")
+    layers = read_hydra_layers(config, "model config")
     entries = {int(e["layer"]): e for e in config["hydra"]["layers"]}
     layout = CacheLayout()
     for index in sorted(layers):
-        kinds, entry = layers[index], entries[index]
+        hl, entry = layers[index], entries[index]
+        unsupported = sorted({kind_by_code(c).name for c in hl.codes} - EXPORTABLE_KINDS)
+        if unsupported:
+            raise ExportError(
+                f"layer {index} has {', '.join(unsupported)} heads, which the ONNX export does not support yet",
+                hint=f"the ONNX export handles {', '.join(sorted(EXPORTABLE_KINDS))} heads; run this model with hydracc.load",
+            )
         module = model.get_submodule(entry["module"])
         probe = HybridLayer()
-        probe.configure(kinds, int(entry["num_heads"]), int(entry["num_kv_heads"]))
-        module._hydracc_kinds = kinds
-        layout.layers.append(LayerCache(index, kinds, len(probe.cached_kv), len(probe.linear_heads), int(entry["head_dim"])))
+        probe.configure(hl.codes, int(entry["num_heads"]), int(entry["num_kv_heads"]), hl.head_windows)
+        module._hydracc_layer = hl
+        layout.layers.append(LayerCache(index, hl.codes, len(probe.cached_kv), len(probe.linear_heads), int(entry["head_dim"]),
+                                        probe.cache_names(), hl.head_windows))
     return layout
+
+
+EXPORTABLE_KINDS = {"full", "elu", "hedgehog"}
 
 
 class _Step(nn.Module):
@@ -126,19 +140,14 @@ class _Step(nn.Module):
         for lc, layer in zip(self.layout.layers, cache.layers):
             assert isinstance(layer, HybridLayer)
             layer.is_initialized = True
-            layer.configure(lc.kinds, len(lc.kinds), self.kv_heads)
+            layer.configure(lc.kinds, len(lc.kinds), self.kv_heads, lc.head_windows)
             if self.with_past:
-                if lc.cached_kv:
-                    layer.keys, layer.values = next(it), next(it)
-                if lc.linear_heads:
-                    layer.state, layer.norm = next(it), next(it)
+                layer.set_cache_tensors([next(it) for _ in lc.tensors])
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
         present: list[torch.Tensor] = []
-        for lc, layer in zip(self.layout.layers, cache.layers):
-            if lc.cached_kv:
-                present += [layer.keys, layer.values]
-            if lc.linear_heads:
-                present += [layer.state, layer.norm]
+        for layer in cache.layers:
+            assert isinstance(layer, HybridLayer)
+            present += layer.cache_tensors()
         return (out.logits, *present)
 
 
@@ -178,10 +187,8 @@ def _dims(layout: CacheLayout, with_past: bool) -> tuple[Any, ...]:
     past = torch.export.Dim("past", min=1, max=1 << 20)
     shapes: list[dict] = []
     for lc in layout.layers:
-        if lc.cached_kv:
-            shapes += [{0: batch, 2: past}, {0: batch, 2: past}]
-        if lc.linear_heads:
-            shapes += [{0: batch}, {0: batch}]
+        for name in lc.tensors:
+            shapes.append({0: batch, 2: past} if name in ("keys", "values") else {0: batch})
     return ({0: batch}, {0: batch}, tuple(shapes))
 
 

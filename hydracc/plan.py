@@ -13,7 +13,13 @@ Design decisions:
 - Per-head ``scores`` (from the analysis) ride along in the JSON so a plan explains
   itself; conversion ignores them.
 - KV-cache accounting is per token: a KV head must be cached if any query head using
-  it keeps KV (``HeadKind.keeps_kv``).
+  it keeps KV (``HeadKind.keeps_kv``). Streaming heads keep a fixed window (counted with
+  the linear states as per-sequence bytes), linear heads a fixed state.
+- ``fusion`` (plan level): linear heads get scale-normalized fusion and the layer gets
+  learned parameters. Plans with a learned kind (hedgehog, gdn) always have them, since
+  those kinds need parameters anyway; the parameter list and fusion come together.
+- Streaming heads carry ``{"sink": S, "window": W}``; missing values take
+  ``STREAMING_DEFAULTS`` when the plan is read, so a loaded plan is always complete.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from hydracc.kernels.head_kinds import KIND_NAMES, kind_by_name
 
 PLAN_FORMAT = "hydracc-plan"
 PLAN_VERSION = 1
+STREAMING_DEFAULTS = {"sink": 4, "window": 64}
+"""Sink tokens and window length of a streaming head when the plan does not say."""
 
 
 @dataclass
@@ -59,7 +67,23 @@ class LayerPlan:
         return [h.kind for h in self.heads]
 
     def full_heads(self) -> list[int]:
-        return [i for i, h in enumerate(self.heads) if not kind_by_name(h.kind).linear]
+        """Heads that keep softmax attention over every key (they keep the KV cache)."""
+        return [i for i, h in enumerate(self.heads) if kind_by_name(h.kind).keeps_kv]
+
+    def has_learned_kind(self) -> bool:
+        return any(kind_by_name(h.kind).learned for h in self.heads)
+
+    def has_linear_kind(self) -> bool:
+        return any(kind_by_name(h.kind).linear for h in self.heads)
+
+    def head_windows(self) -> list[int]:
+        """The op's ``head_windows`` argument: ``[sink, window]`` per head, or ``[]`` without streaming heads."""
+        if not any(h.kind == "streaming" for h in self.heads):
+            return []
+        out: list[int] = []
+        for h in self.heads:
+            out += [int(h.params["sink"]), int(h.params["window"])] if h.kind == "streaming" else [0, 0]
+        return out
 
     def cached_kv_heads(self) -> list[int]:
         """KV heads whose keys and values must still be cached."""
@@ -77,6 +101,12 @@ class Plan:
     model: dict[str, Any] = field(default_factory=dict)
     budget: dict[str, Any] = field(default_factory=dict)
     unit: str = "head"
+    fusion: bool = False
+    """Scale-normalized fusion (and learned parameters) for every layer with linear heads."""
+
+    def layer_has_params(self, lp: LayerPlan) -> bool:
+        """Whether layer ``lp`` gets learned parameters (fusion scales, feature maps, gates)."""
+        return lp.has_learned_kind() or (self.fusion and lp.has_linear_kind())
 
     def layer(self, index: int) -> LayerPlan:
         for lp in self.layers:
@@ -91,6 +121,7 @@ class Plan:
             "model": self.model,
             "unit": self.unit,
             "budget": self.budget,
+            "fusion": self.fusion,
             "layers": [
                 {
                     "layer": lp.layer,
@@ -163,7 +194,12 @@ def plan_from_json(doc: Any) -> Plan:
                 f"{hpath}.scores",
                 "must be an object of numbers",
             )
-            heads.append(HeadPlan(kind, dict(params), {str(k): float(v) for k, v in scores.items()}))
+            params = dict(params)
+            if kind == "streaming":
+                params = {**STREAMING_DEFAULTS, **params}
+                _field(_is_int(params["sink"]) and params["sink"] >= 0, f"{hpath}.params.sink", "must be an integer >= 0")
+                _field(_is_int(params["window"]) and params["window"] >= 1, f"{hpath}.params.window", "must be an integer >= 1")
+            heads.append(HeadPlan(kind, params, {str(k): float(v) for k, v in scores.items()}))
         out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
     unit = doc.get("unit", "head")
     _field(unit in ("head", "kv_group"), "plan.unit", "must be 'head' or 'kv_group'")
@@ -171,7 +207,9 @@ def plan_from_json(doc: Any) -> Plan:
     budget = doc.get("budget", {})
     _field(isinstance(model, dict), "plan.model", "must be an object")
     _field(isinstance(budget, dict), "plan.budget", "must be an object")
-    return Plan(sorted(out, key=lambda lp: lp.layer), model, budget, unit)
+    fusion = doc.get("fusion", False)
+    _field(isinstance(fusion, bool), "plan.fusion", "must be true or false")
+    return Plan(sorted(out, key=lambda lp: lp.layer), model, budget, unit, fusion)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -214,7 +252,7 @@ def model_summary(sites: Sequence[AttentionSite], model_type: str) -> dict[str, 
 
 @dataclass(frozen=True)
 class CacheCost:
-    """KV-cache bytes per token, and linear-state bytes per sequence, for a plan."""
+    """KV-cache bytes per token, and fixed bytes per sequence (linear states, streaming windows), for a plan."""
 
     kv_bytes_per_token_before: int
     kv_bytes_per_token_after: int
@@ -233,6 +271,18 @@ def cache_cost(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int) -
         d = by_layer[lp.layer].head_dim
         before += 2 * lp.num_kv_heads * d * element_bytes
         after += 2 * len(lp.cached_kv_heads()) * d * element_bytes
-        linear = sum(1 for h in lp.heads if kind_by_name(h.kind).linear)
-        state += linear * (d * d + d) * 4  # fp32 state S (d x d) and normalizer z (d)
+        for h in lp.heads:
+            if h.kind == "gdn":
+                state += d * d * 4  # fp32 state S (d x d)
+            elif h.kind == "hedgehog":
+                state += (2 * d * d + 2 * d) * 4  # feature dim 2d: S (2d x d) and z (2d)
+            elif kind_by_name(h.kind).linear:
+                state += (d * d + d) * 4  # fp32 state S (d x d) and normalizer z (d)
+        group = lp.num_heads // lp.num_kv_heads
+        cached = set(lp.cached_kv_heads())
+        windows: dict[int, int] = {}  # KV head -> longest window its streaming heads keep
+        for i, h in enumerate(lp.heads):
+            if h.kind == "streaming" and i // group not in cached:
+                windows[i // group] = max(windows.get(i // group, 0), int(h.params["sink"]) + int(h.params["window"]))
+        state += sum(windows.values()) * 2 * d * element_bytes
     return CacheCost(before, after, state)

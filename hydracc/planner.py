@@ -34,7 +34,7 @@ from hydracc.analyze import Analysis, units_of
 from hydracc.capture import AttentionSite
 from hydracc.errors import PlanError
 from hydracc.kernels.head_kinds import kind_by_name
-from hydracc.plan import HeadPlan, LayerPlan, Plan, model_summary
+from hydracc.plan import STREAMING_DEFAULTS, HeadPlan, LayerPlan, Plan, model_summary
 
 STRATEGIES = ("heads", "layers", "random", "even")
 RANKING_SCORES = ("sensitivity", "retrieval", "linear_error")
@@ -155,11 +155,28 @@ def make_budget_plan(
     linear_kind: str = "elu",
     seed: int = 0,
     element_bytes: int = 2,
+    kind_params: dict[str, int] | None = None,
+    fusion: bool = False,
 ) -> Plan:
-    """A plan that keeps as many units full as ``budget`` allows, chosen by ``strategy``."""
-    kind = kind_by_name(linear_kind)
-    if not kind.linear:
-        raise PlanError(f"--linear-kind must be a linear kind, got {linear_kind!r}")
+    """A plan that keeps as many units full as ``budget`` allows, chosen by ``strategy``.
+
+    Heads not kept full become ``linear_kind`` (with ``kind_params``, e.g. a streaming head's
+    ``sink`` and ``window``); ``fusion`` asks for scale-normalized fusion on linear heads.
+    """
+    try:
+        kind = kind_by_name(linear_kind)
+    except KeyError as err:
+        raise PlanError(f"--linear-kind: {err.args[0]}") from None
+    if kind.keeps_kv:
+        raise PlanError(f"--linear-kind must be a kind that frees the KV cache, got {linear_kind!r}")
+    params = dict(kind_params or {})
+    unknown = sorted(set(params) - set(kind.plan_params))
+    if unknown:
+        raise PlanError(f"head kind {kind.name!r} takes {', '.join(kind.plan_params) or 'no parameters'}; got {', '.join(unknown)}")
+    if kind.name == "streaming":
+        params = {**STREAMING_DEFAULTS, **params}
+        if params["sink"] < 0 or params["window"] < 1:
+            raise PlanError(f"streaming heads need --sink >= 0 and --window >= 1, got {params['sink']} and {params['window']}")
     if score not in RANKING_SCORES:
         raise PlanError(f"--score must be one of {', '.join(RANKING_SCORES)}, got {score!r}")
     units = _units(sites, element_bytes)
@@ -239,7 +256,7 @@ def make_budget_plan(
         ls = analysis.layer(s.layer) if analysis is not None else None
         heads = []
         for h in range(s.num_heads):
-            hp = HeadPlan("full" if (s.layer, h) in full_heads else kind.name)
+            hp = HeadPlan("full") if (s.layer, h) in full_heads else HeadPlan(kind.name, dict(params))
             if ls is not None:
                 hp.scores = ls.heads[h].to_json()
             heads.append(hp)
@@ -250,6 +267,7 @@ def make_budget_plan(
         "full_ratio": budget.full_ratio,
         "kv_budget": budget.kv_budget,
         "linear_kind": kind.name,
+        "linear_kind_params": params or None,
         "full_units": len(chosen),
         "total_units": len(units),
         "kv_fraction_used": round(sum(u.cost for u in chosen) / total_bytes, 6) if total_bytes else 0.0,
@@ -265,7 +283,8 @@ def make_budget_plan(
     if analysis is not None:
         record["calibration"] = analysis.calibration
     record = {k: v for k, v in record.items() if v is not None}
-    return Plan(layers, model=model_summary(sites, model_type), budget=record, unit="kv_group" if grouped else "head")
+    return Plan(layers, model=model_summary(sites, model_type), budget=record, unit="kv_group" if grouped else "head",
+                fusion=fusion or kind.learned)
 
 
 def ratio_plan(sites: Sequence[AttentionSite], model_type: str, *, full_ratio: float, linear_kind: str = "elu") -> Plan:

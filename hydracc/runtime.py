@@ -8,6 +8,12 @@ Design decisions:
   config's ``hydra`` section (``module.layer_idx``).
 - The op is causal by construction. transformers' mask is only checked: a batch with
   padding raises ``PaddingNotSupportedError`` instead of silently attending to pad tokens.
+- Learned head parameters (fusion scales, hedgehog feature maps, gdn gates) live in a
+  ``HybridHeads`` submodule named ``hydra`` on each converted attention module, so their
+  checkpoint names are ``{module}.hydra.{name}`` and transformers' own loader fills them.
+  The submodules are attached by a wrapper around ``PreTrainedModel.post_init`` (the end of
+  every model's ``__init__``), active only for configs with a ``hydra`` section and the
+  ``"hydracc"`` attention, so ``hydracc.load`` and plain Auto loading build the same model.
 - Generation: ``generate`` gets a ``hydracc.cache.HybridCache`` by default for these models
   (a wrapper around transformers' cache preparation, active only when the attention is
   ``"hydracc"``); its layers hand the attention function a ``HybridStep`` instead of
@@ -28,7 +34,7 @@ from torch import nn
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
 from hydracc.capture import AttentionSite
-from hydracc.converted import read_hydra_section
+from hydracc.converted import HydraLayer, read_hydra_layers, read_hydra_section
 from hydracc.errors import CheckpointError, HydraError, UnsupportedModelError
 
 ATTN_IMPLEMENTATION = "hydracc"
@@ -45,22 +51,24 @@ def hybrid_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: q ``[B, Hq, T, D]``, unexpanded k/v ``[B, Hkv, S, D]``."""
-    codes = getattr(module, "_hydracc_kinds", None)
-    if codes is None:
-        layers = read_hydra_section(module.config.to_dict(), "model config")
+    entry: HydraLayer | None = getattr(module, "_hydracc_layer", None)
+    if entry is None:
+        layers = read_hydra_layers(module.config.to_dict(), "model config")
         layer = getattr(module, "layer_idx", None)
         if layer not in layers:
             raise CheckpointError(f"attention module for layer {layer} has no entry in the hydra section")
-        codes = layers[layer]
-        module._hydracc_kinds = codes
+        entry = layers[layer]
+        module._hydracc_layer = entry
+    codes = entry.codes
+    params = module.hydra.op_params() if entry.params else []
     if attention_mask is not None and not torch.compiler.is_compiling():
         _refuse_padding(attention_mask, query.shape[2], key.shape[2])
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     from hydracc.cache import HybridStep  # not at module level: hydracc.cache imports transformers
 
     if isinstance(key, HybridStep):  # generating with a HybridCache: full heads cached, linear heads stateful
-        return key.attend(query, codes, float(scale)).transpose(1, 2).contiguous(), None
-    out = torch.ops.hydracc.hybrid_attention(query, key, value, codes, float(scale), [])
+        return key.attend(query, codes, float(scale), params, entry.head_windows).transpose(1, 2).contiguous(), None
+    out = torch.ops.hydracc.hybrid_attention(query, key, value, codes, float(scale), params, entry.head_windows)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -92,6 +100,75 @@ def _register() -> None:
     except ImportError:  # pragma: no cover - older transformers
         pass
     _use_hybrid_cache_in_generate()
+    _attach_learned_params_on_init()
+
+
+class HybridHeads(nn.Module):
+    """A converted layer's learned head parameters, in the op's ``head_params`` order.
+
+    Created empty (the loader fills them from ``{module}.hydra.{name}``); ``op_params``
+    returns them as the op takes them.
+    """
+
+    def __init__(self, names: Sequence[str], num_heads: int, head_dim: int) -> None:
+        super().__init__()
+        from hydracc.kernels.head_kinds import param_shapes
+
+        shapes = param_shapes(num_heads, head_dim)
+        self.names = list(names)
+        for name in self.names:
+            self.register_parameter(name, nn.Parameter(torch.zeros(shapes[name]), requires_grad=False))
+
+    def op_params(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self.names]
+
+
+def attach_learned_params(model: nn.Module, layers: dict[int, HydraLayer] | None = None) -> int:
+    """Give every converted attention module of ``model`` its ``hydra`` submodule; return how many.
+
+    Does nothing (returns 0) when the model does not contain the section's modules by name
+    (transformers calls ``post_init`` on inner models first).
+    """
+    if layers is None:
+        layers = read_hydra_layers(model.config.to_dict(), "model config")
+    wanted = [entry for entry in layers.values() if entry.params]
+    modules = dict(model.named_modules())
+    if not wanted or any(entry.module not in modules for entry in wanted):
+        return 0
+    section = {int(e["layer"]): e for e in model.config.to_dict()["hydra"]["layers"]}
+    for entry in wanted:
+        module = modules[entry.module]
+        if not isinstance(getattr(module, "hydra", None), HybridHeads):
+            info = section[entry.layer]
+            module.hydra = HybridHeads(entry.param_attrs, int(info["num_heads"]), int(info["head_dim"]))
+    # fusion scales, feature maps and gates stay fp32 under a bf16/fp16 model ("strict": for bf16 too)
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    model._keep_in_fp32_modules_strict = keep | {"hydra"}
+    return len(wanted)
+
+
+def _attach_learned_params_on_init() -> None:
+    """Wrap ``PreTrainedModel.post_init`` so converted models get their ``hydra`` submodules."""
+    try:
+        from transformers.modeling_utils import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return
+    original = PreTrainedModel.post_init
+    if getattr(original, "_hydracc_wrapped", False):
+        return
+
+    def post_init(self: Any, *args: Any, **kwargs: Any) -> Any:
+        config = getattr(self, "config", None)
+        if (
+            config is not None
+            and isinstance(getattr(config, "hydra", None), dict)
+            and getattr(config, "_attn_implementation", None) in (ATTN_IMPLEMENTATION, "hydracc_export")
+        ):
+            attach_learned_params(self)
+        return original(self, *args, **kwargs)
+
+    post_init._hydracc_wrapped = True  # type: ignore[attr-defined]
+    PreTrainedModel.post_init = post_init
 
 
 def _use_hybrid_cache_in_generate() -> None:

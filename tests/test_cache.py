@@ -176,3 +176,67 @@ def test_groups_with_full_and_linear_heads_mixed(tiny_checkpoint, tmp_path) -> N
             pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
         full = model(ids).logits
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def _plan_with_kinds(src, tmp_path, kinds_by_layer: list[list[str]], fusion: bool, window: int = 3, sink: int = 1) -> object:
+    """A plan file giving each head its own kind (streaming heads with a short window)."""
+    from hydracc.convert import inspect_checkpoint, make_plan
+
+    insp = inspect_checkpoint(src)
+    try:
+        plan = make_plan(insp, strategy="even")
+    finally:
+        insp.checkpoint.close()
+    doc = plan.to_json()
+    doc["fusion"] = fusion
+    for layer, kinds in zip(doc["layers"], kinds_by_layer):
+        layer["heads"] = [
+            {"kind": k, "params": {"sink": sink, "window": window} if k == "streaming" else {}} for k in kinds
+        ]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+MIXED = [["full", "hedgehog", "gdn", "streaming"], ["streaming", "elu", "gdn", "hedgehog"]]
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [MIXED, [["gdn"] * 4, ["gdn"] * 4], [["streaming"] * 4, ["hedgehog"] * 4], [["full", "full", "streaming", "streaming"]] * 2],
+    ids=["all-kinds", "all-gdn", "streaming+hedgehog", "full+streaming"],
+)
+@pytest.mark.parametrize("fusion", [True, False], ids=["fusion", "plain"])
+def test_every_kind_decodes_like_recomputing(tiny_checkpoint, tmp_path, kinds, fusion) -> None:
+    if not fusion and any(k in ("hedgehog", "gdn") for layer in kinds for k in layer):
+        fusion = True  # learned kinds always come with their parameters (and so with fusion)
+    src = tiny_checkpoint("llama-gqa")
+    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, fusion), seq_len=16, calib_samples=2)
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(14, batch=2)
+    cache = HybridCache(model.config)
+    with torch.no_grad():
+        pieces = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        pieces.append(model(ids[:, 5:9], past_key_values=cache, use_cache=True).logits)
+        for t in range(9, 14):
+            pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        full = model(ids).logits
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+    for layer in cache.layers:  # streaming heads keep at most sink + window (+1) rows, whatever the length
+        if layer.stream_heads:
+            assert layer.window_keys.shape[2] <= 1 + 3 + 1
+
+
+def test_streaming_with_a_window_covering_the_sequence_equals_full(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    convert(src, tmp_path / "full", full_ratio=1.0, strategy="even")
+    convert(src, tmp_path / "stream", plan_file=_plan_with_kinds(src, tmp_path, [["streaming"] * 4] * 2, False, window=64, sink=0))
+    ids = _ids(20)
+    with torch.no_grad():
+        full = hydracc.load(tmp_path / "full")(ids).logits
+        stream = hydracc.load(tmp_path / "stream")(ids).logits
+    torch.testing.assert_close(stream, full, rtol=1e-5, atol=1e-5)
+    convert(src, tmp_path / "short", plan_file=_plan_with_kinds(src, tmp_path, [["streaming"] * 4] * 2, False, window=4, sink=1))
+    with torch.no_grad():
+        short = hydracc.load(tmp_path / "short")(ids).logits
+    assert (short - full).abs().max() > 1e-3  # a short window does change the result

@@ -232,3 +232,50 @@ def test_planning_errors_exit_2(tiny_checkpoint, args, message) -> None:
 def test_calibration_longer_than_the_model_is_refused(tiny_checkpoint) -> None:
     res = run("analyze", tiny_checkpoint("gpt2-mha"), "--seq-len", "4096")
     assert res.exit_code == 2 and "positions" in res.output
+
+
+@pytest.mark.slow
+def test_convert_with_distillation_json_and_resume_errors(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    out = tmp_path / "out"
+    res = run("convert", src, "-o", out, "--strategy", "even", "--full-ratio", "0.5", "--linear-kind", "gdn", "--distill",
+              "--steps", "3", "--e2e-steps", "1", "--distill-samples", "4", "--seq-len", "16", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["distill"]["settings"]["steps"] == 3
+    assert set(report["distill"]["losses"]) == {"attention_transfer.layer0", "attention_transfer.layer1", "kl"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["hydra"]["distill"] == report["distill"]
+    assert config["hydra"]["plan"]["fusion"] is True
+    assert not (tmp_path / "out.hydracc-distill").exists()
+    # --resume with no saved state: a clear error, nothing written
+    res = run("convert", src, "-o", tmp_path / "again", "--strategy", "even", "--linear-kind", "gdn", "--distill", "--resume",
+              "--seq-len", "16", "--distill-samples", "4")
+    assert res.exit_code == 2 and "no distillation state" in res.output
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sink", "4"], "--linear-kind streaming"),
+        (["--resume"], "add --distill"),
+        (["--distill", "--no-fusion"], "drop --no-fusion"),
+        (["--linear-kind", "full"], "Invalid value for '--linear-kind'"),
+    ],
+    ids=["sink-without-streaming", "resume-without-distill", "distill-no-fusion", "full-kind"],
+)
+def test_bad_kind_and_distill_options(tiny_checkpoint, tmp_path, args, message) -> None:
+    res = run("convert", tiny_checkpoint("llama-gqa"), "-o", tmp_path / "out", "--strategy", "even", *args)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_streaming_plan_dry_run(tiny_checkpoint) -> None:
+    res = run("convert", tiny_checkpoint("llama-gqa"), "--plan", "--json", "--strategy", "even", "--full-ratio", "0.5",
+              "--linear-kind", "streaming", "--sink", "2", "--window", "8")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    kinds = [h for lp in report["plan"]["layers"] for h in lp["heads"]]
+    assert {"kind": "streaming", "params": {"sink": 2, "window": 8}} in kinds
+    assert report["kv_cache"]["bytes_per_token_after"] == report["kv_cache"]["bytes_per_token_before"] // 2

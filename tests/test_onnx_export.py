@@ -76,3 +76,16 @@ def test_output_cannot_replace_the_checkpoint(tiny_checkpoint, tmp_path) -> None
     res = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "conv"), "-o", str(tmp_path / "conv"), "--force"])
     assert res.exit_code == 2 and "would replace" in res.output
     assert (tmp_path / "conv" / "model.safetensors").exists()
+
+
+def test_hedgehog_with_fusion_exports_and_gdn_is_refused(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    convert(src, tmp_path / "hh", full_ratio=0.5, strategy="even", linear_kind="hedgehog", seq_len=16, calib_samples=2)
+    report = export_onnx(tmp_path / "hh", atol=1e-4, check_tokens=4)
+    assert report.prefill_max_diff <= 1e-4 and report.decode_max_diff <= 1e-4
+    meta = json.loads((report.path / "export.json").read_text())
+    assert "past.0.hedgehog.state" in meta["inputs"]["decode"]
+    convert(src, tmp_path / "gdn", full_ratio=0.5, strategy="even", linear_kind="gdn", seq_len=16, calib_samples=2)
+    with pytest.raises(ExportError, match="gdn heads"):
+        export_onnx(tmp_path / "gdn")
+    assert not (tmp_path / "gdn" / "onnx").exists()

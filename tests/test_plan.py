@@ -66,9 +66,13 @@ def _doc() -> dict:
         (lambda d: d["layers"][0]["heads"][7].update(params={"x": 1}), "plan.layers[0].heads[7].params"),
         (lambda d: d.update(version=True), "plan.version"),
         (lambda d: d["layers"][1].update(num_heads="8"), "plan.layers[1].num_heads"),
+        (lambda d: d["layers"][0]["heads"].__setitem__(2, {"kind": "streaming", "params": {"window": 0}}), "plan.layers[0].heads[2].params.window"),
+        (lambda d: d["layers"][0]["heads"].__setitem__(2, {"kind": "streaming", "params": {"sink": -1}}), "plan.layers[0].heads[2].params.sink"),
+        (lambda d: d["layers"][0]["heads"].__setitem__(2, {"kind": "gdn", "params": {"window": 4}}), "plan.layers[0].heads[2].params"),
+        (lambda d: d.update(fusion="yes"), "plan.fusion"),
     ],
     ids=["format", "version", "extra-head", "unknown-kind", "kv-heads", "duplicate-layer", "params", "unknown-param",
-         "bool-version", "string-heads"],
+         "bool-version", "string-heads", "zero-window", "negative-sink", "gdn-window", "fusion"],
 )
 def test_validation_names_the_field(edit, field: str) -> None:
     doc = _doc()
@@ -105,3 +109,24 @@ def test_cache_cost_by_hand() -> None:
     assert cost.kv_bytes_per_token_after == 2 * (2 * 1 * 16 * 2)
     assert cost.ratio == 0.5
     assert cost.linear_state_bytes == 2 * 4 * (16 * 16 + 16) * 4
+
+
+def test_new_kinds_in_plans_and_their_cost() -> None:
+    sites = _sites(layers=1, heads=4, kv=2, d=16)
+    doc = ratio_plan(sites, "llama", full_ratio=0.5).to_json()
+    doc["layers"][0]["heads"] = ["full", "streaming", "gdn", {"kind": "streaming", "params": {"window": 10, "sink": 2}}]
+    plan = plan_from_json(doc)
+    lp = plan.layers[0]
+    assert lp.heads[1].params == {"sink": 4, "window": 64}  # defaults filled in on load
+    assert lp.head_windows() == [0, 0, 4, 64, 0, 0, 2, 10]
+    assert lp.full_heads() == [0] and lp.cached_kv_heads() == [0]
+    assert plan.layer_has_params(lp)  # gdn is learned: parameters (and fusion) come with it
+    cost = cache_cost(plan, sites, element_bytes=2)
+    assert cost.kv_bytes_per_token_after == 2 * 16 * 2  # only KV head 0 (the full head's) grows
+    # gdn state d*d fp32, plus the second KV group's streaming window: (sink + window) rows of k and v
+    assert cost.linear_state_bytes == 16 * 16 * 4 + (2 + 10) * 2 * 16 * 2
+    doc["layers"][0]["heads"] = ["full", "full", "elu", "elu"]
+    assert not plan_from_json(doc).layer_has_params(plan_from_json(doc).layers[0])
+    doc["fusion"] = True
+    fused = plan_from_json(doc)
+    assert fused.layer_has_params(fused.layers[0]) and fused.to_json()["fusion"] is True

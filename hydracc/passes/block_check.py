@@ -42,8 +42,12 @@ def _random_like(val: Any, gen: torch.Generator) -> Any:
 class AttentionBlock:
     """The subgraph from the q/k/v matmuls to the o-projection matmul of one site."""
 
-    def __init__(self, captured: CapturedModel, attention: fx.Node, weights: dict[str, str]) -> None:
-        """``weights`` names the projection weights: keys ``q``, ``k``, ``v``, ``o``."""
+    def __init__(
+        self, captured: CapturedModel, attention: fx.Node, weights: dict[str, str], added: dict[str, str] | None = None
+    ) -> None:
+        """``weights`` names the projection weights: keys ``q``, ``k``, ``v``, ``o``; ``added`` maps
+        graph-module buffers of learned head parameters to their checkpoint names (they become inputs)."""
+        added = added or {}
         gm, targets = captured.graph_module, captured.placeholder_targets
         starts = [_matmul_for_weight(gm.graph, weights[k], targets) for k in ("q", "k", "v")]
         end = _matmul_for_weight(gm.graph, weights["o"], targets)
@@ -60,7 +64,7 @@ class AttentionBlock:
             for inp in node.all_input_nodes:
                 if inp in env:
                     continue
-                if inp.op == "get_attr":
+                if inp.op == "get_attr" and inp.target not in added:
                     env[inp] = graph.node_copy(inp)
                 else:
                     env[inp] = graph.placeholder(f"in_{inp.name}")
@@ -69,17 +73,21 @@ class AttentionBlock:
         graph.output(env[end])
         self.attention = env[attention]
         self.module = fx.GraphModule(gm, graph)
-        self.parameter_names = {i.name: targets.get(i.name) for i in self.inputs}
+        self.parameter_names = {
+            i.name: added.get(str(i.target)) if i.op == "get_attr" else targets.get(i.name) for i in self.inputs
+        }
         self.signature = tuple(
             (str(n.target), tuple(n.meta["val"].shape) if isinstance(n.meta.get("val"), torch.Tensor) else None)
             for n in graph.nodes
             if n.op == "call_function"
         )
 
-    def run(self, inputs: list[Any], head_kinds: list[int] | None = None) -> torch.Tensor:
+    def run(self, inputs: list[Any], head_kinds: list[int] | None = None, head_windows: list[int] | None = None) -> torch.Tensor:
         if head_kinds is not None:
             args = list(self.attention.args)
             args[3] = head_kinds
+            if head_windows is not None:
+                args[6] = head_windows
             self.attention.args = tuple(args)
             self.module.recompile()
         return _on_device(self.module, torch.device("cpu"))(*inputs)
@@ -95,13 +103,20 @@ def reorder_is_exact(
     *,
     cache: dict[tuple, bool] | None = None,
     seed: int = 0,
+    windows: list[int] | None = None,
+    new_windows: list[int] | None = None,
+    added: dict[str, str] | None = None,
 ) -> bool:
-    """Whether the block gives the same output with reordered weights and kinds (random data)."""
+    """Whether the block gives the same output with reordered weights, kinds and windows (random data).
+
+    ``added`` maps graph buffers of learned head parameters to checkpoint names, so they are
+    randomized and reordered (by ``apply_edits``) like weights.
+    """
     try:
-        block = AttentionBlock(captured, attention, weights)
+        block = AttentionBlock(captured, attention, weights, added)
     except (ValueError, KeyError):
         return False
-    key = (block.signature, tuple(kinds), tuple(new_kinds))
+    key = (block.signature, tuple(kinds), tuple(new_kinds), tuple(windows or ()), tuple(new_windows or ()))
     if cache is not None and key in cache:
         return cache[key]
     gen = torch.Generator().manual_seed(seed)
@@ -111,8 +126,8 @@ def reorder_is_exact(
         for i, x in zip(block.inputs, inputs)
     ]
     with torch.no_grad():
-        before = block.run(inputs, kinds).float()
-        after = block.run(reordered, new_kinds).float()
+        before = block.run(inputs, kinds, windows).float()
+        after = block.run(reordered, new_kinds, new_windows).float()
     scale = before.abs().max().clamp_min(1e-6)
     exact = bool(((after - before).abs().max() / scale) < 1e-4)
     if cache is not None:

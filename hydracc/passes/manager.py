@@ -41,6 +41,8 @@ class PassContext:
     notes: list[str] = field(default_factory=list)
     """Human-readable remarks passes leave for the report (e.g. a skipped site)."""
     options: dict[str, Any] = field(default_factory=dict)
+    added_params: dict[str, str] = field(default_factory=dict)
+    """Learned parameters the rewrite added: checkpoint name -> graph-module buffer name."""
 
     @property
     def graph_module(self) -> fx.GraphModule:

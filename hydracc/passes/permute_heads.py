@@ -29,7 +29,7 @@ def full_first_order(codes: list[int], num_kv_heads: int) -> tuple[list[int], li
     group = len(codes) // num_kv_heads
 
     def full(h: int) -> bool:
-        return not kind_by_code(codes[h]).linear
+        return kind_by_code(codes[h]).keeps_kv
 
     groups = sorted(range(num_kv_heads), key=lambda g: not any(full(g * group + i) for i in range(group)))
     order: list[int] = []
@@ -71,9 +71,16 @@ def permute_heads(ctx: PassContext) -> None:
         if order == list(range(len(codes))):
             continue
         edits = site_edits(ctx, site, order, kv_order)
+        attrs = {str(p.target) for p in node.args[5]}
+        added = {attr: name for name, attr in ctx.added_params.items() if attr in attrs}
+        for name in added.values():  # learned parameters are indexed by query head: reorder their rows
+            edits.reorder_blocks(name, 0, len(codes), 0, 1, order)
         new_codes = [codes[i] for i in order]
+        windows = list(node.args[6])
+        new_windows = [w for i in order for w in windows[2 * i : 2 * i + 2]] if windows else []
         weights = {k: getattr(site, f"{k}_proj").weight for k in ("q", "k", "v", "o")}
-        if not reorder_is_exact(ctx.captured, node, weights, edits.apply, codes, new_codes, cache=checked):
+        if not reorder_is_exact(ctx.captured, node, weights, edits.apply, codes, new_codes, cache=checked,
+                                windows=windows, new_windows=new_windows, added=added):
             ctx.notes.append(
                 f"permute-heads: layer {site.layer} skipped (reordering heads changes the block's output: "
                 "something between the projections and the heads depends on head order)"
@@ -84,4 +91,5 @@ def permute_heads(ctx: PassContext) -> None:
         node.meta[HEAD_ORDER_META] = [previous[i] for i in order]
         args = list(node.args)
         args[3] = new_codes
+        args[6] = new_windows
         node.args = tuple(args)

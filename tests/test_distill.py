@@ -1,0 +1,223 @@
+"""Learned head parameters: initialisation, distillation, resume, and exact save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import ROOT
+from safetensors import safe_open
+
+import hydracc
+from hydracc import convert as pipeline
+from hydracc.capture import SITE_META
+from hydracc.distill import (
+    DistillError,
+    DistillSettings,
+    _kl_loss,
+    distill,
+    initial_params,
+    param_name,
+    record_sites,
+    state_dir_for,
+    transfer_loss,
+)
+from hydracc.errors import HydraError
+from hydracc.kernels.head_kinds import PARAM_NAMES
+from hydracc.passes.hybridize import bind_added_params, hybrid_nodes
+from hydracc.planner import Budget
+
+SEQ = 24
+EXAMPLE = ROOT / "examples" / "tiny-llama"
+
+
+def _setup(src, kind: str = "hedgehog", ratio: float = 0.5, samples: int = 6, **kind_params):
+    insp = pipeline.inspect_checkpoint(src, capture_shape=pipeline.calibration_shape(samples, SEQ))
+    plan = pipeline.make_plan(insp, budget=Budget(full_ratio=ratio), strategy="even", linear_kind=kind, fusion=True,
+                              kind_params=kind_params or None)
+    calibration = pipeline.calibration_for(insp, samples=samples, seq_len=SEQ)
+    return insp, plan, calibration, insp.load_weights()
+
+
+@pytest.mark.parametrize("kind", ["hedgehog", "gdn"])  # elu has only the fusion scale, which starts fitted
+def test_distillation_lowers_the_attention_transfer_loss(kind) -> None:
+    # the trained example model: a random tiny model's near-uniform heads leave nothing to fit
+    insp, plan, calibration, weights = _setup(EXAMPLE, kind, samples=8)
+    records = record_sites(insp.captured, weights, calibration, {lp.layer for lp in plan.layers})
+    start = initial_params(plan, insp.captured.sites, records)
+    result = distill(insp.captured, weights, plan, calibration, DistillSettings(steps=25, lr=2e-2), records=records)
+    rows = torch.arange(calibration.samples)  # one fixed batch: every calibration row
+    for lp in plan.layers:
+        site = insp.captured.site(lp.layer)
+        before = transfer_loss(records[lp.layer], rows, lp, site, {n: start[param_name(site, n)] for n in PARAM_NAMES})
+        after = transfer_loss(records[lp.layer], rows, lp, site, {n: result.values[param_name(site, n)] for n in PARAM_NAMES})
+        assert float(after) < 0.9 * float(before), (lp.layer, float(before), float(after))
+
+
+def test_initial_values_are_measured_from_the_original_heads(tiny_checkpoint) -> None:
+    insp, plan, calibration, weights = _setup(tiny_checkpoint("llama-gqa"), "gdn")
+    records = record_sites(insp.captured, weights, calibration, {0, 1})
+    values = initial_params(plan, insp.captured.sites, records)
+    site = insp.captured.site(0)
+    rms = records[0].out.pow(2).mean(-1).sqrt().mean(dim=(0, 2))
+    torch.testing.assert_close(values[param_name(site, "fusion_scale")], rms)
+    bias = values[param_name(site, "gdn_gate_bias")]
+    gdn_heads = [h for h, hp in enumerate(plan.layer(0).heads) if hp.kind == "gdn"]
+    assert gdn_heads and all(float(bias[h, 0]) != 0.0 for h in gdn_heads)  # decay set from the head's distance
+    alpha = torch.exp(-torch.nn.functional.softplus(bias[gdn_heads, 0]))
+    assert bool(((alpha > 0.5) & (alpha < 1.0)).all())
+
+
+def test_hedgehog_starts_closer_to_softmax_than_elu() -> None:
+    """The Gaussian-initialised feature map estimates exp(scale q.k): closer to the trained heads than elu."""
+    insp, plan, calibration, weights = _setup(EXAMPLE, "hedgehog", ratio=0.0, samples=8)
+    records = record_sites(insp.captured, weights, calibration, {0, 1, 2, 3})
+    values = initial_params(plan, insp.captured.sites, records)
+    from hydracc.kernels.reference import run_kind
+
+    def err(x: torch.Tensor, target: torch.Tensor) -> float:
+        return float((x - target).norm() / target.norm())
+
+    for layer in (0, 1, 2, 3):
+        rec, site = records[layer], insp.captured.site(layer)
+        k = rec.k.repeat_interleave(site.num_heads // site.num_kv_heads, 1)
+        v = rec.v.repeat_interleave(site.num_heads // site.num_kv_heads, 1)
+        params = {n: values[param_name(site, n)] for n in PARAM_NAMES}
+        hedgehog = run_kind(2, rec.q, k, v, site.scale, params=params)
+        elu = run_kind(1, rec.q, k, v, site.scale)
+        assert err(hedgehog, rec.out) < err(elu, rec.out), (layer, err(hedgehog, rec.out), err(elu, rec.out))
+
+
+@pytest.mark.parametrize("e2e", [0, 4], ids=["stage1", "stage1+2"])
+def test_a_resumed_run_equals_an_uninterrupted_one(tiny_checkpoint, tmp_path, e2e) -> None:
+    insp, plan, calibration, weights = _setup(tiny_checkpoint("llama-gqa"), "gdn")
+    settings = DistillSettings(steps=5, e2e_steps=e2e, save_every=2, seed=3)
+    whole = distill(insp.captured, weights, plan, calibration, settings)
+    again = distill(insp.captured, weights, plan, calibration, settings)
+    for name in whole.values:  # the same seed gives the same weights
+        assert torch.equal(whole.values[name], again.values[name])
+
+    state = tmp_path / "state"
+    calls = {"n": 0}
+    stop_at = 8 + e2e // 2  # mid layer 1 for stage 1 alone, or inside stage 2
+
+    def interrupt(stage: str, step: int, steps: int, loss: float) -> None:
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(insp.captured, weights, plan, calibration, settings, state_dir=state, fingerprint="x", progress=interrupt)
+    assert (state / "state.json").is_file()
+    resumed = distill(insp.captured, weights, plan, calibration, settings, state_dir=state, fingerprint="x", resume=True)
+    for name in whole.values:
+        assert torch.equal(whole.values[name], resumed.values[name]), name
+    assert resumed.losses.keys() == whole.losses.keys()
+    with pytest.raises(DistillError, match="other inputs or settings"):
+        distill(insp.captured, weights, plan, calibration, DistillSettings(steps=6, save_every=2, seed=3), state_dir=state,
+                fingerprint="x", resume=True)
+
+
+@pytest.mark.parametrize("kind", ["hedgehog", "gdn", "elu"])
+def test_saving_and_loading_preserves_outputs_exactly(tiny_checkpoint, tmp_path, kind) -> None:
+    """The converted checkpoint (heads permuted, params stored) computes what distillation trained."""
+    src = tiny_checkpoint("llama-gqa")
+    settings = DistillSettings(steps=3, e2e_steps=1, seed=1)
+    result = pipeline.convert(src, tmp_path / "out", strategy="even", full_ratio=0.5, linear_kind=kind, seq_len=SEQ,
+                              distill_settings=settings, distill_samples=6)
+    assert not state_dir_for(tmp_path / "out").exists()  # training state removed after success
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["hydra"]["distill"]["settings"]["steps"] == 3
+    entry = config["hydra"]["layers"][0]
+    assert entry["params"] == [f"{entry['module']}.hydra.{n}" for n in PARAM_NAMES]
+    # stored rows are the trained rows in saved head order
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        stored = {name: f.get_tensor(name) for name in entry["params"]}
+    for name, tensor in stored.items():
+        assert torch.equal(tensor, result.learned.values[name][entry["head_order"]])
+    model = hydracc.load(tmp_path / "out")
+    for name, tensor in stored.items():  # loaded exactly, in fp32
+        assert torch.equal(model.get_parameter(name).detach(), tensor)
+    # the loaded model equals the graph the distillation trained (original head order, no rewrite)
+    insp, plan, calibration, weights = _setup(src, kind, ratio=0.5)
+    ids = torch.from_numpy(calibration.tokens[: insp.captured.input_shape[0]]).long()
+    with torch.no_grad():
+        loaded = model(ids).logits.float()
+        trained = _student_logits(insp, plan, weights, result.learned.values, ids)
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-4)
+    # and Auto loading after `import hydracc` builds the same model
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(auto(ids).logits, model(ids).logits)
+
+
+def _student_logits(insp, plan, weights, values, ids) -> torch.Tensor:
+    """Logits of the converted model as stage 2 computes them (KL against itself is 0, so read them out)."""
+    from hydracc.analyze import SiteInterpreter
+    from hydracc.distill import _site_qkv
+    from hydracc.kernels.head_kinds import kind_by_name
+    from hydracc.kernels.reference import hybrid_attention_reference
+
+    gm = insp.captured.graph_on(torch.device("cpu"))
+
+    def hook(layer, target, args, kwargs):
+        q, k, v = _site_qkv(args, kwargs)
+        lp, site = plan.layer(layer), insp.captured.site(layer)
+        codes = [kind_by_name(h.kind).code for h in lp.heads]
+        params = [values[param_name(site, n)] for n in PARAM_NAMES]
+        return hybrid_attention_reference(q, k, v, codes, site.scale, params, head_windows=lp.head_windows())
+
+    out = SiteInterpreter(gm, hook).run(*insp.captured.graph_inputs(weights, ids))
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+
+
+def test_kl_loss_is_zero_for_an_all_full_plan(tiny_checkpoint) -> None:
+    insp, plan, calibration, weights = _setup(tiny_checkpoint("llama-gqa"), ratio=1.0)
+    ids = torch.from_numpy(calibration.tokens[: insp.captured.input_shape[0]]).long()
+    assert float(_kl_loss(insp.captured, weights, plan, {}, ids, ids.shape[0])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_rewritten_graph_with_bound_params_equals_the_loaded_model(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    insp, plan, calibration, weights = _setup(src, "hedgehog", ratio=0.5)
+    learned = pipeline.learn_params(insp, plan, calibration)
+    assert learned is not None and learned.settings is None  # measured initial values, no training
+    rewrite = pipeline.rewrite(insp, plan)
+    with pytest.raises(HydraError, match="before rewrite"):
+        pipeline.learn_params(insp, plan, calibration)
+    pipeline.emit(insp, rewrite, tmp_path / "out", learned=learned)
+    model = hydracc.load(tmp_path / "out")
+    saved = {name: model.get_parameter(name).detach() for name in rewrite.context.added_params}
+    bind_added_params(insp.captured.graph_module, rewrite.context.added_params, saved)
+    edits = rewrite.context.weight_edits
+    ids = torch.from_numpy(calibration.tokens[: insp.captured.input_shape[0]]).long()
+    permuted = {name: edits.apply(name, w) for name, w in weights.items()}
+    nodes = hybrid_nodes(insp.captured.graph_module.graph)
+    assert all(len(n.args[5]) == len(PARAM_NAMES) for n in nodes) and nodes[0].meta[SITE_META] == 0
+    with torch.no_grad():
+        graph = insp.captured.run(permuted, ids)
+        loaded = model(ids).logits
+    torch.testing.assert_close(graph, loaded, rtol=1e-4, atol=1e-4)
+
+
+def test_emit_refuses_a_rewrite_without_its_learned_values(tiny_checkpoint, tmp_path) -> None:
+    insp, plan, _, _ = _setup(tiny_checkpoint("llama-gqa"), "hedgehog")
+    rewrite = pipeline.rewrite(insp, plan)
+    with pytest.raises(HydraError, match="learned parameters"):
+        pipeline.emit(insp, rewrite, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_learned_params_stay_fp32_in_a_bf16_model(tiny_checkpoint, tmp_path) -> None:
+    pipeline.convert(tiny_checkpoint("llama-gqa", dtype=torch.bfloat16), tmp_path / "out", strategy="even", full_ratio=0.5,
+                     linear_kind="hedgehog", seq_len=16, calib_samples=2)
+    model = hydracc.load(tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        stored = {name: f.get_tensor(name) for name in f.keys() if ".hydra." in name}
+    assert stored and all(t.dtype == torch.float32 for t in stored.values())
+    for name, tensor in stored.items():
+        assert torch.equal(model.get_parameter(name).detach(), tensor)
+    assert model.get_parameter("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
