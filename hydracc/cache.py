@@ -276,8 +276,8 @@ class HybridStep:
                 int(head_windows[2 * h]), int(head_windows[2 * h + 1]), new_pos, pos,
             )
             out[:, h : h + 1] = res.to(out.dtype)
-        last = self.past + tq - 1  # keep what any later query may still see
-        keep = (pos < layer.sink) | (pos > last - layer.window)
+        nxt = self.past + tq  # the next query's position: it sees keys j < sink or j > nxt - window
+        keep = (pos < layer.sink) | (pos > nxt - layer.window)
         layer.window_keys, layer.window_values, layer.window_pos = k[:, :, keep], v[:, :, keep], pos[keep]
 
 

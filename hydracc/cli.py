@@ -178,7 +178,8 @@ def _planning_options(fn: Any) -> Any:
         click.option("--max-full-per-layer", type=click.IntRange(0), default=None, help="Keep at most this many units full in any layer."),
         click.option("--keep-full", multiple=True, metavar="L.H[,L.H]", help="Keep these query heads full (layer.head; under GQA their whole KV group). Repeatable."),
         click.option("--force-linear", multiple=True, metavar="L.H[,L.H]", help="Make these query heads linear (under GQA their whole KV group). Repeatable."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for --strategy random."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed for --strategy random, the hedgehog initialisation and --distill's minibatches."),
         click.option("--linear-kind", type=click.Choice(["elu", "hedgehog", "gdn", "streaming"]), default="elu", show_default=True,
                      help="What converted heads become: elu (parameter-free linear attention), hedgehog (learned feature map), "
                           "gdn (gated delta rule), streaming (attention sink + sliding window, DuoAttention). hedgehog and "
@@ -209,6 +210,28 @@ def _distill_options(fn: Any) -> Any:
     ]):
         fn = option(fn)
     return fn
+
+
+def _check_device(settings: Any) -> None:
+    """Refuse a --device that does not exist here, before any work."""
+    import torch
+
+    try:
+        device = settings.torch_device()
+    except (RuntimeError, ValueError) as exc:
+        raise HydraError(f"--device {settings.device!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HydraError(f"--device {settings.device}: this machine has no CUDA device", hint="drop --device to train on the CPU")
+
+
+def _check_onnx_kinds(kinds: list[str]) -> None:
+    """Refuse --onnx up front for head kinds the ONNX export does not support."""
+    from hydracc.onnx_export import EXPORTABLE_KINDS
+
+    unsupported = sorted(set(kinds) - EXPORTABLE_KINDS)
+    if unsupported:
+        raise HydraError(f"--onnx: the ONNX export does not support {', '.join(unsupported)} heads yet",
+                         hint=f"it exports {', '.join(sorted(EXPORTABLE_KINDS))} heads; convert without --onnx")
 
 
 def _kind_params(sink: int | None, window: int | None, linear_kind: str) -> dict[str, int] | None:
@@ -361,19 +384,28 @@ def convert(
             raise HydraError("--distill trains the fusion scales: drop --no-fusion")
         if distill and dry_run:
             raise HydraError("--distill trains a converted model: drop --plan and give -o OUTPUT")
+        from hydracc.kernels.head_kinds import kind_by_name
+        from hydracc.plan import load_plan
+
+        file_plan = load_plan(plan_file) if plan_file is not None else None
+        if fusion is False and (kind_by_name(linear_kind).learned and file_plan is None):
+            raise HydraError(f"--no-fusion: {linear_kind} heads always come with fusion (their parameters include the scales)",
+                             hint="drop --no-fusion, or use --linear-kind elu or streaming")
+        if distill and file_plan is None and linear_kind == "streaming" and not fusion:
+            raise HydraError("--distill: streaming heads have nothing to train", hint="drop --distill, or add --fusion")
+        if onnx:
+            _check_onnx_kinds([linear_kind] if file_plan is None else [h.kind for lp in file_plan.layers for h in lp.heads])
         settings = None
         if distill:
             from hydracc.distill import DistillSettings
 
             settings = DistillSettings(steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, batch=distill_batch, seed=seed,
                                        save_every=save_every, device=device)
-        want_fusion = bool(fusion) or distill
+            _check_device(settings)
+        want_fusion = True if distill else fusion
         needs_analysis = plan_file is None and strategy == "heads"
-        from hydracc.kernels.head_kinds import kind_by_name
-        from hydracc.plan import load_plan
-
-        may_learn = want_fusion or kind_by_name(linear_kind).learned or (
-            plan_file is not None and pipeline.needs_learned_params(load_plan(plan_file)))
+        may_learn = bool(want_fusion) or kind_by_name(linear_kind).learned or (
+            file_plan is not None and pipeline.needs_learned_params(file_plan))
         samples = max(calib_samples, distill_samples if distill else 0)
         shape = pipeline.calibration_shape(samples, seq_len) if needs_analysis or may_learn else (2, 16)
         insp = pipeline.inspect_checkpoint(path, capture_shape=shape)
@@ -382,6 +414,8 @@ def convert(
             plan = pipeline.make_plan(insp, plan_file=plan_file, budget=budget, strategy=strategy, analysis=analysis, score=score,
                                       keep_full=keep_full, force_linear=force_linear, linear_kind=linear_kind, seed=seed,
                                       kind_params=kind_params, fusion=want_fusion)
+            if fusion is False and any(lp.has_learned_kind() for lp in plan.layers):
+                raise HydraError("--no-fusion: the plan has hedgehog or gdn heads, which always come with fusion")
             cost = cache_cost(plan, insp.captured.sites, insp.element_bytes)
             result = pipeline.ConversionResult(insp, plan, cost, analysis=analysis)
             if plan_out is not None:
@@ -394,7 +428,14 @@ def convert(
                 assert output is not None
                 if pipeline.needs_learned_params(plan) or settings is not None:
                     rows = pipeline.calibration_for(insp, calib, samples=distill_samples if distill else calib_samples, seq_len=seq_len)
-                    result.learned = _learn_with_progress(reporter, pipeline, insp, plan, rows, settings, output, resume)
+                    try:
+                        result.learned = _learn_with_progress(reporter, pipeline, insp, plan, rows, settings, output, resume)
+                    except KeyboardInterrupt:
+                        from hydracc.distill import state_dir_for
+
+                        state = state_dir_for(output)
+                        saved = f"; the training state is saved in {state}: rerun with --resume to continue" if state.is_dir() else ""
+                        reporter.fail(f"interrupted; nothing was written to {output}{saved}", EXIT_INTERRUPTED)
                 result.rewrite = pipeline.rewrite(insp, plan, user_passes=user_passes, permute=permute)
                 result.files = _emit_with_progress(reporter, pipeline, insp, result.rewrite, output, force, max_bytes, result.learned)
                 result.output = output

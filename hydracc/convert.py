@@ -39,7 +39,7 @@ from hydracc.calibration import (
 from hydracc.capture import CapturedModel, capture, require_sites
 from hydracc.checkpoint import Checkpoint, open_checkpoint
 from hydracc.converted import hydra_section
-from hydracc.distill import DistillResult, DistillSettings, distill, initial_params, record_sites, state_dir_for
+from hydracc.distill import DistillResult, DistillSettings, distill, initial_values, state_dir_for
 from hydracc.emit import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from hydracc.errors import HydraError, OutputError, PassError
 from hydracc.kernels.head_kinds import kind_by_name
@@ -196,22 +196,24 @@ def make_plan(
     linear_kind: str = "elu",
     seed: int = 0,
     kind_params: dict[str, int] | None = None,
-    fusion: bool = False,
+    fusion: bool | None = None,
 ) -> Plan:
     """Plan stage: read ``plan_file``, or allocate ``budget`` (default: 25% of units) by ``strategy``.
 
-    ``fusion`` turns scale-normalized fusion on (also for a plan file that does not ask for it).
+    ``fusion``: ``True``/``False`` sets scale-normalized fusion (overriding a plan file's
+    choice; layers with learned kinds keep theirs), ``None`` keeps the plan file's or is off.
     """
     sites = inspection.captured.sites
     if plan_file is not None:
         plan = load_plan(plan_file)
-        plan.fusion = plan.fusion or fusion
+        if fusion is not None:
+            plan.fusion = fusion
     else:
         plan = make_budget_plan(
             sites, inspection.captured.config.model_type, budget or Budget(full_ratio=0.25),
             strategy=strategy, analysis=analysis, score=score, keep_full=keep_full, force_linear=force_linear,
             linear_kind=linear_kind, seed=seed, element_bytes=inspection.element_bytes, kind_params=kind_params,
-            fusion=fusion,
+            fusion=bool(fusion),
         )
     check_plan_fits(plan, sites)
     return plan
@@ -292,9 +294,7 @@ def learn_params(
         raise HydraError("learn_params needs the original graph: call it before rewrite")
     weights = inspection.load_weights(settings.torch_device() if settings is not None else "cpu")
     if settings is None:
-        layers = {lp.layer for lp in plan.layers if plan.layer_has_params(lp)}
-        records = record_sites(inspection.captured, weights, calibration, layers)
-        return DistillResult(initial_params(plan, inspection.captured.sites, records), None)
+        return DistillResult(initial_values(inspection.captured, weights, plan, calibration), None)
     fingerprint = json.dumps(inspection.checkpoint.sha256(), sort_keys=True)
     return distill(
         inspection.captured, weights, plan, calibration, settings,
@@ -395,7 +395,11 @@ def convert(
     measured initial values.
     """
     needs_analysis = plan_file is None and strategy == "heads"
+    if Path(out).exists() and not force:  # before any work (emit checks again, atomically)
+        raise OutputError(f"output {out} already exists", hint="choose a new path or pass force=True to replace it")
     if distill_settings is not None:
+        if plan_options.get("fusion") is False:
+            raise HydraError("distillation trains the fusion scales: do not turn fusion off")
         plan_options["fusion"] = True
     may_learn = distill_settings is not None or plan_options.get("fusion") or kind_by_name(linear_kind).learned or (
         plan_file is not None and needs_learned_params(load_plan(plan_file))

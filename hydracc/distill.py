@@ -13,15 +13,20 @@ Design decisions:
   weights 0 with the decay bias set from the head's mean attention distance ``d``
   (``alpha = 1 - 1 / (d + 1)``) and step size ``beta = 0.5``. Seeded per layer and head.
 - Stage 1, attention transfer: one layer at a time, each linear head's fused output is
-  fitted to the original head's output on recorded q, k, v (relative MSE, Adam). Memory is
-  the recorded activations plus one layer's training state; layers are independent.
+  fitted to the original head's output on recorded q, k, v (relative MSE, Adam). Each
+  layer's q, k, v and output are recorded just before it trains (the graph runs up to that
+  site only), so memory is one layer's activations on the calibration rows (fp32, CPU) plus
+  its training state; layers are independent.
 - Stage 2 (optional): KL(original || converted) of the next-token distribution, end to
   end, training only the added parameters of every layer together.
 - Deterministic: minibatches are drawn from a generator seeded by (seed, stage, layer,
-  step), so a resumed run draws what an uninterrupted one would. A state file (parameters,
-  Adam moments, position) is written atomically every ``save_every`` steps next to the
-  output (``OUT.hydracc-distill/``); ``resume=True`` continues from it when its settings
-  match and refuses otherwise. It is deleted after a successful conversion.
+  step), so a resumed run draws what an uninterrupted one would. One state file (parameters,
+  Adam moments; position, losses and fingerprint in its metadata) is replaced atomically every
+  ``save_every`` steps and at each layer's end, next to the output
+  (``OUT.hydracc-distill/state.safetensors``); ``resume=True`` continues from it when the
+  fingerprint (inputs, plan, calibration tokens, training settings except the save interval
+  and device) matches and refuses otherwise. It is deleted after a successful conversion.
+- A non-finite loss stops training with an error instead of emitting broken parameters.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -132,6 +138,10 @@ def _site_qkv(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
+class _Recorded(Exception):
+    """Raised by the recording hook once every wanted site of a batch is recorded."""
+
+
 def record_sites(
     captured: CapturedModel, weights: dict[str, Tensor], calibration: Calibration, layers: set[int]
 ) -> dict[int, SiteRecord]:
@@ -141,18 +151,25 @@ def record_sites(
     gm = captured.graph_on(device)
     parts: dict[int, list[tuple[Tensor, ...]]] = {layer: [] for layer in layers}
     for ids, real in _batches(captured, calibration):
+        pending = set(layers)
 
-        def hook(layer: int, target: Any, args: tuple, kwargs: dict, _real: int = real) -> Tensor:
+        def hook(layer: int, target: Any, args: tuple, kwargs: dict, _real: int = real, _pending: set = pending) -> Tensor:
             out = target(*args, **kwargs)
             if layer in parts:
                 q, k, v = _site_qkv(args, kwargs)
                 group = q.shape[1] // sites[layer].num_kv_heads
                 k, v = k[:, ::group] if k.shape[1] == q.shape[1] else k, v[:, ::group] if v.shape[1] == q.shape[1] else v
                 parts[layer].append(tuple(t[:_real].detach().float().cpu() for t in (q, k, v, out)))
+                _pending.discard(layer)
+                if not _pending:
+                    raise _Recorded  # nothing after this site is needed
             return out
 
-        with torch.no_grad():
-            SiteInterpreter(gm, hook).run(*captured.graph_inputs(weights, ids.to(device)))
+        try:
+            with torch.no_grad():
+                SiteInterpreter(gm, hook).run(*captured.graph_inputs(weights, ids.to(device)))
+        except _Recorded:
+            pass
     return {layer: SiteRecord(*(torch.cat(ts) for ts in zip(*chunks))) for layer, chunks in parts.items()}
 
 
@@ -175,26 +192,40 @@ def initial_params(plan: Plan, sites: list[AttentionSite], records: dict[int, Si
     by_layer = {s.layer: s for s in sites}
     values: dict[str, Tensor] = {}
     for lp in plan.layers:
-        if not plan.layer_has_params(lp):
-            continue
-        site, rec = by_layer[lp.layer], records[lp.layer]
-        hq, d = site.num_heads, site.head_dim
-        group = hq // site.num_kv_heads
-        shapes = param_shapes(hq, d)
-        init = {name: torch.zeros(shape) for name, shape in shapes.items()}
-        rms = rec.out.pow(2).mean(-1).sqrt().mean(dim=(0, 2))  # [Hq]
-        init["fusion_scale"] = rms.clamp_min(1e-4)
-        distance = _mean_distance(rec.q, rec.k.repeat_interleave(group, dim=1), site.scale)
-        for h, head in enumerate(lp.heads):
-            if head.kind == "hedgehog":
-                gen = torch.Generator().manual_seed(_seed(seed, lp.layer, h))
-                init["hedgehog_weight"][h] = torch.randn(d, d, generator=gen) * math.sqrt(site.scale)
-            elif head.kind == "gdn":
-                alpha = 1.0 - 1.0 / (float(distance[h]) + 1.0)
-                init["gdn_gate_bias"][h, 0] = math.log(math.expm1(max(-math.log(max(alpha, 1e-6)), 1e-6)))
-        for name in PARAM_NAMES:
-            values[param_name(site, name)] = init[name]
+        if plan.layer_has_params(lp):
+            values.update(layer_initial_params(lp, by_layer[lp.layer], records[lp.layer], seed))
     return values
+
+
+def initial_values(
+    captured: CapturedModel, weights: dict[str, Tensor], plan: Plan, calibration: Calibration, seed: int = 0
+) -> dict[str, Tensor]:
+    """``initial_params`` measured one layer at a time (memory: one layer's recorded activations)."""
+    values: dict[str, Tensor] = {}
+    for lp in plan.layers:
+        if plan.layer_has_params(lp):
+            rec = record_sites(captured, weights, calibration, {lp.layer})[lp.layer]
+            values.update(layer_initial_params(lp, captured.site(lp.layer), rec, seed))
+    return values
+
+
+def layer_initial_params(lp: LayerPlan, site: AttentionSite, rec: SiteRecord, seed: int = 0) -> dict[str, Tensor]:
+    """Starting values of one layer's learned parameters, measured on its recorded activations."""
+    hq, d = site.num_heads, site.head_dim
+    group = hq // site.num_kv_heads
+    shapes = param_shapes(hq, d)
+    init = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    rms = rec.out.pow(2).mean(-1).sqrt().mean(dim=(0, 2))  # [Hq]
+    init["fusion_scale"] = rms.clamp_min(1e-4)
+    distance = _mean_distance(rec.q, rec.k.repeat_interleave(group, dim=1), site.scale)
+    for h, head in enumerate(lp.heads):
+        if head.kind == "hedgehog":
+            gen = torch.Generator().manual_seed(_seed(seed, lp.layer, h))
+            init["hedgehog_weight"][h] = torch.randn(d, d, generator=gen) * math.sqrt(site.scale)
+        elif head.kind == "gdn":
+            alpha = 1.0 - 1.0 / (float(distance[h]) + 1.0)
+            init["gdn_gate_bias"][h, 0] = math.log(math.expm1(max(-math.log(max(alpha, 1e-6)), 1e-6)))
+    return {param_name(site, name): init[name] for name in PARAM_NAMES}
 
 
 def _seed(*parts: int) -> int:
@@ -230,7 +261,9 @@ def transfer_loss(rec: SiteRecord, rows: Tensor, lp: LayerPlan, site: AttentionS
 
 
 class _State:
-    """The resumable training state: parameters, Adam moments, position, losses."""
+    """The resumable training state in one file: tensors, with position and fingerprint as metadata."""
+
+    FILE = "state.safetensors"
 
     def __init__(self, directory: Path, fingerprint: str) -> None:
         self.dir = directory
@@ -246,25 +279,27 @@ class _State:
                     tensors[f"adam/{name}/exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
                     tensors[f"adam/{name}/step"] = torch.as_tensor(float(st["step"]), dtype=torch.float64).reshape(1)
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "state.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.dir / "state.safetensors")
-        meta = {"fingerprint": self.fingerprint, **position}
-        tmp_json = self.dir / "state.json.tmp"
-        tmp_json.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp_json, self.dir / "state.json")
+        tmp = self.dir / (self.FILE + ".tmp")
+        meta = {"hydracc_distill": json.dumps({"fingerprint": self.fingerprint, **position})}
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, self.dir / self.FILE)  # one rename: the position always matches the tensors
 
     def load(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        meta_path = self.dir / "state.json"
-        if not meta_path.is_file() or not (self.dir / "state.safetensors").is_file():
-            raise DistillError(f"--resume: no distillation state in {self.dir}", hint="run without --resume to start over")
-        meta = json.loads(meta_path.read_text())
+        path = self.dir / self.FILE
+        if not path.is_file():
+            raise DistillError(
+                f"--resume: no distillation state in {self.dir}",
+                hint="run without --resume to start over (a state is first saved after --save-every steps)",
+            )
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("hydracc_distill")
+        meta = json.loads(raw) if raw else {}
         if meta.get("fingerprint") != self.fingerprint:
             raise DistillError(
                 f"--resume: the state in {self.dir} was written for other inputs or settings",
                 hint="rerun with the same checkpoint, plan, calibration and distill options, or without --resume to start over",
             )
-        return meta, load_file(str(self.dir / "state.safetensors"))
+        return meta, load_file(str(path))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -307,31 +342,30 @@ def distill(
     sites = {s.layer: s for s in captured.sites}
     device = next(iter(weights.values())).device
     layers = [lp for lp in plan.layers if plan.layer_has_params(lp)]
-    if records is None:
-        records = record_sites(captured, weights, calibration, {lp.layer for lp in layers})
-    values = initial_params(plan, list(sites.values()), records, settings.seed)
-    full_fp = hashlib.sha256(json.dumps({"fp": fingerprint, "settings": asdict(settings), "plan": plan.to_json(),
-                                         "calibration": calibration.describe()}, sort_keys=True).encode()).hexdigest()
-    state = _State(state_dir, full_fp) if state_dir is not None else None
+    state = _State(state_dir, _fingerprint(fingerprint, settings, plan, calibration)) if state_dir is not None else None
     position: dict[str, Any] = {"stage": 1, "layer_index": 0, "step": 0, "losses": {}}
+    values: dict[str, Tensor] = {}
     saved: dict[str, Tensor] = {}
     if resume:
         if state is None:
             raise DistillError("--resume needs a state directory")
         position, saved = state.load()
-        values = {k: saved[f"param/{k}"].clone() for k in values}
+        values = {k.removeprefix("param/"): t.clone() for k, t in saved.items() if k.startswith("param/")}
     losses: dict[str, Any] = position.get("losses", {})
 
     def checkpoint(opt: torch.optim.Adam | None, names: list[str]) -> None:
         if state is not None:
             state.save(values, opt, names, {**position, "losses": losses})
 
-    # stage 1: attention transfer, layer by layer
+    # stage 1: attention transfer, layer by layer (activations recorded for one layer at a time)
     for index, lp in enumerate(layers):
         if position["stage"] > 1 or index < position["layer_index"]:
             continue
-        site, rec = sites[lp.layer], records[lp.layer]
+        site = sites[lp.layer]
+        rec = records[lp.layer] if records is not None else record_sites(captured, weights, calibration, {lp.layer})[lp.layer]
         names = [param_name(site, n) for n in PARAM_NAMES]
+        if names[0] not in values:
+            values.update(layer_initial_params(lp, site, rec, settings.seed))
         params = [values[n].to(device).clone().requires_grad_(True) for n in names]
         opt = torch.optim.Adam(params, lr=settings.lr)
         if resume and index == position["layer_index"] and position["step"] > 0:
@@ -341,10 +375,10 @@ def distill(
         for step in range(start, settings.steps):
             rows = _rows(settings.seed, 1, lp.layer, step, rec.q.shape[0], settings.batch)
             loss = transfer_loss(rec, rows, lp, site, dict(zip(PARAM_NAMES, params)))
+            value = _finite(loss, f"layer {lp.layer}", step, settings.lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            value = float(loss.detach())
             losses.setdefault(key, [value, value])[1] = value
             for n, p in zip(names, params):
                 values[n] = p.detach().cpu().clone()
@@ -353,6 +387,7 @@ def distill(
                 checkpoint(opt, names)
             if progress is not None:
                 progress(f"layer {lp.layer}", step + 1, settings.steps, value)
+        del rec
         position.update(layer_index=index + 1, step=0)
         checkpoint(None, [])
     # stage 2: end-to-end KL on the model's outputs
@@ -369,10 +404,10 @@ def distill(
         for step in range(start, settings.e2e_steps):
             ids, real = batches[int(_rows(settings.seed, 2, 0, step, len(batches), 1)[0])]
             loss = _kl_loss(captured, weights, plan, dict(zip(names, params)), ids, real, gm)
+            value = _finite(loss, "end to end", step, settings.e2e_lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            value = float(loss.detach())
             losses.setdefault("kl", [value, value])[1] = value
             for n, p in zip(names, params):
                 values[n] = p.detach().cpu().clone()
@@ -382,6 +417,25 @@ def distill(
             if progress is not None:
                 progress("end to end", step + 1, settings.e2e_steps, value)
     return DistillResult(values, settings, {k: [round(v, 6) for v in pair] for k, pair in losses.items()})
+
+
+def _fingerprint(extra: str, settings: DistillSettings, plan: Plan, calibration: Calibration) -> str:
+    """What a saved state must match to be resumed: inputs, plan, calibration tokens, settings."""
+    trained = {k: v for k, v in asdict(settings).items() if k not in ("save_every", "device")}
+    doc = {"inputs": extra, "settings": trained, "plan": plan.to_json(),
+           "calibration": hashlib.sha256(calibration.tokens.astype("int64").tobytes()).hexdigest(),
+           "shape": list(calibration.tokens.shape)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _finite(loss: Tensor, where: str, step: int, lr: float) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise DistillError(
+            f"distillation diverged: {where}, step {step + 1}: the loss is {value}",
+            hint=f"lower the learning rate (it was {lr:g})",
+        )
+    return value
 
 
 def _kl_loss(

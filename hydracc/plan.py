@@ -278,11 +278,11 @@ def cache_cost(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int) -
                 state += (2 * d * d + 2 * d) * 4  # feature dim 2d: S (2d x d) and z (2d)
             elif kind_by_name(h.kind).linear:
                 state += (d * d + d) * 4  # fp32 state S (d x d) and normalizer z (d)
+        # streaming heads: the hybrid cache keeps, for every KV head they read, the layer's largest
+        # sink plus its largest window (at most; one row less between steps)
         group = lp.num_heads // lp.num_kv_heads
-        cached = set(lp.cached_kv_heads())
-        windows: dict[int, int] = {}  # KV head -> longest window its streaming heads keep
-        for i, h in enumerate(lp.heads):
-            if h.kind == "streaming" and i // group not in cached:
-                windows[i // group] = max(windows.get(i // group, 0), int(h.params["sink"]) + int(h.params["window"]))
-        state += sum(windows.values()) * 2 * d * element_bytes
+        streaming = [(i, h) for i, h in enumerate(lp.heads) if h.kind == "streaming"]
+        if streaming:
+            rows = max(int(h.params["sink"]) for _, h in streaming) + max(int(h.params["window"]) for _, h in streaming)
+            state += len({i // group for i, _ in streaming}) * rows * 2 * d * element_bytes
     return CacheCost(before, after, state)

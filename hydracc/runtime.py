@@ -34,7 +34,7 @@ from torch import nn
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
 from hydracc.capture import AttentionSite
-from hydracc.converted import HydraLayer, read_hydra_layers, read_hydra_section
+from hydracc.converted import HydraLayer, read_hydra_layers
 from hydracc.errors import CheckpointError, HydraError, UnsupportedModelError
 
 ATTN_IMPLEMENTATION = "hydracc"
@@ -60,7 +60,15 @@ def hybrid_attention_forward(
         entry = layers[layer]
         module._hydracc_layer = entry
     codes = entry.codes
-    params = module.hydra.op_params() if entry.params else []
+    params: list[torch.Tensor] = []
+    if entry.params:
+        heads = getattr(module, "hydra", None)
+        if not isinstance(heads, HybridHeads):
+            raise CheckpointError(
+                f"layer {entry.layer} needs learned head parameters, but its attention module has none attached",
+                hint="load converted checkpoints with hydracc.load(OUT), or AutoModelForCausalLM after `import hydracc`",
+            )
+        params = heads.op_params()
     if attention_mask is not None and not torch.compiler.is_compiling():
         _refuse_padding(attention_mask, query.shape[2], key.shape[2])
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
@@ -126,18 +134,27 @@ class HybridHeads(nn.Module):
 def attach_learned_params(model: nn.Module, layers: dict[int, HydraLayer] | None = None) -> int:
     """Give every converted attention module of ``model`` its ``hydra`` submodule; return how many.
 
-    Does nothing (returns 0) when the model does not contain the section's modules by name
-    (transformers calls ``post_init`` on inner models first).
+    Module names in the section are relative to the causal-LM model; inside the base model
+    (``AutoModel``, or the inner model transformers initialises first) the
+    ``base_model_prefix`` is dropped. Does nothing (returns 0) when the modules are not there.
     """
     if layers is None:
         layers = read_hydra_layers(model.config.to_dict(), "model config")
     wanted = [entry for entry in layers.values() if entry.params]
     modules = dict(model.named_modules())
-    if not wanted or any(entry.module not in modules for entry in wanted):
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+
+    def find(name: str) -> nn.Module | None:
+        if name in modules:
+            return modules[name]
+        return modules.get(name.removeprefix(prefix)) if prefix != "." and name.startswith(prefix) else None
+
+    if not wanted or any(find(entry.module) is None for entry in wanted):
         return 0
     section = {int(e["layer"]): e for e in model.config.to_dict()["hydra"]["layers"]}
     for entry in wanted:
-        module = modules[entry.module]
+        module = find(entry.module)
+        assert module is not None
         if not isinstance(getattr(module, "hydra", None), HybridHeads):
             info = section[entry.layer]
             module.hydra = HybridHeads(entry.param_attrs, int(info["num_heads"]), int(info["head_dim"]))
@@ -244,6 +261,26 @@ def check_runtime_support(config: dict[str, Any], sites: Sequence[AttentionSite]
             )
 
 
+def _require_learned_tensors(root: Path, layers: dict[int, HydraLayer]) -> None:
+    """Refuse a checkpoint whose config names learned parameters its files do not hold."""
+    wanted = [name for entry in layers.values() for name in entry.params]
+    if not wanted:
+        return
+    from hydracc.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(root)
+    try:
+        missing = sorted(set(wanted) - set(ck.names()))
+    finally:
+        ck.close()
+    if missing:
+        raise CheckpointError(
+            f"{root}: config.json names learned head parameters that the weights do not hold: {', '.join(missing[:4])}"
+            + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""),
+            hint="the checkpoint is incomplete; convert it again",
+        )
+
+
 def quiet_transformers() -> None:
     """No per-tensor "Loading weights" bars from transformers: hydracc shows its own progress."""
     from transformers.utils import logging as hf_logging
@@ -263,7 +300,8 @@ def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None
     root = Path(path)
     if root.is_file():
         root = root.parent
-    read_hydra_section(read_config(root), str(root))
+    layers = read_hydra_layers(read_config(root), str(root))
+    _require_learned_tensors(root, layers)
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         root,

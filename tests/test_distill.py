@@ -109,7 +109,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny_checkpoint, tmp_path, e2
 
     with pytest.raises(KeyboardInterrupt):
         distill(insp.captured, weights, plan, calibration, settings, state_dir=state, fingerprint="x", progress=interrupt)
-    assert (state / "state.json").is_file()
+    assert sorted(p.name for p in state.iterdir()) == ["state.safetensors"]  # one file, replaced atomically
     resumed = distill(insp.captured, weights, plan, calibration, settings, state_dir=state, fingerprint="x", resume=True)
     for name in whole.values:
         assert torch.equal(whole.values[name], resumed.values[name]), name
@@ -117,6 +117,9 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny_checkpoint, tmp_path, e2
     with pytest.raises(DistillError, match="other inputs or settings"):
         distill(insp.captured, weights, plan, calibration, DistillSettings(steps=6, save_every=2, seed=3), state_dir=state,
                 fingerprint="x", resume=True)
+    other = type(calibration)(calibration.tokens[::-1].copy(), calibration.source)  # same description, other tokens
+    with pytest.raises(DistillError, match="other inputs or settings"):
+        distill(insp.captured, weights, plan, other, settings, state_dir=state, fingerprint="x", resume=True)
 
 
 @pytest.mark.parametrize("kind", ["hedgehog", "gdn", "elu"])
@@ -221,3 +224,33 @@ def test_learned_params_stay_fp32_in_a_bf16_model(tiny_checkpoint, tmp_path) -> 
     for name, tensor in stored.items():
         assert torch.equal(model.get_parameter(name).detach(), tensor)
     assert model.get_parameter("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+
+
+def test_a_non_finite_loss_is_an_error_not_a_checkpoint(tiny_checkpoint) -> None:
+    insp, plan, calibration, weights = _setup(tiny_checkpoint("llama-gqa"), "gdn")
+    records = record_sites(insp.captured, weights, calibration, {0, 1})
+    records[1].v[0, :, 3, 0] = float("inf")  # e.g. an overflow in the activations
+    with pytest.raises(DistillError, match="diverged: layer 1"):
+        distill(insp.captured, weights, plan, calibration, DistillSettings(steps=3, batch=64), records=records)
+
+
+def test_base_model_loading_and_missing_tensors(tiny_checkpoint, tmp_path) -> None:
+    from transformers import AutoModel
+
+    pipeline.convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", strategy="even", full_ratio=0.5, linear_kind="hedgehog",
+                     seq_len=16, calib_samples=2)
+    full = hydracc.load(tmp_path / "out")
+    base = AutoModel.from_pretrained(tmp_path / "out").eval()  # names without the "model." prefix
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(base(ids).last_hidden_state, full.model(ids).last_hidden_state)
+    # a copy without the learned tensors is refused instead of running on uninitialised memory
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "out", broken)
+    tensors = {k: v for k, v in load_file(str(broken / "model.safetensors")).items() if ".hydra." not in k}
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HydraError, match="learned head parameters"):
+        hydracc.load(broken)

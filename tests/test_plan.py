@@ -123,8 +123,9 @@ def test_new_kinds_in_plans_and_their_cost() -> None:
     assert plan.layer_has_params(lp)  # gdn is learned: parameters (and fusion) come with it
     cost = cache_cost(plan, sites, element_bytes=2)
     assert cost.kv_bytes_per_token_after == 2 * 16 * 2  # only KV head 0 (the full head's) grows
-    # gdn state d*d fp32, plus the second KV group's streaming window: (sink + window) rows of k and v
-    assert cost.linear_state_bytes == 16 * 16 * 4 + (2 + 10) * 2 * 16 * 2
+    # gdn state d*d fp32, plus streaming windows for both KV groups (heads 1 and 3): the layer's
+    # largest sink + largest window rows of k and v each (what the hybrid cache keeps)
+    assert cost.linear_state_bytes == 16 * 16 * 4 + 2 * (4 + 64) * 2 * 16 * 2
     doc["layers"][0]["heads"] = ["full", "full", "elu", "elu"]
     assert not plan_from_json(doc).layer_has_params(plan_from_json(doc).layers[0])
     doc["fusion"] = True
