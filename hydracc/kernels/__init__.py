@@ -1,8 +1,19 @@
-"""Attention kernels: head kinds, plain-torch references, and the hybrid custom op.
+"""Attention kernels: head kinds, plain-torch references, and the hybrid custom ops.
 
-Importing this package registers ``torch.ops.hydracc.hybrid_attention``.
+Importing this package registers ``torch.ops.hydracc.hybrid_attention`` and
+``torch.ops.hydracc.hybrid_decode`` (it never imports triton: the Triton kernels in
+``triton_prefill`` / ``triton_decode`` load on the first CUDA call).
 """
 
+from hydracc.kernels.decode_op import (
+    DECODE_OP_NAME,
+    DECODE_OP_SCHEMA,
+    DecodeLayout,
+    decode_layout,
+    hybrid_decode,
+    hybrid_decode_op,
+    hybrid_decode_reference,
+)
 from hydracc.kernels.head_kinds import (
     ELU,
     FULL,
@@ -44,6 +55,8 @@ from hydracc.kernels.reference import (
 )
 
 __all__ = [
+    "DECODE_OP_NAME",
+    "DECODE_OP_SCHEMA",
     "ELU",
     "FULL",
     "GDN",
@@ -54,11 +67,13 @@ __all__ = [
     "OP_SCHEMA",
     "PARAM_NAMES",
     "STREAMING",
+    "DecodeLayout",
     "HeadKind",
     "causal_linear_attention",
     "causal_linear_attention_recurrent",
     "causal_softmax_attention",
     "causal_streaming_attention",
+    "decode_layout",
     "elu_feature_map",
     "fuse_linear_output",
     "gated_delta_rule",
@@ -70,6 +85,9 @@ __all__ = [
     "hybrid_attention",
     "hybrid_attention_op",
     "hybrid_attention_reference",
+    "hybrid_decode",
+    "hybrid_decode_op",
+    "hybrid_decode_reference",
     "kind_by_code",
     "kind_by_name",
     "linear_state_step",

@@ -5,11 +5,13 @@ an explicit schema, so captured graphs (torch.export) keep it as a single opaque
 ``torch.ops.hydracc.hybrid_attention.default``. Arguments are appended, never moved:
 ``head_windows`` (streaming heads' ``[sink, window]`` per query head) comes after
 ``head_params`` so the first six positions keep their meaning in saved graphs. The
-default implementation, used on every device, is ``composed`` (SDPA for full heads, torch linear attention for the
-others; tested against the plain-torch reference); a device kernel is swapped in with
-``hybrid_attention_op.register_kernel("cuda")(fn)`` without touching callers. The fake
-(meta) implementation validates shapes only and returns a fresh ``[B, Hq, Tq, Dv]``
-tensor. Autograd: the backward recomputes the reference under autograd from the saved
+default implementation is ``composed`` (SDPA for full heads, torch linear attention for the
+others; tested against the plain-torch reference). On CUDA, where triton is installed, the
+fused Triton prefill (``triton_prefill``, imported on first use) runs instead, registered with
+``hybrid_attention_op.register_kernel("cuda")`` so callers and exported graphs do not change.
+The fake (meta) implementation validates shapes only and returns a fresh ``[B, Hq, Tq, Dv]``
+tensor with the strides the real implementation for that device returns. The decode op
+(one new token over the hybrid cache's tensors) is ``decode_op.py``. Autograd: the backward recomputes the reference under autograd from the saved
 inputs (no activations kept), so gradients flow through the op to q, k, v and every
 head_params tensor (fusion scales, hedgehog and gdn weights); a device kernel will bring
 its own backward when it needs one.
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from hydracc.kernels.composed import hybrid_attention_composed
+from hydracc.kernels.head_kinds import ELU, HEDGEHOG
 from hydracc.kernels.reference import hybrid_attention_reference, validate_hybrid_inputs
 
 OP_NAME = "hydracc::hybrid_attention"
@@ -59,6 +62,8 @@ def _hybrid_attention_fake(
 ) -> Tensor:
     validate_hybrid_inputs(q, k, v, head_kinds, head_params, head_windows)
     b, hq, tq, _ = q.shape
+    if _cuda_uses_triton(q, k, v, head_kinds):  # the Triton prefill's strides: a [B, Tq, Hq, Dv] buffer, transposed
+        return q.new_empty(b, tq, hq, v.shape[-1]).transpose(1, 2)
     return q.new_empty(b, hq, tq, v.shape[-1])
 
 
@@ -110,3 +115,43 @@ def hybrid_attention(
         list(head_params),
         [int(w) for w in head_windows],
     )
+
+
+# === the CUDA implementation ===============================================================
+# The fused Triton prefill; triton is imported on the first CUDA call only, so this module
+# never needs it. The fake above uses ``_cuda_uses_triton`` for its strides.
+
+
+def _cuda_uses_triton(q: Tensor, k: Tensor, v: Tensor, head_kinds: Sequence[int]) -> bool:
+    """Whether the CUDA implementation runs the Triton prefill (and returns its output layout):
+    CUDA inputs the kernel takes (dtype, head dims: static properties, so the fake can ask under
+    symbolic shapes) in a layer with an elu or hedgehog head. Other layers keep SDPA, so all-full
+    layers stay bit-identical to the original model."""
+    if q.device.type != "cuda" or not any(c in (ELU.code, HEDGEHOG.code) for c in head_kinds):
+        return False
+    try:
+        from hydracc.kernels import triton_prefill
+    except ImportError:  # no triton on this machine: the composed implementation
+        return False
+    return triton_prefill.prefill_supported(q, k, v)
+
+
+@hybrid_attention_op.register_kernel("cuda")
+def _hybrid_attention_cuda(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    head_kinds: Sequence[int],
+    scale: float,
+    head_params: Sequence[Tensor],
+    head_windows: Sequence[int],
+) -> Tensor:
+    if not _cuda_uses_triton(q, k, v, head_kinds):
+        return hybrid_attention_composed(q, k, v, head_kinds, scale, head_params, head_windows)
+    from hydracc.kernels.triton_prefill import hybrid_prefill, prefill_fits
+
+    b, hq, tq, _ = q.shape
+    out = q.new_empty(b, tq, hq, v.shape[-1]).transpose(1, 2)  # the layout the fake promises
+    if not prefill_fits(q, k, v):  # offsets past int32: the composed op, same output layout
+        return hybrid_attention_composed(q, k, v, head_kinds, scale, head_params, head_windows, out=out)
+    return hybrid_prefill(q, k, v, head_kinds, scale, head_params, head_windows, out=out)
