@@ -19,6 +19,9 @@ Design decisions:
   after every step, with the absolute position of each kept row.
 - ``get_seq_length`` counts tokens seen, not cached rows, so positions and masks are right
   even for a layer that caches nothing.
+- A one-token step on a device in ``DECODE_OP_DEVICES`` (CUDA) goes through the fused
+  ``hydracc::hybrid_decode`` op: one launch for the whole layer over these same tensors
+  (states updated in place). Elsewhere, and for prefill chunks, the torch path below runs.
 - Cropping (assisted decoding) cannot undo a linear state and is refused; batch reordering
   (beam search) and repetition apply to every tensor of the layer.
 """
@@ -179,6 +182,10 @@ class HybridLayer(DynamicLayer):
         self.is_initialized = False
 
 
+DECODE_OP_DEVICES: set[str] = {"cuda"}
+"""Device types whose one-token steps use the fused ``hydracc::hybrid_decode`` op (tests add "cpu"
+to run the op's plain-torch implementation through the same wiring)."""
+
 STATE_PARTS = {ELU.code: ("state", "norm"), HEDGEHOG.code: ("state", "norm"), GDN.code: ("state",)}
 """The tensors of each linear kind's state (see ``reference.linear_state_step``)."""
 
@@ -211,16 +218,11 @@ class HybridStep:
         b, hq, tq, _ = query.shape
         hkv = self.new_keys.shape[1]
         layer.configure(kinds, hq, hkv, list(head_windows))
+        if tq == 1 and query.device.type in DECODE_OP_DEVICES:
+            return self._attend_one_token(query, kinds, scale, head_params, head_windows)
         group = hq // hkv
         out = query.new_empty(b, hq, tq, self.new_values.shape[-1])
-        if layer.cached_kv:
-            idx = torch.tensor(layer.cached_kv, device=query.device)
-            new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
-            if layer.keys is None or layer.keys.dim() == 0 or layer.keys.numel() == 0:
-                layer.keys, layer.values = new_k, new_v
-            else:
-                layer.keys = torch.cat([layer.keys, new_k], dim=-2)
-                layer.values = torch.cat([layer.values, new_v], dim=-2)
+        self._append_full_kv()
         if layer.full_heads:
             heads = torch.tensor(layer.full_heads, device=query.device)
             qf = query.index_select(1, heads)
@@ -255,19 +257,72 @@ class HybridStep:
             self._attend_streaming(query, out, scale, group, head_windows)
         return out
 
+    def _attend_one_token(
+        self, query: Tensor, kinds: list[int], scale: float, head_params: Sequence[Tensor], head_windows: Sequence[int]
+    ) -> Tensor:
+        """One new token through ``hydracc::hybrid_decode`` (the caches laid out as the op reads them)."""
+        from hydracc.kernels.decode_op import hybrid_decode
+
+        layer = self.layer
+        b, _, _, d = query.shape
+        dv = self.new_values.shape[-1]
+        self._append_full_kv()
+        wk = wv = wpos = None
+        if layer.stream_heads:
+            wk, wv, wpos = self._window_with_new_rows()
+        states: list[Tensor] = []
+        for code in sorted(layer.linear_groups):
+            if layer.states[code] is None:  # the first token of the sequence
+                n, f = len(layer.linear_groups[code]), 2 * d if code == HEDGEHOG.code else d
+                zeros = [query.new_zeros(b, n, f, dv, dtype=torch.float32), query.new_zeros(b, n, f, dtype=torch.float32)]
+                layer.states[code] = tuple(zeros[: len(STATE_PARTS[code])])
+            states += list(layer.states[code])  # updated in place by the op
+        out = hybrid_decode(
+            query, self.new_keys, self.new_values, layer.keys if layer.cached_kv else None,
+            layer.values if layer.cached_kv else None, states, wk, wv, wpos, kinds, scale, head_params, head_windows,
+        )
+        if layer.stream_heads:
+            assert wk is not None and wv is not None and wpos is not None
+            self._keep_window(wk, wv, wpos)
+        return out
+
+    def _append_full_kv(self) -> None:
+        """Add the new keys/values of the KV heads some full head reads to the layer's cache."""
+        layer = self.layer
+        if not layer.cached_kv:
+            return
+        idx = torch.tensor(layer.cached_kv, device=self.new_keys.device)
+        new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
+        if layer.keys is None or layer.keys.dim() == 0 or layer.keys.numel() == 0:
+            layer.keys, layer.values = new_k, new_v
+        else:
+            layer.keys = torch.cat([layer.keys, new_k], dim=-2)
+            layer.values = torch.cat([layer.values, new_v], dim=-2)
+
+    def _window_with_new_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The streaming heads' kept rows plus the new tokens': keys, values, absolute positions."""
+        layer = self.layer
+        dev = self.new_keys.device
+        idx = torch.tensor(layer.stream_kv, device=dev)
+        new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
+        new_pos = torch.arange(self.past, self.past + self.new_keys.shape[2], device=dev)
+        if layer.window_keys is None:
+            return new_k, new_v, new_pos
+        return (torch.cat([layer.window_keys, new_k], dim=-2), torch.cat([layer.window_values, new_v], dim=-2),
+                torch.cat([layer.window_pos, new_pos]))
+
+    def _keep_window(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Keep only the rows a later query may see: ``j < sink`` or ``j > next - window``."""
+        layer = self.layer
+        nxt = self.past + self.new_keys.shape[2]  # the next query's position
+        keep = (pos < layer.sink) | (pos > nxt - layer.window)
+        layer.window_keys, layer.window_values, layer.window_pos = k[:, :, keep], v[:, :, keep], pos[keep]
+
     def _attend_streaming(self, query: Tensor, out: Tensor, scale: float, group: int, head_windows: Sequence[int]) -> None:
         """Streaming heads over their kept rows plus the new ones; then keep only sink + window rows."""
         layer = self.layer
-        tq = query.shape[2]
-        idx = torch.tensor(layer.stream_kv, device=query.device)
-        new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
-        new_pos = torch.arange(self.past, self.past + tq, device=query.device)
-        if layer.window_keys is None:
-            k, v, pos = new_k, new_v, new_pos
-        else:
-            k = torch.cat([layer.window_keys, new_k], dim=-2)
-            v = torch.cat([layer.window_values, new_v], dim=-2)
-            pos = torch.cat([layer.window_pos, new_pos])
+        k, v, pos = self._window_with_new_rows()
+        new_pos = pos[pos.shape[0] - query.shape[2] :]
         slot = {kv: i for i, kv in enumerate(layer.stream_kv)}
         for h in layer.stream_heads:
             j = slot[h // group]
@@ -276,9 +331,7 @@ class HybridStep:
                 int(head_windows[2 * h]), int(head_windows[2 * h + 1]), new_pos, pos,
             )
             out[:, h : h + 1] = res.to(out.dtype)
-        nxt = self.past + tq  # the next query's position: it sees keys j < sink or j > nxt - window
-        keep = (pos < layer.sink) | (pos > nxt - layer.window)
-        layer.window_keys, layer.window_values, layer.window_pos = k[:, :, keep], v[:, :, keep], pos[keep]
+        self._keep_window(k, v, pos)
 
 
 class HybridCache(Cache):

@@ -240,3 +240,28 @@ def test_streaming_with_a_window_covering_the_sequence_equals_full(tiny_checkpoi
     with torch.no_grad():
         short = hydracc.load(tmp_path / "short")(ids).logits
     assert (short - full).abs().max() > 1e-3  # a short window does change the result
+
+
+@pytest.mark.parametrize("kinds", [MIXED, [["full", "elu", "full", "elu"], ["gdn", "gdn", "streaming", "hedgehog"]]],
+                         ids=["all-kinds", "mixed"])
+def test_one_token_steps_through_the_decode_op_equal_the_torch_path(tiny_checkpoint, tmp_path, monkeypatch, kinds) -> None:
+    """The wiring CUDA uses (hydracc::hybrid_decode over the cache's tensors), run here by the op's CPU implementation."""
+    import hydracc.cache as cache_module
+
+    src = tiny_checkpoint("llama-gqa")
+    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, True), seq_len=16, calib_samples=2)
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(12, batch=2)
+
+    def decode(first_chunk: int) -> torch.Tensor:
+        cache = HybridCache(model.config)
+        with torch.no_grad():
+            pieces = [model(ids[:, :first_chunk], past_key_values=cache, use_cache=True).logits]
+            for t in range(first_chunk, 12):
+                pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        return torch.cat(pieces, 1)
+
+    torch_path = decode(5)
+    monkeypatch.setattr(cache_module, "DECODE_OP_DEVICES", {"cpu"})
+    torch.testing.assert_close(decode(5), torch_path, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(decode(1), torch_path, rtol=1e-4, atol=1e-5)  # from the very first token
