@@ -560,11 +560,7 @@ def _learn_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, plan: An
                 tasks[stage] = progress.add_task(stage, total=steps, loss="-")
             progress.update(tasks[stage], completed=step, loss=f"{loss:.4f}")
 
-        learned = pipeline.learn_params(insp, plan, rows, settings=settings, out=output, resume=resume, progress=report)
-    if learned is not None and learned.losses:
-        for key, (first, last) in sorted(learned.losses.items()):
-            reporter.console.print(f"  {key}: loss {first:.4f} -> {last:.4f}")
-    return learned
+        return pipeline.learn_params(insp, plan, rows, settings=settings, out=output, resume=resume, progress=report)
 
 
 def _emit_with_progress(reporter: _Reporter, pipeline: Any, insp: Any, rewrite: Any, output: Path, force: bool, max_bytes: int,
@@ -616,6 +612,12 @@ def _print_human(reporter: _Reporter, result: Any, dry_run: bool, plan_out: Path
         con.print(f"passes: {', '.join(result.rewrite.passes)}")
         for note in result.rewrite.context.notes:
             con.print(f"  {note}")
+    learned = getattr(result, "learned", None)
+    if learned is not None:
+        if learned.settings is None:
+            con.print("added parameters: measured initial values (no --distill)")
+        for key, (first, last) in sorted(learned.losses.items()):
+            con.print(f"  distill {key}: loss {first:.4f} -> {last:.4f}")
     if dry_run:
         con.print("dry run (--plan): nothing else was written")
     elif result.output is not None:
