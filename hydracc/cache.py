@@ -28,6 +28,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,7 +60,17 @@ class HybridLayer(DynamicLayer):
         self.window_keys: Tensor | None = None
         self.window_values: Tensor | None = None
         self.window_pos: Tensor | None = None
+        self.window_positions: list[int] = []
+        """``window_pos`` on the host, so trimming needs no device sync."""
         self.sink = self.window = 0
+        self._indices: dict[tuple[str, torch.device], Tensor] = {}
+
+    def index(self, name: str, heads: list[int], device: torch.device) -> Tensor:
+        """``heads`` as an index tensor on ``device``, made once per layer (no copy per step)."""
+        key = (name, device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._indices[key]
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -136,6 +147,7 @@ class HybridLayer(DynamicLayer):
             self.states[code] = tuple(next(it) for _ in STATE_PARTS[code])
         if self.stream_heads:
             self.window_keys, self.window_values, self.window_pos = next(it), next(it), next(it)
+            self.window_positions = [int(x) for x in self.window_pos.tolist()]
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -177,6 +189,7 @@ class HybridLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = self.window_keys = self.window_values = self.window_pos = None
+        self.window_positions = []
         self.states = {code: None for code in self.linear_groups}
         self.seen = 0
         self.is_initialized = False
@@ -218,19 +231,20 @@ class HybridStep:
         b, hq, tq, _ = query.shape
         hkv = self.new_keys.shape[1]
         layer.configure(kinds, hq, hkv, list(head_windows))
-        if tq == 1 and query.device.type in DECODE_OP_DEVICES:
+        if tq == 1 and query.device.type in DECODE_OP_DEVICES and len(layer.full_heads) < hq:
+            # (an all-full layer keeps SDPA, as in prefill: bit-identical to the original model)
             return self._attend_one_token(query, kinds, scale, head_params, head_windows)
         group = hq // hkv
         out = query.new_empty(b, hq, tq, self.new_values.shape[-1])
         self._append_full_kv()
         if layer.full_heads:
-            heads = torch.tensor(layer.full_heads, device=query.device)
+            heads = layer.index("full", layer.full_heads, query.device)
             qf = query.index_select(1, heads)
             if layer.grouped_full:  # every cached KV head serves the same number of full heads, in order
                 k, v, gqa = layer.keys, layer.values, len(layer.cached_kv) < len(layer.full_heads)
             else:  # uneven: expand the cached heads to one per full head
                 pos = {kv: i for i, kv in enumerate(layer.cached_kv)}
-                kv_of = torch.tensor([pos[h // group] for h in layer.full_heads], device=query.device)
+                kv_of = layer.index("full_kv", [pos[h // group] for h in layer.full_heads], query.device)
                 k, v, gqa = layer.keys.index_select(1, kv_of), layer.values.index_select(1, kv_of), False
             tk = k.shape[2]
             extra = {"enable_gqa": True} if gqa else {}
@@ -243,7 +257,7 @@ class HybridStep:
                 full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
             out.index_copy_(1, heads, full.to(out.dtype))
         for code, members in sorted(layer.linear_groups.items()):
-            heads = torch.tensor(members, device=query.device)
+            heads = layer.index(f"linear{code}", members, query.device)
             kv_of = heads // group
             rows = {name: t.index_select(0, heads) for name, t in zip(PARAM_NAMES, head_params)} if head_params else None
             lin, layer.states[code] = linear_state_step(
@@ -291,7 +305,7 @@ class HybridStep:
         layer = self.layer
         if not layer.cached_kv:
             return
-        idx = torch.tensor(layer.cached_kv, device=self.new_keys.device)
+        idx = layer.index("cached_kv", layer.cached_kv, self.new_keys.device)
         new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
         if layer.keys is None or layer.keys.dim() == 0 or layer.keys.numel() == 0:
             layer.keys, layer.values = new_k, new_v
@@ -303,20 +317,32 @@ class HybridStep:
         """The streaming heads' kept rows plus the new tokens': keys, values, absolute positions."""
         layer = self.layer
         dev = self.new_keys.device
-        idx = torch.tensor(layer.stream_kv, device=dev)
+        idx = layer.index("stream_kv", layer.stream_kv, dev)
         new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
         new_pos = torch.arange(self.past, self.past + self.new_keys.shape[2], device=dev)
+        layer.window_positions = layer.window_positions + list(range(self.past, self.past + self.new_keys.shape[2]))
         if layer.window_keys is None:
             return new_k, new_v, new_pos
         return (torch.cat([layer.window_keys, new_k], dim=-2), torch.cat([layer.window_values, new_v], dim=-2),
                 torch.cat([layer.window_pos, new_pos]))
 
     def _keep_window(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        """Keep only the rows a later query may see: ``j < sink`` or ``j > next - window``."""
+        """Keep only the rows a later query may see: ``j < sink`` or ``j > next - window``.
+
+        Rows are in position order, so that is a prefix (the sink) and a suffix (the window),
+        found on the host copy of the positions: two slices, no device sync."""
         layer = self.layer
         nxt = self.past + self.new_keys.shape[2]  # the next query's position
-        keep = (pos < layer.sink) | (pos > nxt - layer.window)
-        layer.window_keys, layer.window_values, layer.window_pos = k[:, :, keep], v[:, :, keep], pos[keep]
+        positions = layer.window_positions
+        head = bisect.bisect_left(positions, layer.sink)  # rows with j < sink
+        tail = max(head, bisect.bisect_right(positions, nxt - layer.window))  # first row with j > nxt - window
+        if head == 0 and tail == 0:
+            layer.window_keys, layer.window_values, layer.window_pos = k, v, pos
+        else:
+            layer.window_keys = torch.cat([k[:, :, :head], k[:, :, tail:]], dim=2)
+            layer.window_values = torch.cat([v[:, :, :head], v[:, :, tail:]], dim=2)
+            layer.window_pos = torch.cat([pos[:head], pos[tail:]])
+        layer.window_positions = positions[:head] + positions[tail:]
 
     def _attend_streaming(self, query: Tensor, out: Tensor, scale: float, group: int, head_windows: Sequence[int]) -> None:
         """Streaming heads over their kept rows plus the new ones; then keep only sink + window rows."""

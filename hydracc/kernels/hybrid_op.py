@@ -124,10 +124,12 @@ def hybrid_attention(
 
 def _cuda_uses_triton(q: Tensor, k: Tensor, v: Tensor, head_kinds: Sequence[int]) -> bool:
     """Whether the CUDA implementation runs the Triton prefill (and returns its output layout):
-    CUDA inputs the kernel takes (dtype, head dims: static properties, so the fake can ask under
-    symbolic shapes) in a layer with an elu or hedgehog head. Other layers keep SDPA, so all-full
+    bf16/fp16 CUDA inputs the kernel takes (dtype, head dims: static properties, so the fake can
+    ask under symbolic shapes) in a layer with an elu or hedgehog head. Other layers keep SDPA, so all-full
     layers stay bit-identical to the original model."""
     if q.device.type != "cuda" or not any(c in (ELU.code, HEDGEHOG.code) for c in head_kinds):
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16):  # fp32 dots have no tensor cores: SDPA + torch is faster
         return False
     try:
         from hydracc.kernels import triton_prefill

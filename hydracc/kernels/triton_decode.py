@@ -535,7 +535,7 @@ def _launch(
     stream = bool(layout.stream_kv)
     wk = window_keys if stream else dummy
     wv = window_values if stream else dummy
-    wpos = window_pos if stream else win_t
+    wpos = window_pos.contiguous() if stream else win_t  # the kernel reads positions with unit stride
     tw = window_keys.shape[2] if stream else 0
     q3, kn3, vn3, o3 = (x[:, :, 0] for x in (q, k_new, v_new, out))
     _decode_kernel[(n_items,)](

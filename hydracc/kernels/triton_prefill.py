@@ -13,8 +13,11 @@ Design decisions:
   diagonal unmasked, the diagonal block(s) masked; streaming heads visit only their sink blocks
   and the blocks of their window, masked by ``j < sink or j > p - window``.
 - Linear items run chunk by chunk: feature map (elu + 1, or hedgehog's projection and two
-  softmaxes), intra-chunk masked ``phi(q) phi(k)^T``, the inter-chunk state ``S``/``z`` in fp32
-  registers, the denominator and the scale-normalized fusion. Fusion needs the whole value row:
+  softmaxes), intra-chunk masked ``phi(q) phi(k)^T``, the inter-chunk state ``S``/``z``
+  accumulated in fp32 registers, the denominator and the scale-normalized fusion. For bf16
+  inputs the dots take bf16 operands (the state is rounded to bf16 as an operand, about 2^-9
+  relative); for fp16 inputs the linear heads' dots stay fp32, since the state and the chunk
+  weights outgrow fp16's range on long sequences. Fusion needs the whole value row:
   when a kind's value dim fits one v-block it is applied in the kernel; when it is split over
   several v-blocks (hedgehog with Dv > 64 on a GPU, to bound registers) the kernel stores each
   block's per-token sum of squares and a small epilogue launch rescales those rows.
@@ -315,9 +318,12 @@ def _prefill_kernel(
     ELU_FUSE: tl.constexpr, HH_FUSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ELU_BT: tl.constexpr, HH_BT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, ELU_BDV: tl.constexpr, HH_BDV: tl.constexpr,
-    LOWP: tl.constexpr, STORE_STATE: tl.constexpr,
+    LOWP: tl.constexpr, LIN_LOWP: tl.constexpr, STORE_STATE: tl.constexpr,
 ):
-    """Persistent program: run work items ``offsets[pid] .. offsets[pid + 1] - 1``."""
+    """Persistent program: run work items ``offsets[pid] .. offsets[pid + 1] - 1``.
+
+    ``LIN_LOWP``: low-precision dot operands in the linear heads (off for fp16, whose range the
+    running state ``S = sum phi(k) v^T`` and the chunk weights outgrow on long sequences)."""
     pid = tl.program_id(0)
     start = tl.load(offsets_ptr + pid)
     end = tl.load(offsets_ptr + pid + 1)
@@ -345,7 +351,7 @@ def _prefill_kernel(
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
                     sfs, shw_h, shw_i, shw_j, shb_h, shb_d, ssb, ssh, ssv,
                     se_ptr, ze_ptr, tl.load(slot_ptr + h), sseb, sseh, ssef, ssed, szeb, szeh, szef,
-                    False, ELU_FUSE, ELU_BT, BLOCK_D, ELU_BDV, LOWP, STORE_STATE)
+                    False, ELU_FUSE, ELU_BT, BLOCK_D, ELU_BDV, LIN_LOWP, STORE_STATE)
         if HAS_HEDGEHOG:
             if kind == 2:
                 _linear_seq(
@@ -354,7 +360,7 @@ def _prefill_kernel(
                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
                     sfs, shw_h, shw_i, shw_j, shb_h, shb_d, ssb, ssh, ssv,
                     sh_ptr, zh_ptr, tl.load(slot_ptr + h), sshb, sshh, sshf, sshd, szhb, szhh, szhf,
-                    True, HH_FUSE, HH_BT, BLOCK_D, HH_BDV, LOWP, STORE_STATE)
+                    True, HH_FUSE, HH_BT, BLOCK_D, HH_BDV, LIN_LOWP, STORE_STATE)
 
 
 @triton.jit
@@ -667,6 +673,7 @@ def _launch(
             ELU_BDV=elu_bdv,
             HH_BDV=hh_bdv,
             LOWP=dot_mode(q.dtype),
+            LIN_LOWP=dot_mode(q.dtype) and q.dtype != torch.float16,
             STORE_STATE=store,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,

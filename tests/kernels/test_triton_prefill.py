@@ -85,6 +85,27 @@ def test_prefill_small_blocks_segments_and_split_values():
     assert any(i[4] > 0 for i in items), "some linear sequence is cut into segments"
 
 
+def test_prefill_with_the_gpu_block_shape():
+    """Query tiles twice the key tiles, as the GPU default (128 x 64) has, with hedgehog's value dim
+    split (fusion in the epilogue) and queries after earlier keys; scaled down for the interpreter."""
+    m2n = PrefillConfig(32, 16, 32, 32, 16, 16, num_programs=5)
+    q, k, v = qkv(2, 8, 2, 70, 101, d=32, seed=7)
+    check(q, k, v, MIXED, MIXED_WINDOWS, config=m2n)
+    q, k, v = qkv(1, 8, 8, 45, 45, d=32, seed=8)
+    check(q, k, v, MIXED, MIXED_WINDOWS, config=m2n)
+
+
+def test_prefill_fp16_linear_state_beyond_fp16_range():
+    """The running state S = sum phi(k) v^T outgrows fp16 (max 65504) here; outputs stay finite."""
+    q, k, v = qkv(1, 2, 1, 1200, 1200, d=16, seed=9)
+    v = v + 60.0
+    q, k, v = q.half(), k.half(), v.half()
+    out = hybrid_prefill(q, k, v, [E, E], SCALE, [], [], out=nan_out(1, 2, 1200, 16, torch.float16))
+    want = hybrid_attention_reference(q.float(), k.float(), v.float(), [E, E], SCALE)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), want, atol=0.1, rtol=2e-3)
+
+
 def test_prefill_strided_inputs():
     """q, k, v as transformers passes them: transposed views of [B, T, H, D] projections."""
     g = torch.Generator().manual_seed(6)
