@@ -27,7 +27,7 @@ Design decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -172,8 +172,33 @@ def _prefix_plan(gm: fx.GraphModule) -> tuple[dict[int, set[fx.Node]], dict[int,
     return downstream, frontier
 
 
+def site_qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k, v an attention site's SDPA call received (positionally or by keyword)."""
+    q = args[0] if len(args) > 0 else kwargs["query"]
+    k = args[1] if len(args) > 1 else kwargs["key"]
+    v = args[2] if len(args) > 2 else kwargs["value"]
+    return q, k, v
+
+
+def calibration_batches(calibration: Calibration, batch: int) -> Iterator[tuple[torch.Tensor, int]]:
+    """``(ids [batch, seq_len], real)`` per graph run: a short last batch is padded with repeated
+    rows, of which only the first ``real`` count (rows do not interact, so padding changes nothing)."""
+    seq_len = calibration.seq_len
+    for start in range(0, calibration.samples, batch):
+        rows = calibration.tokens[start : start + batch]
+        real = len(rows)
+        if real < batch:
+            rows = np.concatenate([rows, np.resize(calibration.tokens, (batch - real, seq_len))])
+        yield torch.from_numpy(np.ascontiguousarray(rows)).long(), real
+
+
+def graph_logits(out: Any) -> torch.Tensor:
+    """The logits from a captured graph's output (a tensor or a tuple starting with it)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = args[0], args[1], args[2]
+    q, k, v = site_qkv(args, kwargs)
     if k.shape[1] != q.shape[1]:  # SDPA called with enable_gqa: expand here
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
@@ -315,12 +340,8 @@ def analyze(
 
     report()
     with torch.no_grad():
-        for bi in range(n_batches):
-            rows = calibration.tokens[bi * batch : (bi + 1) * batch]
-            real = len(rows)
-            if real < batch:
-                rows = np.concatenate([rows, np.resize(calibration.tokens, (batch - real, seq_len))])
-            ids = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
+        for ids, real in calibration_batches(calibration, batch):
+            ids = ids.to(device)
             targets = retrieval_targets(ids[:real]).cpu()
             inputs = captured.graph_inputs(weights, ids)
 
@@ -336,7 +357,7 @@ def analyze(
                 return out
 
             recorder = _RecordingInterpreter(gm, score_hook, keep)
-            base = _logits(recorder.run(*inputs))[:real]
+            base = graph_logits(recorder.run(*inputs))[:real]
             base_logp = F.log_softmax(base.float(), dim=-1)
             positions += base_logp.shape[0] * base_logp.shape[1]
             done += 1
@@ -358,7 +379,7 @@ def analyze(
                     runner: SiteInterpreter = _ResumingInterpreter(gm, variant_hook, prefix[0][layer], recorder.saved)
                 else:
                     runner = SiteInterpreter(gm, variant_hook)
-                logits = _logits(runner.run(*inputs))[:real]
+                logits = graph_logits(runner.run(*inputs))[:real]
                 logp = F.log_softmax(logits.float(), dim=-1)
                 kl = (torch.special.xlogy(base_logp.exp(), base_logp.exp()) - base_logp.exp() * logp.clamp_min(-1e30)).sum(-1)
                 kl_sums[layer][u] += float(kl.double().sum())
@@ -379,5 +400,3 @@ def analyze(
     return Analysis(layers, calibration.describe(), kind.name, "kv_group" if grouped else "head", extra)
 
 
-def _logits(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out

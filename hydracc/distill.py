@@ -47,7 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hydracc.analyze import SiteInterpreter
+from hydracc.analyze import SiteInterpreter, calibration_batches, graph_logits, site_qkv
 from hydracc.calibration import Calibration
 from hydracc.capture import AttentionSite, CapturedModel
 from hydracc.errors import HydraError
@@ -118,24 +118,8 @@ def param_name(site: AttentionSite, name: str) -> str:
 
 
 def _batches(captured: CapturedModel, calibration: Calibration) -> list[tuple[Tensor, int]]:
-    """Calibration rows in graph-sized batches; a short last batch is padded (``real`` rows count)."""
-    batch = captured.input_shape[0]
-    tokens = torch.from_numpy(calibration.tokens).long()
-    out = []
-    for start in range(0, calibration.samples, batch):
-        ids = tokens[start : start + batch]
-        real = ids.shape[0]
-        if real < batch:
-            ids = torch.cat([ids, ids[torch.arange(batch - real) % real]])
-        out.append((ids, real))
-    return out
-
-
-def _site_qkv(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
-    q = args[0] if len(args) > 0 else kwargs["query"]
-    k = args[1] if len(args) > 1 else kwargs["key"]
-    v = args[2] if len(args) > 2 else kwargs["value"]
-    return q, k, v
+    """Calibration rows in graph-sized batches (``analyze.calibration_batches``), as a list."""
+    return list(calibration_batches(calibration, captured.input_shape[0]))
 
 
 class _Recorded(Exception):
@@ -156,7 +140,7 @@ def record_sites(
         def hook(layer: int, target: Any, args: tuple, kwargs: dict, _real: int = real, _pending: set = pending) -> Tensor:
             out = target(*args, **kwargs)
             if layer in parts:
-                q, k, v = _site_qkv(args, kwargs)
+                q, k, v = site_qkv(args, kwargs)
                 group = q.shape[1] // sites[layer].num_kv_heads
                 k, v = k[:, ::group] if k.shape[1] == q.shape[1] else k, v[:, ::group] if v.shape[1] == q.shape[1] else v
                 parts[layer].append(tuple(t[:_real].detach().float().cpu() for t in (q, k, v, out)))
@@ -448,10 +432,10 @@ def _kl_loss(
     gm = gm if gm is not None else captured.graph_on(device)
     inputs = captured.graph_inputs(weights, ids.to(device))
     with torch.no_grad():
-        teacher = _logits(gm(*inputs))[:real].float()
+        teacher = graph_logits(gm(*inputs))[:real].float()
 
     def hook(layer: int, target: Any, args: tuple, kwargs: dict) -> Tensor:
-        q, k, v = _site_qkv(args, kwargs)
+        q, k, v = site_qkv(args, kwargs)
         lp, site = plan.layer(layer), sites[layer]
         codes = [kind_by_name(h.kind).code for h in lp.heads]
         params = [values[param_name(site, n)] for n in PARAM_NAMES] if plan.layer_has_params(lp) else []
@@ -459,9 +443,5 @@ def _kl_loss(
             return target(*args, **kwargs)
         return hybrid_attention_reference(q, k, v, codes, site.scale, params, head_windows=lp.head_windows())
 
-    student = _logits(SiteInterpreter(gm, hook).run(*inputs))[:real].float()
+    student = graph_logits(SiteInterpreter(gm, hook).run(*inputs))[:real].float()
     return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1).mean()
-
-
-def _logits(out: Any) -> Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out

@@ -138,8 +138,9 @@ def attach_learned_params(model: nn.Module, layers: dict[int, HydraLayer] | None
     (``AutoModel``, or the inner model transformers initialises first) the
     ``base_model_prefix`` is dropped. Does nothing (returns 0) when the modules are not there.
     """
+    config = model.config.to_dict()
     if layers is None:
-        layers = read_hydra_layers(model.config.to_dict(), "model config")
+        layers = read_hydra_layers(config, "model config")
     wanted = [entry for entry in layers.values() if entry.params]
     modules = dict(model.named_modules())
     prefix = f"{getattr(model, 'base_model_prefix', '')}."
@@ -151,7 +152,7 @@ def attach_learned_params(model: nn.Module, layers: dict[int, HydraLayer] | None
 
     if not wanted or any(find(entry.module) is None for entry in wanted):
         return 0
-    section = {int(e["layer"]): e for e in model.config.to_dict()["hydra"]["layers"]}
+    section = {int(e["layer"]): e for e in config["hydra"]["layers"]}
     for entry in wanted:
         module = find(entry.module)
         assert module is not None

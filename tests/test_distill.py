@@ -32,10 +32,15 @@ SEQ = 24
 EXAMPLE = ROOT / "examples" / "tiny-llama"
 
 
-def _setup(src, kind: str = "hedgehog", ratio: float = 0.5, samples: int = 6, **kind_params):
+SWAPPED = ("0.2", "1.2")
+"""Keep the second KV group full in both layers of the tiny GQA model: permute-heads then moves
+every head, so learned parameter rows must move with them."""
+
+
+def _setup(src, kind: str = "hedgehog", ratio: float = 0.5, samples: int = 6, keep_full=(), **kind_params):
     insp = pipeline.inspect_checkpoint(src, capture_shape=pipeline.calibration_shape(samples, SEQ))
     plan = pipeline.make_plan(insp, budget=Budget(full_ratio=ratio), strategy="even", linear_kind=kind, fusion=True,
-                              kind_params=kind_params or None)
+                              kind_params=kind_params or None, keep_full=keep_full)
     calibration = pipeline.calibration_for(insp, samples=samples, seq_len=SEQ)
     return insp, plan, calibration, insp.load_weights()
 
@@ -128,11 +133,12 @@ def test_saving_and_loading_preserves_outputs_exactly(tiny_checkpoint, tmp_path,
     src = tiny_checkpoint("llama-gqa")
     settings = DistillSettings(steps=3, e2e_steps=1, seed=1)
     result = pipeline.convert(src, tmp_path / "out", strategy="even", full_ratio=0.5, linear_kind=kind, seq_len=SEQ,
-                              distill_settings=settings, distill_samples=6)
+                              distill_settings=settings, distill_samples=6, keep_full=SWAPPED)
     assert not state_dir_for(tmp_path / "out").exists()  # training state removed after success
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["hydra"]["distill"]["settings"]["steps"] == 3
     entry = config["hydra"]["layers"][0]
+    assert entry["head_order"] == [2, 3, 0, 1]  # heads really moved
     assert entry["params"] == [f"{entry['module']}.hydra.{n}" for n in PARAM_NAMES]
     # stored rows are the trained rows in saved head order
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
@@ -143,7 +149,7 @@ def test_saving_and_loading_preserves_outputs_exactly(tiny_checkpoint, tmp_path,
     for name, tensor in stored.items():  # loaded exactly, in fp32
         assert torch.equal(model.get_parameter(name).detach(), tensor)
     # the loaded model equals the graph the distillation trained (original head order, no rewrite)
-    insp, plan, calibration, weights = _setup(src, kind, ratio=0.5)
+    insp, plan, calibration, weights = _setup(src, kind, ratio=0.5, keep_full=SWAPPED)
     ids = torch.from_numpy(calibration.tokens[: insp.captured.input_shape[0]]).long()
     with torch.no_grad():
         loaded = model(ids).logits.float()
@@ -159,15 +165,14 @@ def test_saving_and_loading_preserves_outputs_exactly(tiny_checkpoint, tmp_path,
 
 def _student_logits(insp, plan, weights, values, ids) -> torch.Tensor:
     """Logits of the converted model as stage 2 computes them (KL against itself is 0, so read them out)."""
-    from hydracc.analyze import SiteInterpreter
-    from hydracc.distill import _site_qkv
+    from hydracc.analyze import SiteInterpreter, site_qkv
     from hydracc.kernels.head_kinds import kind_by_name
     from hydracc.kernels.reference import hybrid_attention_reference
 
     gm = insp.captured.graph_on(torch.device("cpu"))
 
     def hook(layer, target, args, kwargs):
-        q, k, v = _site_qkv(args, kwargs)
+        q, k, v = site_qkv(args, kwargs)
         lp, site = plan.layer(layer), insp.captured.site(layer)
         codes = [kind_by_name(h.kind).code for h in lp.heads]
         params = [values[param_name(site, n)] for n in PARAM_NAMES]
@@ -185,7 +190,7 @@ def test_kl_loss_is_zero_for_an_all_full_plan(tiny_checkpoint) -> None:
 
 def test_rewritten_graph_with_bound_params_equals_the_loaded_model(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("llama-gqa")
-    insp, plan, calibration, weights = _setup(src, "hedgehog", ratio=0.5)
+    insp, plan, calibration, weights = _setup(src, "hedgehog", ratio=0.5, keep_full=SWAPPED)
     learned = pipeline.learn_params(insp, plan, calibration)
     assert learned is not None and learned.settings is None  # measured initial values, no training
     rewrite = pipeline.rewrite(insp, plan)
