@@ -21,6 +21,11 @@ Design decisions:
   when a kind's value dim fits one v-block it is applied in the kernel; when it is split over
   several v-blocks (hedgehog with Dv > 64 on a GPU, to bound registers) the kernel stores each
   block's per-token sum of squares and a small epilogue launch rescales those rows.
+- Full heads may leave the kernel (``PrefillConfig.full_heads``, on by default on GPUs): when
+  they are one range of whole KV groups and Tq == Tk, SDPA (torch's flash kernel) runs them
+  on strided slices of q/k/v, on a side stream concurrent with the kernel, and writes its
+  heads of the output; the kernel's work list then holds only the other heads. On an H200
+  this beat the one kernel at every benchmark shape (its softmax tiles reach ~60% of SDPA).
 - ``gdn`` heads are NOT fused: they run through the plain-torch chunked reference
   (``reference.gated_delta_rule``) plus fusion in this wrapper, into the same output buffer.
 - Optionally (``states=``) the linear heads' final states are written in the decode op's
@@ -83,6 +88,11 @@ class PrefillConfig:
     runs in a small epilogue launch); ``programs_per_sm``: persistent programs
     per SM (``num_programs`` overrides the total); ``linear_cost``: weight of a linear chunk's
     multiply-adds against a softmax block's in the work plan (a guess: chunks run serially).
+    ``full_heads``: ``"triton"`` runs full heads as softmax tiles of the one kernel; ``"sdpa"``
+    hands them to ``scaled_dot_product_attention`` (torch's flash kernel) as one strided slice
+    when they are a contiguous range of whole KV groups and Tq == Tk, the kernel running the
+    rest, one launch after the other; ``"sdpa-stream"`` the same with SDPA on a side stream,
+    concurrent with the kernel. Other layers keep the one kernel.
     """
 
     block_m: int = 64
@@ -96,26 +106,38 @@ class PrefillConfig:
     programs_per_sm: int = 2
     num_programs: int | None = None
     linear_cost: float = 2.0
+    full_heads: str = "triton"
+
+
+FULL_HEADS_MODES = ("triton", "sdpa", "sdpa-stream")
 
 
 def default_config(d: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> PrefillConfig:
     """Blocks for head dims ``d``, ``dv`` and the input dtype (the same for every mix of kinds).
 
-    GPU sizes were chosen by compiling for sm_90 offline, without a GPU (triton 3.6 and 3.7,
-    ``ptxas -v``, unit strides specialized as the launcher does): each path alone does not spill
-    at bf16/fp16 (hedgehog at D = 128 aside, ~0.3 KB per thread), but the one persistent kernel
+    Measured on an H200 (torch 2.11, triton 3.6; ``benchmarks/README.md``):
+    - ``full_heads="sdpa-stream"``: SDPA on the full heads, concurrent with the kernel on the
+      rest, beat the one kernel at every benchmark shape (1.3-2.2x at D = 128, bf16); the
+      kernel's softmax tiles run at ~60% of SDPA's speed. Layers whose full heads are not
+      whole KV groups in one range (or chunks after a cache) keep the one kernel.
+    - 32-token elu chunks at every head dim: with 64-token chunks, bf16 and two pipeline
+      stages, elu heads at D = 16 came out wrong on the GPU (relative error ~0.4, the first
+      chunk entirely) while fp16, fp32, one stage or 32-token chunks were right; the cause is
+      not established (the interpreter cannot show it). D = 128 always used 32.
+    Tiles were sized by compiling for sm_90 offline (``ptxas -v``): the one persistent kernel
     holding softmax and linear paths spills ~0.4-0.6 KB per thread at D = 128 (fp32 inputs:
-    ~2 KB with smaller tiles, tl.dot in fp32 has no tensor cores). Untuned on a real GPU. Under
-    the interpreter: few large blocks (it is slow per operation, not per element).
+    ~2 KB with smaller tiles, tl.dot in fp32 has no tensor cores). Under the interpreter: few
+    large blocks (it is slow per operation, not per element), everything in the one kernel.
     """
     bdv = dot_block(dv)
     if interpreting():
         return PrefillConfig(32, 32, 32, bdv, bdv, 32, num_warps=4, num_stages=1, num_programs=3)
     if dtype == torch.float32:
-        return PrefillConfig(32, 32, 16, min(bdv, 64), min(bdv, 32), 16, num_warps=8, num_stages=1)
+        return PrefillConfig(32, 32, 16, min(bdv, 64), min(bdv, 32), 16, num_warps=8, num_stages=1,
+                             full_heads="sdpa-stream")
     if dot_block(d) <= 64:
-        return PrefillConfig(128, 64, 64, min(bdv, 128), min(bdv, 64), 32, num_warps=8)
-    return PrefillConfig(128, 64, 32, min(bdv, 128), min(bdv, 64), 16, num_warps=8)
+        return PrefillConfig(128, 64, 32, min(bdv, 128), min(bdv, 64), 32, num_warps=8, full_heads="sdpa-stream")
+    return PrefillConfig(128, 64, 32, min(bdv, 128), min(bdv, 64), 16, num_warps=8, full_heads="sdpa-stream")
 
 
 # --- device code ------------------------------------------------------------------------
@@ -579,6 +601,8 @@ def hybrid_prefill(
     if tq == 0:
         return out
     cfg = config or default_config(d, dv, q.dtype)
+    if cfg.full_heads not in FULL_HEADS_MODES:
+        raise ValueError(f"PrefillConfig.full_heads must be one of {FULL_HEADS_MODES}, got {cfg.full_heads!r}")
     with on_device(q):
         _launch(q, k, v, head_kinds, scale, head_params, head_windows, out, cfg, layout, state_of)
     return out
@@ -630,7 +654,12 @@ def _launch(
 
     elu_fuse, hh_fuse = fuse_mode(elu_bdv), fuse_mode(hh_bdv)
     programs = cfg.num_programs or cfg.programs_per_sm * num_sms(q.device)
-    plan_cfg = dataclasses.replace(cfg, elu_block_dv=elu_bdv, hedgehog_block_dv=hh_bdv)
+    plan_cfg = dataclasses.replace(cfg, elu_block_dv=elu_bdv, hedgehog_block_dv=hh_bdv, full_heads="triton")
+    sdpa = sdpa_head_range(kinds, hq // hkv, tq, tk) if cfg.full_heads != "triton" else None
+    side = None
+    if sdpa is not None:  # full heads by SDPA; the kernel's plan skips them (code -1 makes no items)
+        kinds = tuple(-1 if sdpa[0] <= h < sdpa[1] else c for h, c in enumerate(kinds))
+        side = _full_heads_sdpa(q, k, v, scale, out, sdpa, cfg.full_heads == "sdpa-stream")
     if any(c in _SOFTMAX_KINDS or c in _TRITON_LINEAR for c in kinds):
         items, offsets = _device_plan((kinds, windows, b, tq, tk, d, dv, plan_cfg, programs), q.device)
         win = _int_table(windows, q.device)
@@ -693,6 +722,52 @@ def _launch(
     gdn = [h for h, c in enumerate(kinds) if c == GDN.code]
     if gdn:
         _gdn_heads(q, k, v, gdn, head_params, out, None if state_of is None else state_of[GDN.code][0])
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
+
+
+def sdpa_head_range(kinds: Sequence[int], group: int, tq: int, tk: int) -> tuple[int, int] | None:
+    """``(h0, h1)`` when the full heads are exactly query heads ``h0 .. h1 - 1``, whole KV groups
+    (so their KV heads are ``h0 // group .. h1 // group - 1`` and no other head's), and the
+    causal mask is SDPA's (Tq == Tk); else None."""
+    full = [h for h, c in enumerate(kinds) if c == FULL.code]
+    if not full or tq != tk:
+        return None
+    h0, h1 = full[0], full[-1] + 1
+    if h1 - h0 != len(full) or h0 % group or h1 % group:
+        return None
+    return h0, h1
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _full_heads_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, out: Tensor, heads: tuple[int, int], concurrent: bool
+) -> torch.cuda.Stream | None:
+    """Full heads ``heads`` through SDPA on strided slices (no gather), written into ``out``.
+    ``concurrent`` (CUDA): on a side stream the caller joins later; returns that stream."""
+    h0, h1 = heads
+    group = q.shape[1] // k.shape[1]
+    kv = slice(h0 // group, h1 // group)
+
+    def run() -> None:
+        res = torch.nn.functional.scaled_dot_product_attention(
+            q[:, h0:h1], k[:, kv], v[:, kv], is_causal=True, scale=scale, enable_gqa=group > 1
+        )
+        out[:, h0:h1].copy_(res)
+
+    if not (concurrent and q.is_cuda):
+        run()
+        return None
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    side = _SIDE_STREAMS.get(index)
+    if side is None:
+        side = _SIDE_STREAMS[index] = torch.cuda.Stream(q.device)
+    side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side):
+        run()
+    return side
 
 
 _INT_TABLES: dict[tuple, Tensor] = {}

@@ -26,7 +26,7 @@ from hydracc.kernels import (  # noqa: E402
     hybrid_attention_reference,
     hybrid_op,
 )
-from hydracc.kernels.triton_prefill import PrefillConfig, hybrid_prefill, work_plan  # noqa: E402
+from hydracc.kernels.triton_prefill import PrefillConfig, hybrid_prefill, sdpa_head_range, work_plan  # noqa: E402
 from kernels.kernel_cases import FIVE_KINDS, WINDOWS, make_params, qkv  # noqa: E402
 
 SCALE = 0.3
@@ -93,6 +93,28 @@ def test_prefill_with_the_gpu_block_shape():
     check(q, k, v, MIXED, MIXED_WINDOWS, config=m2n)
     q, k, v = qkv(1, 8, 8, 45, 45, d=32, seed=8)
     check(q, k, v, MIXED, MIXED_WINDOWS, config=m2n)
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "sdpa-stream"])
+def test_prefill_full_heads_by_sdpa(mode: str):
+    """``full_heads="sdpa"``: full heads that are whole KV groups in one range go to SDPA on
+    strided slices, the kernel runs the rest; any other layout keeps the one kernel."""
+    cfg = PrefillConfig(32, 32, 32, 16, 16, 32, num_programs=3, full_heads=mode)
+    grouped = [F, F, F, F, E, S, H, G]  # heads 0-3 = KV head 0 of 2
+    q, k, v = qkv(2, 8, 2, 45, 45, d=16, seed=13)
+    assert sdpa_head_range(grouped, 4, 45, 45) == (0, 4)
+    check(q, k, v, grouped, [0, 0] * 5 + [2, 5] + [0, 0] * 2, config=cfg)
+    mha = [E, F, F, E, S, E, H, E]
+    q, k, v = qkv(1, 8, 8, 33, 33, d=16, seed=14)
+    assert sdpa_head_range(mha, 1, 33, 33) == (1, 3)
+    check(q, k, v, mha, [0, 0] * 4 + [1, 4] + [0, 0] * 3, config=cfg)
+    assert sdpa_head_range(MIXED, 1, 33, 33) is None  # full heads 0 and 5: not one range
+    assert sdpa_head_range([F, F, E, E], 4, 9, 9) is None  # half a KV group
+    assert sdpa_head_range(grouped, 4, 9, 20) is None  # queries after a cache: SDPA's causal mask is wrong
+    q, k, v = qkv(2, 8, 2, 19, 50, d=16, seed=15)
+    check(q, k, v, grouped, [0, 0] * 5 + [2, 5] + [0, 0] * 2, config=cfg)  # so the kernel runs them
+    with pytest.raises(ValueError, match="full_heads"):
+        hybrid_prefill(q, k, v, [E] * 8, SCALE, config=PrefillConfig(full_heads="cudnn"))
 
 
 def test_prefill_fp16_linear_state_beyond_fp16_range():
@@ -205,3 +227,31 @@ def test_benchmark_smoke_mode():
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "| prefill" in res.stdout and "| decode" in res.stdout
+
+
+def test_gpu_defaults_keep_the_settings_measured_right(monkeypatch: pytest.MonkeyPatch):
+    """GPU defaults (benchmarks/README.md, H200): 32-token elu chunks at every head dim (64-token
+    chunks came out wrong there for bf16 at D = 16, which the interpreter cannot show) and the full
+    heads by SDPA beside the kernel (faster at every benchmark shape)."""
+    from hydracc.kernels import triton_prefill
+
+    monkeypatch.setattr(triton_prefill, "interpreting", lambda: False)
+    for d in (16, 32, 64, 128):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            cfg = triton_prefill.default_config(d, d, dtype)
+            assert cfg.block_t <= 32 and cfg.hedgehog_block_t <= 32, (d, dtype, cfg)
+            assert cfg.full_heads == "sdpa-stream"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled Triton, not the interpreter)")
+def test_prefill_on_the_gpu():
+    """``benchmarks/check_kernels_gpu.py``: every kind against the fp32 reference on the GPU, at
+    1024 tokens, bf16 and fp16 (what the interpreter cannot check: the tensor-core path, the GPU
+    block shapes, concurrency). Skipped on machines without CUDA, CI's included."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    res = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "check_kernels_gpu.py"), "--deadline", "600"],
+        capture_output=True, text=True, env=env, timeout=1200,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
