@@ -449,12 +449,14 @@ def hybrid_decode_triton(
     out: Tensor | None = None,
     nsplit: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 4,
 ) -> Tensor:
     """``hybrid_decode`` with the fused Triton kernel (same arguments, see ``decode_op.hybrid_decode``).
 
     ``out``: a ``[B, Hq, 1, Dv]`` tensor to write (any strides), else a fresh one.
     ``nsplit``: key ranges for full heads (default: by the GPU's size); ``block_n``: keys per
-    block. States are updated in place. Returns ``out``.
+    block; ``num_warps``: warps per program (tuning knobs, see ``benchmarks/tune_kernels.py``).
+    States are updated in place. Returns ``out``.
     """
     layout = validate_decode_inputs(
         q, k_new, v_new, keys, values, states, window_keys, window_values, window_pos,
@@ -474,7 +476,7 @@ def hybrid_decode_triton(
     with on_device(q):
         _launch(
             layout, q, k_new, v_new, keys, values, states, window_keys, window_values, window_pos,
-            head_kinds, scale, head_params, head_windows, out, nsplit, block_n,
+            head_kinds, scale, head_params, head_windows, out, nsplit, block_n, num_warps,
         )
     return out
 
@@ -497,6 +499,7 @@ def _launch(
     out: Tensor,
     nsplit: int | None,
     block_n: int | None,
+    num_warps: int,
 ) -> None:
     bsz, hq, _, d = q.shape
     dv = v_new.shape[-1]
@@ -562,7 +565,7 @@ def _launch(
         BLOCK_DV=bdv,
         BLOCK_F=32 if dot_block(d) >= 32 else 16,
         LOWP=dot_mode(q.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
     if split:
         _decode_combine[(bsz * n_groups,)](
