@@ -20,6 +20,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-/tmp/hydracc-gpu}
 mkdir -p "$OUT"
 left() { echo $(( total - SECONDS )); }
+atleast() { if [ "$2" -lt "$1" ]; then echo "$1"; else echo "$2"; fi; }  # timeout 0 would mean no limit
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -32,10 +33,10 @@ rc=0
 for step in $steps; do
   echo "== $step ($(left) s left)"
   case $step in
-    check)   timeout $(( $(left) / 3 )) python3 benchmarks/check_kernels_gpu.py --deadline $(( $(left) / 4 )) 2>&1 | tee "$OUT/check.log" || rc=1 ;;
-    model)   compgen -G "gpu_models/*/config.json" >/dev/null && { timeout $(( $(left) / 4 )) python3 benchmarks/gpu_model_check.py gpu_models/*/ --new-tokens 16 2>&1 | tee "$OUT/model.log" || rc=1; } ;;
-    kernels) timeout $(( $(left) - 10 )) python3 benchmarks/kernels.py --keep-going --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || rc=1 ;;
-    tune)    [ "$(left)" -gt 60 ] && { timeout $(( $(left) - 5 )) python3 benchmarks/tune_kernels.py --deadline $(( $(left) - 45 )) --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || rc=1; } ;;
+    check)   timeout "$(atleast 10 $(( $(left) / 3 )))" python3 benchmarks/check_kernels_gpu.py --deadline "$(atleast 5 $(( $(left) / 4 )))" 2>&1 | tee "$OUT/check.log" || rc=1 ;;
+    model)   compgen -G "gpu_models/*/config.json" >/dev/null && { timeout "$(atleast 10 $(( $(left) / 4 )))" python3 benchmarks/gpu_model_check.py gpu_models/*/ --new-tokens 16 2>&1 | tee "$OUT/model.log" || rc=1; } ;;
+    kernels) timeout "$(atleast 10 $(( $(left) - 10 )))" python3 benchmarks/kernels.py --keep-going --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || rc=1 ;;
+    tune)    [ "$(left)" -gt 60 ] && { timeout "$(atleast 10 $(( $(left) - 5 )))" python3 benchmarks/tune_kernels.py --deadline $(( $(left) - 45 )) --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || rc=1; } ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac
 done

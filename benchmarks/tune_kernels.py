@@ -4,13 +4,14 @@ Usage (GPU machine, from a checkout):  PYTHONPATH=. python benchmarks/tune_kerne
        (CPU, tiny shapes, Triton interpreter, no timing claims):  python benchmarks/tune_kernels.py --smoke
 
 The layer is ``kernels.py``'s (32 query heads, head dim 128, bf16, 25% full + 75% elu with
-fusion). Each variant is checked against the default variant's output before it is timed (a
+fusion). Each variant is checked against the default's output before it is timed (a
 setting that breaks the kernel shows as FAILED, not as a fast time; the error column is the
-relative L2 difference from the default's output). Prefill variants change
-one thing at a time from ``default_config``: host-only settings first (programs per SM, the
-linear items' cost weight: no recompile), then compiled ones (pipelining depth, tiles, chunk
-length, value block, warps). "parts" runs the same kernel on an all-full and an all-elu layer,
-next to SDPA on all heads and the linear peer on all heads: where the fused kernel loses time.
+relative L2 difference from the default's output). Prefill variants: the
+default (full heads by SDPA beside the kernel), then the one kernel with one thing changed at a
+time: host-only settings first (programs per SM, the linear items' cost weight: no recompile),
+then compiled ones (pipelining depth, tiles, value block, warps). "parts" runs the one kernel
+on an all-full and an all-elu layer, next to SDPA on all heads and the linear peer on all
+heads: where the fused kernel loses time.
 Decode variants: key ranges of the flash-decoding split, keys per block, warps.
 Variants stop being started once ``--deadline`` seconds have passed (compiles are slow);
 the rows done so far are still printed and written.
@@ -40,19 +41,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prefill_variants(default) -> list[tuple[str, object]]:
-    """(name, PrefillConfig): one change at a time, host-only ones first."""
-    r = partial(dataclasses.replace, default)
+    """(name, PrefillConfig): the default, then the one kernel (``full_heads="triton"``, which the
+    default uses where the full heads cannot go to SDPA) with one change at a time, host-only
+    ones first."""
+    r = partial(dataclasses.replace, default, full_heads="triton")
     return [
         ("default", default),
-        ("programs/SM 1", r(programs_per_sm=1)),
-        ("programs/SM 4", r(programs_per_sm=4)),
-        ("linear cost 1", r(linear_cost=1.0)),
-        ("linear cost 4", r(linear_cost=4.0)),
-        ("stages 3", r(num_stages=3)),
-        ("elu block_dv 64", r(elu_block_dv=64)),
-        ("block_t 64", r(block_t=64)),
-        ("block_m 64", r(block_m=64)),
-        ("warps 4", r(num_warps=4)),
+        ("one kernel", r()),
+        ("one kernel, programs/SM 1", r(programs_per_sm=1)),
+        ("one kernel, programs/SM 4", r(programs_per_sm=4)),
+        ("one kernel, linear cost 1", r(linear_cost=1.0)),
+        ("one kernel, linear cost 4", r(linear_cost=4.0)),
+        ("one kernel, stages 3", r(num_stages=3)),
+        ("one kernel, block_n 128", r(block_n=128)),
+        ("one kernel, elu block_dv 64", r(elu_block_dv=64)),
+        ("one kernel, block_m 64", r(block_m=64)),
+        ("one kernel, warps 4", r(num_warps=4)),
     ]
 
 
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     def emit(row: dict) -> None:
         rows.append(row)
         err = "-" if "rel_err" not in row else "FAILED" if row["rel_err"] is None else f"{row['rel_err']:.1e}"
-        print(f"{row['case']:<9} {row['shape']:<16} {row['variant']:<22} {row['ms']:9.3f} ms  err {err}", flush=True)
+        print(f"{row['case']:<9} {row['shape']:<16} {row['variant']:<30} {row['ms']:9.3f} ms  err {err}", flush=True)
 
     # --- prefill ---------------------------------------------------------------------------
     prefill_shapes = [("MHA", 32, 1, 16384), ("MHA", 32, 8, 4096), ("GQA", 8, 1, 4096)] if not smoke else [("MHA", 8, 1, 40)]
@@ -107,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                   "config": dataclasses.asdict(cfg)})
         if not late():  # the parts: all-full and all-elu layers through the same kernel, and their peers
             for label, part_kinds in (("full", [FULL.code] * heads), ("elu", [ELU.code] * heads)):
-                emit({"case": "prefill", "shape": shape, "variant": f"hydracc all {label}",
-                      "ms": bench(partial(hybrid_prefill, q, k, v, part_kinds, scale, params))})
+                one_kernel = dataclasses.replace(default, full_heads="triton")  # the kernel's own tiles, not SDPA
+                emit({"case": "prefill", "shape": shape, "variant": f"one kernel, all {label}",
+                      "ms": bench(partial(hybrid_prefill, q, k, v, part_kinds, scale, params, config=one_kernel))})
             sdpa = partial(torch.nn.functional.scaled_dot_product_attention, is_causal=True, scale=scale, enable_gqa=hkv < heads)
             emit({"case": "prefill", "shape": shape, "variant": "SDPA all", "ms": bench(partial(sdpa, q, k, v))})
             ke, ve = kk.repeat_interleave(heads // hkv, dim=2), vb.repeat_interleave(heads // hkv, dim=2)

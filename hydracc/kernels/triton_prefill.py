@@ -25,7 +25,8 @@ Design decisions:
   they are one range of whole KV groups and Tq == Tk, SDPA (torch's flash kernel) runs them
   on strided slices of q/k/v, on a side stream concurrent with the kernel, and writes its
   heads of the output; the kernel's work list then holds only the other heads. On an H200
-  this beat the one kernel at every benchmark shape (its softmax tiles reach ~60% of SDPA).
+  this beat the one kernel at every benchmark shape (its softmax tiles ran at 46-60% of SDPA's
+  speed, measured at 8x4096 and 1x16384).
 - ``gdn`` heads are NOT fused: they run through the plain-torch chunked reference
   (``reference.gated_delta_rule``) plus fusion in this wrapper, into the same output buffer.
 - Optionally (``states=``) the linear heads' final states are written in the decode op's
@@ -117,9 +118,11 @@ def default_config(d: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> Pref
 
     Measured on an H200 (torch 2.11, triton 3.6; ``benchmarks/README.md``):
     - ``full_heads="sdpa-stream"``: SDPA on the full heads, concurrent with the kernel on the
-      rest, beat the one kernel at every benchmark shape (1.3-2.2x at D = 128, bf16); the
-      kernel's softmax tiles run at ~60% of SDPA's speed. Layers whose full heads are not
-      whole KV groups in one range (or chunks after a cache) keep the one kernel.
+      rest, beat the one kernel at every benchmark shape (1.4-2.3x at D = 128, bf16); the
+      kernel's softmax tiles ran at 46-60% of SDPA's speed. Layers whose full heads are not
+      whole KV groups in one range (or chunks after a cache) keep the one kernel. Measured at
+      D = 128 in bf16 only; smaller head dims and fp32 (which the op keeps on SDPA + torch
+      anyway) take the same route untimed.
     - 32-token elu chunks at every head dim: with 64-token chunks, bf16 and two pipeline
       stages, elu heads at D = 16 came out wrong on the GPU (relative error ~0.4, the first
       chunk entirely) while fp16, fp32, one stage or 32-token chunks were right; the cause is
@@ -598,11 +601,11 @@ def hybrid_prefill(
         raise ValueError(f"out must have shape {[b, hq, tq, dv]}, got {list(out.shape)}")
     layout = decode_layout(tuple(int(c) for c in head_kinds), hq, k.shape[1])
     state_of = _states_by_kind(layout, states, b, d, dv, tq, k.shape[2])
-    if tq == 0:
-        return out
     cfg = config or default_config(d, dv, q.dtype)
     if cfg.full_heads not in FULL_HEADS_MODES:
         raise ValueError(f"PrefillConfig.full_heads must be one of {FULL_HEADS_MODES}, got {cfg.full_heads!r}")
+    if tq == 0:
+        return out
     with on_device(q):
         _launch(q, k, v, head_kinds, scale, head_params, head_windows, out, cfg, layout, state_of)
     return out
@@ -660,70 +663,72 @@ def _launch(
     if sdpa is not None:  # full heads by SDPA; the kernel's plan skips them (code -1 makes no items)
         kinds = tuple(-1 if sdpa[0] <= h < sdpa[1] else c for h, c in enumerate(kinds))
         side = _full_heads_sdpa(q, k, v, scale, out, sdpa, cfg.full_heads == "sdpa-stream")
-    if any(c in _SOFTMAX_KINDS or c in _TRITON_LINEAR for c in kinds):
-        items, offsets = _device_plan((kinds, windows, b, tq, tk, d, dv, plan_cfg, programs), q.device)
-        win = _int_table(windows, q.device)
-        if fusion:
-            fs, hw, hb = head_params[0], head_params[1], head_params[2]
-        else:
-            fs = hw = hb = q
-        fs_strides = (fs.stride(0),) if fusion else (0,)
-        hw_strides = hw.stride() if fusion else (0, 0, 0)
-        hb_strides = hb.stride() if fusion else (0, 0)
-        present = set(kinds)
-        split = (ELU.code in present and elu_fuse == 2) or (HEDGEHOG.code in present and hh_fuse == 2)
-        nv_max = -(-dv // min(elu_bdv, hh_bdv))
-        sq = torch.empty(b, hq, nv_max, tq, dtype=torch.float32, device=q.device) if split else q.new_empty(1, 1, 1, 1, dtype=torch.float32)
-        store = state_of is not None
-        se, ze = (state_of or {}).get(ELU.code, (sq, sq))
-        sh, zh = (state_of or {}).get(HEDGEHOG.code, (sq, sq))
-        slots = [0] * hq
-        for _, heads in layout.linear:
-            for i, h in enumerate(heads):
-                slots[h] = i
-        _prefill_kernel[(programs,)](
-            q, k, v, out, fs, hw, hb, sq, items, offsets, win,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            *fs_strides, *hw_strides, *hb_strides, sq.stride(0), sq.stride(1), sq.stride(2),
-            se, ze, sh, zh, _int_table(tuple(slots), q.device),
-            *se.stride()[:4], *ze.stride()[:3], *sh.stride()[:4], *zh.stride()[:3],
-            tq, tk, d, dv, hq // hkv, float(scale) * LOG2E,
-            HAS_SOFTMAX=bool(present & set(_SOFTMAX_KINDS)),
-            HAS_ELU=ELU.code in present,
-            HAS_HEDGEHOG=HEDGEHOG.code in present,
-            ELU_FUSE=elu_fuse,
-            HH_FUSE=hh_fuse,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            ELU_BT=cfg.block_t,
-            HH_BT=cfg.hedgehog_block_t,
-            BLOCK_D=dot_block(d),
-            BLOCK_DV=bdv,
-            ELU_BDV=elu_bdv,
-            HH_BDV=hh_bdv,
-            LOWP=dot_mode(q.dtype),
-            LIN_LOWP=dot_mode(q.dtype) and q.dtype != torch.float16,
-            STORE_STATE=store,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        if split:
-            rows = [
-                (h, -(-dv // (elu_bdv if c == ELU.code else hh_bdv)))
-                for h, c in enumerate(kinds)
-                if (c == ELU.code and elu_fuse == 2) or (c == HEDGEHOG.code and hh_fuse == 2)
-            ]
-            heads = _int_table(tuple(x for row in rows for x in row), q.device)
-            block_t = 64 if bdv <= 128 else 32
-            _fusion_epilogue[(b * len(rows), triton.cdiv(tq, block_t))](
-                out, sq, fs, heads, *out.stride(), sq.stride(0), sq.stride(1), sq.stride(2), fs.stride(0),
-                tq, dv, len(rows), BLOCK_T=block_t, BLOCK_DV=bdv, num_warps=4,
+    try:  # the caller's stream joins the side stream even when the kernel fails to launch
+        if any(c in _SOFTMAX_KINDS or c in _TRITON_LINEAR for c in kinds):
+            items, offsets = _device_plan((kinds, windows, b, tq, tk, d, dv, plan_cfg, programs), q.device)
+            win = _int_table(windows, q.device)
+            if fusion:
+                fs, hw, hb = head_params[0], head_params[1], head_params[2]
+            else:
+                fs = hw = hb = q
+            fs_strides = (fs.stride(0),) if fusion else (0,)
+            hw_strides = hw.stride() if fusion else (0, 0, 0)
+            hb_strides = hb.stride() if fusion else (0, 0)
+            present = set(kinds)
+            split = (ELU.code in present and elu_fuse == 2) or (HEDGEHOG.code in present and hh_fuse == 2)
+            nv_max = -(-dv // min(elu_bdv, hh_bdv))
+            sq = torch.empty(b, hq, nv_max, tq, dtype=torch.float32, device=q.device) if split else q.new_empty(1, 1, 1, 1, dtype=torch.float32)
+            store = state_of is not None
+            se, ze = (state_of or {}).get(ELU.code, (sq, sq))
+            sh, zh = (state_of or {}).get(HEDGEHOG.code, (sq, sq))
+            slots = [0] * hq
+            for _, heads in layout.linear:
+                for i, h in enumerate(heads):
+                    slots[h] = i
+            _prefill_kernel[(programs,)](
+                q, k, v, out, fs, hw, hb, sq, items, offsets, win,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                *fs_strides, *hw_strides, *hb_strides, sq.stride(0), sq.stride(1), sq.stride(2),
+                se, ze, sh, zh, _int_table(tuple(slots), q.device),
+                *se.stride()[:4], *ze.stride()[:3], *sh.stride()[:4], *zh.stride()[:3],
+                tq, tk, d, dv, hq // hkv, float(scale) * LOG2E,
+                HAS_SOFTMAX=bool(present & set(_SOFTMAX_KINDS)),
+                HAS_ELU=ELU.code in present,
+                HAS_HEDGEHOG=HEDGEHOG.code in present,
+                ELU_FUSE=elu_fuse,
+                HH_FUSE=hh_fuse,
+                BLOCK_M=cfg.block_m,
+                BLOCK_N=cfg.block_n,
+                ELU_BT=cfg.block_t,
+                HH_BT=cfg.hedgehog_block_t,
+                BLOCK_D=dot_block(d),
+                BLOCK_DV=bdv,
+                ELU_BDV=elu_bdv,
+                HH_BDV=hh_bdv,
+                LOWP=dot_mode(q.dtype),
+                LIN_LOWP=dot_mode(q.dtype) and q.dtype != torch.float16,
+                STORE_STATE=store,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
-    gdn = [h for h, c in enumerate(kinds) if c == GDN.code]
-    if gdn:
-        _gdn_heads(q, k, v, gdn, head_params, out, None if state_of is None else state_of[GDN.code][0])
-    if side is not None:
-        torch.cuda.current_stream(q.device).wait_stream(side)
+            if split:
+                rows = [
+                    (h, -(-dv // (elu_bdv if c == ELU.code else hh_bdv)))
+                    for h, c in enumerate(kinds)
+                    if (c == ELU.code and elu_fuse == 2) or (c == HEDGEHOG.code and hh_fuse == 2)
+                ]
+                heads = _int_table(tuple(x for row in rows for x in row), q.device)
+                block_t = 64 if bdv <= 128 else 32
+                _fusion_epilogue[(b * len(rows), triton.cdiv(tq, block_t))](
+                    out, sq, fs, heads, *out.stride(), sq.stride(0), sq.stride(1), sq.stride(2), fs.stride(0),
+                    tq, dv, len(rows), BLOCK_T=block_t, BLOCK_DV=bdv, num_warps=4,
+                )
+        gdn = [h for h, c in enumerate(kinds) if c == GDN.code]
+        if gdn:
+            _gdn_heads(q, k, v, gdn, head_params, out, None if state_of is None else state_of[GDN.code][0])
+    finally:
+        if side is not None:
+            torch.cuda.current_stream(q.device).wait_stream(side)
 
 
 def sdpa_head_range(kinds: Sequence[int], group: int, tq: int, tk: int) -> tuple[int, int] | None:

@@ -96,25 +96,75 @@ def test_prefill_with_the_gpu_block_shape():
 
 
 @pytest.mark.parametrize("mode", ["sdpa", "sdpa-stream"])
-def test_prefill_full_heads_by_sdpa(mode: str):
+def test_prefill_full_heads_by_sdpa(mode: str, monkeypatch: pytest.MonkeyPatch):
     """``full_heads="sdpa"``: full heads that are whole KV groups in one range go to SDPA on
-    strided slices, the kernel runs the rest; any other layout keeps the one kernel."""
+    strided slices (the kernel then never writes them), the kernel runs the rest; any other
+    layout keeps the one kernel."""
+    from hydracc.kernels import triton_prefill
+
+    routed: list[tuple[int, int]] = []
+    real = triton_prefill._full_heads_sdpa
+
+    def spy(q, k, v, scale, out, heads, concurrent):
+        routed.append(heads)
+        out[:, heads[0] : heads[1]] = float("nan")  # anything the kernel wrote there before is lost
+        return real(q, k, v, scale, out, heads, concurrent)
+
+    monkeypatch.setattr(triton_prefill, "_full_heads_sdpa", spy)
     cfg = PrefillConfig(32, 32, 32, 16, 16, 32, num_programs=3, full_heads=mode)
-    grouped = [F, F, F, F, E, S, H, G]  # heads 0-3 = KV head 0 of 2
-    q, k, v = qkv(2, 8, 2, 45, 45, d=16, seed=13)
-    assert sdpa_head_range(grouped, 4, 45, 45) == (0, 4)
-    check(q, k, v, grouped, [0, 0] * 5 + [2, 5] + [0, 0] * 2, config=cfg)
-    mha = [E, F, F, E, S, E, H, E]
-    q, k, v = qkv(1, 8, 8, 33, 33, d=16, seed=14)
-    assert sdpa_head_range(mha, 1, 33, 33) == (1, 3)
-    check(q, k, v, mha, [0, 0] * 4 + [1, 4] + [0, 0] * 3, config=cfg)
+    cases = [
+        ([F, F, F, F, E, S, H, G], 2, 45, (0, 4)),  # GQA: heads 0-3 = KV head 0 of 2
+        ([E, E, E, E, F, F, F, F], 2, 40, (4, 8)),  # GQA: KV head 1 (the slice does not start at 0)
+        ([E, F, F, E, S, E, H, E], 8, 33, (1, 3)),  # MHA
+    ]
+    for kinds, hkv, t, heads in cases:
+        windows = [w for c in kinds for w in ((2, 5) if c == S else (0, 0))]
+        q, k, v = qkv(2, 8, hkv, t, t, d=16, seed=13 + t)
+        assert sdpa_head_range(kinds, 8 // hkv, t, t) == heads
+        routed.clear()
+        check(q, k, v, kinds, windows, config=cfg)
+        assert routed == [heads], "the full heads went through SDPA"
     assert sdpa_head_range(MIXED, 1, 33, 33) is None  # full heads 0 and 5: not one range
     assert sdpa_head_range([F, F, E, E], 4, 9, 9) is None  # half a KV group
-    assert sdpa_head_range(grouped, 4, 9, 20) is None  # queries after a cache: SDPA's causal mask is wrong
+    assert sdpa_head_range([E, E, F, F, F, F, F, F], 4, 9, 9) is None  # starts inside a KV group
+    assert sdpa_head_range([F] * 4, 4, 9, 20) is None  # queries after a cache: SDPA's causal mask is wrong
+    routed.clear()
     q, k, v = qkv(2, 8, 2, 19, 50, d=16, seed=15)
-    check(q, k, v, grouped, [0, 0] * 5 + [2, 5] + [0, 0] * 2, config=cfg)  # so the kernel runs them
+    check(q, k, v, cases[0][0], [0, 0] * 5 + [2, 5] + [0, 0] * 2, config=cfg)  # so the kernel runs them
+    assert routed == []
     with pytest.raises(ValueError, match="full_heads"):
         hybrid_prefill(q, k, v, [E] * 8, SCALE, config=PrefillConfig(full_heads="cudnn"))
+
+
+def test_prefill_states_with_full_heads_by_sdpa():
+    """The linear heads' final states (prefill handing decode its start) do not depend on where
+    the full heads run."""
+    from hydracc.kernels.decode_op import decode_layout
+
+    kinds = [F, F, F, F, E, H, G, E]
+    q, k, v = qkv(1, 8, 2, 37, 37, d=16, seed=16)
+    params = make_params(8, 16, seed=3)
+    lay = decode_layout(tuple(kinds), 8, 2)
+
+    def states() -> list[torch.Tensor]:
+        found = []
+        for code, heads in lay.linear:
+            f = 32 if code == H else 16
+            found.append(torch.full((1, len(heads), f, 16), float("nan")))
+            if code != G:
+                found.append(torch.full((1, len(heads), f), float("nan")))
+        return found
+
+    results = []
+    for mode in ("triton", "sdpa"):
+        st = states()
+        cfg = PrefillConfig(32, 32, 32, 16, 16, 32, num_programs=3, full_heads=mode)
+        out = hybrid_prefill(q, k, v, kinds, SCALE, params, out=nan_out(1, 8, 37, 16), states=st, config=cfg)
+        assert not out.isnan().any() and not any(s.isnan().any() for s in st)
+        results.append((out, st))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=2e-5, rtol=2e-5)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
 def test_prefill_fp16_linear_state_beyond_fp16_range():
