@@ -11,7 +11,8 @@ heads); the reference is ``hybrid_attention_reference`` in fp32 on the same roun
 Each case prints the relative L2 error, the worst head and the worst 64-token block of
 positions (the default sends full heads that are whole KV groups to SDPA, so the kernel's own
 softmax tiles are checked as the ``full heads triton`` variant); a case over ``--tolerance`` is then re-run with single settings changed (warps,
-tiles, one program per item) to show which one the error follows. Exit code 1 on any failure.
+tiles, one program per item) to show which one the error follows. Last, the final linear states a
+prefill writes for decode (``states=``) against the recurrent reference. Exit code 1 on any failure.
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         err = run_case(128, "all kinds", torch.float16, default_config(128, 128, torch.float16), "default fp16")
         if not err < args.tolerance:
             failures.append((128, "all kinds fp16"))
+    for d in (16, 128):  # the starting states a prefill hands decode (generate's first chunk)
+        if time.monotonic() - start < args.deadline:
+            err = check_states(d, dev)
+            print(f"{'ok' if err < args.tolerance else 'FAIL':4} D={d:<3} all kinds  states   rel {err:.2e}", flush=True)
+            if not err < args.tolerance:
+                failures.append((d, "states"))
     for d, name in failures:
         if name not in KIND_SETS:
             continue
@@ -127,6 +134,38 @@ def main(argv: list[str] | None = None) -> int:
             run_case(d, name, torch.float32, default_config(d, d, torch.float32), "fp32")
     print(f"{len(failures)} failing cases in {time.monotonic() - start:.0f} s", flush=True)
     return 1 if failures else 0
+
+
+def check_states(d: int, dev, t: int = 700) -> float:
+    """Worst relative error of ``hybrid_prefill(..., states=)``'s final linear states (bf16 inputs)
+    against ``linear_state_step`` over the same tokens in fp32."""
+    import torch
+
+    from hydracc.kernels import PARAM_NAMES, linear_state_step, param_shapes
+    from hydracc.kernels.decode_op import decode_layout
+    from hydracc.kernels.triton_prefill import hybrid_prefill
+
+    kinds = KIND_SETS["all kinds"]
+    hq, hkv = len(kinds), 2
+    g = torch.Generator(device=dev).manual_seed(11)
+    q = torch.randn(2, t, hq, d, generator=g, device=dev).bfloat16().transpose(1, 2)
+    k = torch.randn(2, t, hkv, d, generator=g, device=dev).bfloat16().transpose(1, 2)
+    v = torch.randn(2, t, hkv, d, generator=g, device=dev).bfloat16().transpose(1, 2)
+    gp = torch.Generator().manual_seed(5)
+    params = [(torch.rand(*s, generator=gp) + 0.5 if n == "fusion_scale" else torch.randn(*s, generator=gp) * 0.1).to(dev)
+              for n, s in param_shapes(hq, d).items()]
+    windows = [w for c in kinds for w in ((4, 100) if c == 4 else (0, 0))]
+    lay = decode_layout(tuple(kinds), hq, hkv)
+    states, want = [], []
+    for code, heads in lay.linear:
+        idx = torch.tensor(heads, device=dev)
+        rows = {n: p.index_select(0, idx) for n, p in zip(PARAM_NAMES, params)}
+        _, ref = linear_state_step(code, q[:, heads].float(), k[:, idx // (hq // hkv)].float(),
+                                   v[:, idx // (hq // hkv)].float(), None, rows)
+        want += list(ref)
+        states += [torch.full_like(x, float("nan")) for x in ref]
+    hybrid_prefill(q, k, v, kinds, d**-0.5, params, windows, states=states)
+    return max(((a - b).norm() / b.norm()).item() if not a.isnan().any() else float("inf") for a, b in zip(states, want))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ Design decisions:
   even for a layer that caches nothing.
 - A one-token step on a device in ``DECODE_OP_DEVICES`` (CUDA) goes through the fused
   ``hydracc::hybrid_decode`` op: one launch for the whole layer over these same tensors
-  (states updated in place). Elsewhere, and for prefill chunks, the torch path below runs.
+  (states updated in place). The first chunk of a layer with an elu or hedgehog head, on CUDA
+  in bf16/fp16, runs the fused Triton prefill, which writes the starting states in the same
+  layout. Elsewhere, and for later chunks, the torch path below runs.
 - Cropping (assisted decoding) cannot undo a linear state and is refused; batch reordering
   (beam search) and repetition apply to every tensor of the layer.
 """
@@ -199,6 +201,13 @@ DECODE_OP_DEVICES: set[str] = {"cuda"}
 """Device types whose one-token steps use the fused ``hydracc::hybrid_decode`` op (tests add "cpu"
 to run the op's plain-torch implementation through the same wiring)."""
 
+FUSED_PREFILL_DEVICES: set[str] = {"cuda"}
+FUSED_PREFILL_DTYPES: set[torch.dtype] = {torch.bfloat16, torch.float16}
+"""The first chunk (an empty cache) of a layer with an elu or hedgehog head runs the fused Triton
+prefill (``triton_prefill.hybrid_prefill`` with ``states=``, so it also hands decode its
+starting state) on these devices and dtypes, as the op does outside generation; tests add "cpu"
+and fp32 to run the kernel under the Triton interpreter through the same wiring."""
+
 STATE_PARTS = {ELU.code: ("state", "norm"), HEDGEHOG.code: ("state", "norm"), GDN.code: ("state",)}
 """The tensors of each linear kind's state (see ``reference.linear_state_step``)."""
 
@@ -234,6 +243,8 @@ class HybridStep:
         if tq == 1 and query.device.type in DECODE_OP_DEVICES and len(layer.full_heads) < hq:
             # (an all-full layer keeps SDPA, as in prefill: bit-identical to the original model)
             return self._attend_one_token(query, kinds, scale, head_params, head_windows)
+        if self.past == 0 and tq > 1 and self._fused_prefill_applies(query, kinds):
+            return self._attend_first_chunk(query, kinds, scale, head_params, head_windows)
         group = hq // hkv
         out = query.new_empty(b, hq, tq, self.new_values.shape[-1])
         self._append_full_kv()
@@ -298,6 +309,42 @@ class HybridStep:
         if layer.stream_heads:
             assert wk is not None and wv is not None and wpos is not None
             self._keep_window(wk, wv, wpos)
+        return out
+
+    def _fused_prefill_applies(self, query: Tensor, kinds: list[int]) -> bool:
+        """Whether this first chunk takes the fused Triton prefill (see ``FUSED_PREFILL_DEVICES``)."""
+        if query.device.type not in FUSED_PREFILL_DEVICES or query.dtype not in FUSED_PREFILL_DTYPES:
+            return False
+        if not any(c in (ELU.code, HEDGEHOG.code) for c in kinds):
+            return False
+        try:
+            from hydracc.kernels import triton_prefill
+        except ImportError:  # no triton here: the torch path
+            return False
+        q, k, v = query, self.new_keys, self.new_values
+        return triton_prefill.prefill_supported(q, k, v) and triton_prefill.prefill_fits(q, k, v)
+
+    def _attend_first_chunk(
+        self, query: Tensor, kinds: list[int], scale: float, head_params: Sequence[Tensor], head_windows: Sequence[int]
+    ) -> Tensor:
+        """The first chunk through the fused prefill, which also writes the linear heads' states."""
+        from hydracc.kernels.triton_prefill import hybrid_prefill
+
+        layer = self.layer
+        b, _, _, d = query.shape
+        dv = self.new_values.shape[-1]
+        states: list[Tensor] = []
+        for code in sorted(layer.linear_groups):  # decode_layout's order: by kind code
+            n, f = len(layer.linear_groups[code]), 2 * d if code == HEDGEHOG.code else d
+            parts = [query.new_empty(b, n, f, dv, dtype=torch.float32), query.new_empty(b, n, f, dtype=torch.float32)]
+            layer.states[code] = tuple(parts[: len(STATE_PARTS[code])])
+            states += list(layer.states[code])  # written by the kernel
+        out = hybrid_prefill(
+            query, self.new_keys, self.new_values, kinds, scale, head_params, head_windows, states=states
+        )
+        self._append_full_kv()
+        if layer.stream_heads:
+            self._keep_window(*self._window_with_new_rows())
         return out
 
     def _append_full_kv(self) -> None:

@@ -265,3 +265,42 @@ def test_one_token_steps_through_the_decode_op_equal_the_torch_path(tiny_checkpo
     monkeypatch.setattr(cache_module, "DECODE_OP_DEVICES", {"cpu"})
     torch.testing.assert_close(decode(5), torch_path, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(decode(1), torch_path, rtol=1e-4, atol=1e-5)  # from the very first token
+
+
+@pytest.mark.parametrize("kinds", [MIXED, [["full", "elu", "full", "elu"], ["gdn", "gdn", "streaming", "hedgehog"]]],
+                         ids=["all-kinds", "mixed"])
+def test_first_chunk_through_the_fused_prefill_equals_the_torch_path(tiny_checkpoint, tmp_path, monkeypatch, kinds) -> None:
+    """The wiring CUDA uses for generate's prompt (the fused Triton prefill writing the starting
+    states), run here under the Triton interpreter; then token steps through the decode op."""
+    import hydracc.cache as cache_module
+    from hydracc.kernels import triton_prefill
+
+    src = tiny_checkpoint("llama-gqa")
+    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, True), seq_len=16, calib_samples=2)
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(12, batch=2)
+
+    def decode(first_chunk: int) -> torch.Tensor:
+        cache = HybridCache(model.config)
+        with torch.no_grad():
+            pieces = [model(ids[:, :first_chunk], past_key_values=cache, use_cache=True).logits]
+            pieces.append(model(ids[:, first_chunk : first_chunk + 2], past_key_values=cache, use_cache=True).logits)
+            for t in range(first_chunk + 2, 12):
+                pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        return torch.cat(pieces, 1)
+
+    torch_path = decode(5)
+    calls = []
+    real = triton_prefill.hybrid_prefill
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("states") is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_prefill, "hybrid_prefill", spy)
+    monkeypatch.setattr(cache_module, "FUSED_PREFILL_DEVICES", {"cpu"})
+    monkeypatch.setattr(cache_module, "FUSED_PREFILL_DTYPES", {torch.float32})
+    torch.testing.assert_close(decode(5), torch_path, rtol=1e-4, atol=1e-5)  # later chunk and steps: torch path
+    assert calls == [True, True], "both layers' first chunks ran the fused prefill, writing states"
+    monkeypatch.setattr(cache_module, "DECODE_OP_DEVICES", {"cpu"})
+    torch.testing.assert_close(decode(5), torch_path, rtol=1e-4, atol=1e-5)  # token steps: the decode op
