@@ -49,9 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ["TRITON_INTERPRET"] = "1"
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
+    from kernels import layer_params  # benchmarks/kernels.py: the benchmark layer's parameters
 
-    from hydracc.kernels import hybrid_attention_reference, param_shapes
+    from hydracc.kernels import hybrid_attention_reference
     from hydracc.kernels.triton_prefill import default_config, hybrid_prefill
 
     if args.device != "cpu" and not torch.cuda.is_available():
@@ -69,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         kb = torch.randn(b, t, hkv, d, generator=g, device=dev).to(dtype)
         vb = torch.randn(b, t, hkv, d, generator=g, device=dev).to(dtype)
         q, k, v = qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)
-        gp = torch.Generator().manual_seed(5)
-        params = [
-            (torch.rand(*s, generator=gp) + 0.5 if n == "fusion_scale" else torch.randn(*s, generator=gp) * 0.1).to(dev)
-            for n, s in param_shapes(hq, d).items()
-        ]
+        params = layer_params(hq, d, dev, seed=5)
         windows = [w for c in kinds for w in ((4, 100) if c == 4 else (0, 0))]
         want = hybrid_attention_reference(q.float(), k.float(), v.float(), kinds, d**-0.5, params, windows)
         out = torch.full((b, t, hq, d), float("nan"), device=dev, dtype=dtype).transpose(1, 2)
@@ -140,8 +138,9 @@ def check_states(d: int, dev, t: int = 700) -> float:
     """Worst relative error of ``hybrid_prefill(..., states=)``'s final linear states (bf16 inputs)
     against ``linear_state_step`` over the same tokens in fp32."""
     import torch
+    from kernels import layer_params
 
-    from hydracc.kernels import PARAM_NAMES, linear_state_step, param_shapes
+    from hydracc.kernels import PARAM_NAMES, linear_state_step
     from hydracc.kernels.decode_op import decode_layout
     from hydracc.kernels.triton_prefill import hybrid_prefill
 
@@ -151,9 +150,7 @@ def check_states(d: int, dev, t: int = 700) -> float:
     q = torch.randn(2, t, hq, d, generator=g, device=dev).bfloat16().transpose(1, 2)
     k = torch.randn(2, t, hkv, d, generator=g, device=dev).bfloat16().transpose(1, 2)
     v = torch.randn(2, t, hkv, d, generator=g, device=dev).bfloat16().transpose(1, 2)
-    gp = torch.Generator().manual_seed(5)
-    params = [(torch.rand(*s, generator=gp) + 0.5 if n == "fusion_scale" else torch.randn(*s, generator=gp) * 0.1).to(dev)
-              for n, s in param_shapes(hq, d).items()]
+    params = layer_params(hq, d, dev, seed=5)
     windows = [w for c in kinds for w in ((4, 100) if c == 4 else (0, 0))]
     lay = decode_layout(tuple(kinds), hq, hkv)
     states, want = [], []

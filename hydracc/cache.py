@@ -289,7 +289,6 @@ class HybridStep:
         from hydracc.kernels.decode_op import hybrid_decode
 
         layer = self.layer
-        b, _, _, d = query.shape
         dv = self.new_values.shape[-1]
         self._append_full_kv()
         wk = wv = wpos = None
@@ -298,9 +297,7 @@ class HybridStep:
         states: list[Tensor] = []
         for code in sorted(layer.linear_groups):
             if layer.states[code] is None:  # the first token of the sequence
-                n, f = len(layer.linear_groups[code]), 2 * d if code == HEDGEHOG.code else d
-                zeros = [query.new_zeros(b, n, f, dv, dtype=torch.float32), query.new_zeros(b, n, f, dtype=torch.float32)]
-                layer.states[code] = tuple(zeros[: len(STATE_PARTS[code])])
+                layer.states[code] = self._new_state(query, code, dv, torch.zeros)
             states += list(layer.states[code])  # updated in place by the op
         out = hybrid_decode(
             query, self.new_keys, self.new_values, layer.keys if layer.cached_kv else None,
@@ -311,18 +308,24 @@ class HybridStep:
             self._keep_window(wk, wv, wpos)
         return out
 
+    def _new_state(self, query: Tensor, code: int, dv: int, make: Any) -> tuple[Tensor, ...]:
+        """Fresh fp32 state tensors of linear kind ``code`` in the decode op's layout (``make``:
+        ``torch.zeros`` or ``torch.empty``): ``S [B, n, F, Dv]`` and, but for gdn, ``z [B, n, F]``."""
+        b, d = query.shape[0], query.shape[-1]
+        n, f = len(self.layer.linear_groups[code]), 2 * d if code == HEDGEHOG.code else d
+        shapes = [(b, n, f, dv), (b, n, f)][: len(STATE_PARTS[code])]
+        return tuple(make(shape, dtype=torch.float32, device=query.device) for shape in shapes)
+
     def _fused_prefill_applies(self, query: Tensor, kinds: list[int]) -> bool:
         """Whether this first chunk takes the fused Triton prefill (see ``FUSED_PREFILL_DEVICES``)."""
-        if query.device.type not in FUSED_PREFILL_DEVICES or query.dtype not in FUSED_PREFILL_DTYPES:
-            return False
-        if not any(c in (ELU.code, HEDGEHOG.code) for c in kinds):
-            return False
-        try:
-            from hydracc.kernels import triton_prefill
-        except ImportError:  # no triton here: the torch path
-            return False
+        from hydracc.kernels.hybrid_op import triton_prefill_takes
+
         q, k, v = query, self.new_keys, self.new_values
-        return triton_prefill.prefill_supported(q, k, v) and triton_prefill.prefill_fits(q, k, v)
+        if not triton_prefill_takes(q, k, v, kinds, FUSED_PREFILL_DEVICES, FUSED_PREFILL_DTYPES):
+            return False
+        from hydracc.kernels.triton_prefill import prefill_fits
+
+        return prefill_fits(q, k, v)
 
     def _attend_first_chunk(
         self, query: Tensor, kinds: list[int], scale: float, head_params: Sequence[Tensor], head_windows: Sequence[int]
@@ -331,13 +334,10 @@ class HybridStep:
         from hydracc.kernels.triton_prefill import hybrid_prefill
 
         layer = self.layer
-        b, _, _, d = query.shape
         dv = self.new_values.shape[-1]
         states: list[Tensor] = []
         for code in sorted(layer.linear_groups):  # decode_layout's order: by kind code
-            n, f = len(layer.linear_groups[code]), 2 * d if code == HEDGEHOG.code else d
-            parts = [query.new_empty(b, n, f, dv, dtype=torch.float32), query.new_empty(b, n, f, dtype=torch.float32)]
-            layer.states[code] = tuple(parts[: len(STATE_PARTS[code])])
+            layer.states[code] = self._new_state(query, code, dv, torch.empty)
             states += list(layer.states[code])  # written by the kernel
         out = hybrid_prefill(
             query, self.new_keys, self.new_values, kinds, scale, head_params, head_windows, states=states

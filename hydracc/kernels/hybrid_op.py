@@ -127,9 +127,17 @@ def _cuda_uses_triton(q: Tensor, k: Tensor, v: Tensor, head_kinds: Sequence[int]
     bf16/fp16 CUDA inputs the kernel takes (dtype, head dims: static properties, so the fake can
     ask under symbolic shapes) in a layer with an elu or hedgehog head. Other layers keep SDPA, so all-full
     layers stay bit-identical to the original model."""
-    if q.device.type != "cuda" or not any(c in (ELU.code, HEDGEHOG.code) for c in head_kinds):
-        return False
-    if q.dtype not in (torch.bfloat16, torch.float16):  # fp32 dots have no tensor cores: SDPA + torch is faster
+    return triton_prefill_takes(q, k, v, head_kinds, {"cuda"}, {torch.bfloat16, torch.float16})
+
+
+def triton_prefill_takes(
+    q: Tensor, k: Tensor, v: Tensor, head_kinds: Sequence[int], devices: set[str], dtypes: set[torch.dtype]
+) -> bool:
+    """Whether the fused Triton prefill runs a layer on ``devices`` in ``dtypes`` (fp32 dots have
+    no tensor cores: SDPA + torch is faster there): it needs an elu or hedgehog head, triton
+    importable and inputs ``triton_prefill.prefill_supported`` takes. Shared by this op and the
+    hybrid cache's first chunk."""
+    if q.device.type not in devices or q.dtype not in dtypes or not any(c in (ELU.code, HEDGEHOG.code) for c in head_kinds):
         return False
     try:
         from hydracc.kernels import triton_prefill
