@@ -33,7 +33,7 @@ import torch
 
 from hydracc.errors import OutputError
 
-__all__ = ["CheckpointWriter", "parse_size"]
+__all__ = ["CheckpointWriter", "check_destination", "hydracc_made", "parse_size", "swap_into_place"]
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -110,7 +110,7 @@ class CheckpointWriter:
         self.out_dir = Path(os.fspath(out_dir)).expanduser().absolute()
         self.force = force
         self.max_shard_bytes = parse_size(max_shard_bytes)
-        _check_destination(self.out_dir, force)
+        check_destination(self.out_dir, force)
 
         self._tmp: Path | None = None
         self._state = "new"  # new -> open -> closed | aborted
@@ -307,53 +307,34 @@ class CheckpointWriter:
 
     def _swap_into_place(self) -> None:
         assert self._tmp is not None
-        out = self.out_dir
-        if not (out.exists() or out.is_symlink()):
-            try:
-                os.rename(self._tmp, out)
-            except OSError as exc:
-                raise OutputError(f"cannot move the output into place at {out}: {exc}") from exc
-            _fsync_dir(out.parent)
-            return
-        if not self.force:
-            raise OutputError(
-                f"{out} appeared while the checkpoint was being written",
-                hint="pass --force to replace it, or choose another output path",
-            )
-        _check_destination(out, force=True)
-        aside = out.parent / f".{out.name}.hydracc-old-{secrets.token_hex(4)}"
-        try:
-            os.rename(out, aside)
-        except OSError as exc:
-            raise OutputError(f"cannot move the old {out} aside: {exc}") from exc
-        try:
-            os.rename(self._tmp, out)
-        except BaseException as exc:
-            try:
-                os.rename(aside, out)  # put the old output back
-            except OSError as exc2:
-                raise OutputError(
-                    f"cannot move the output into place at {out} ({exc}), and the old "
-                    f"output could not be moved back from {aside} ({exc2})",
-                    hint=f"rename {aside} to {out} by hand",
-                ) from exc
-            if isinstance(exc, OSError):
-                raise OutputError(f"cannot move the output into place at {out}: {exc}") from exc
-            raise
-        _fsync_dir(out.parent)
-        try:
-            if aside.is_symlink():
-                aside.unlink()
-            else:
-                shutil.rmtree(aside)
-        except OSError as exc:
-            warnings.warn(
-                f"the new output is in place at {out}, but the old one could not be deleted from {aside}: {exc}",
-                stacklevel=3,
-            )
+        swap_into_place(self._tmp, self.out_dir, force=self.force)
 
 
-def _check_destination(out: Path, force: bool) -> None:
+def hydracc_made(folder: Path) -> bool:
+    """Whether ``folder`` is something ``--force`` may replace: empty, or an output hydracc wrote.
+
+    hydracc's outputs are a converted checkpoint (``config.json`` with a ``hydra`` section) and an
+    ONNX export (``export.json`` with ``"format": "hydracc-onnx"``). Anything else is the user's.
+    """
+    try:
+        if not any(folder.iterdir()):
+            return True
+    except OSError:
+        return False
+    for name, key, value in (("config.json", "hydra", None), ("export.json", "format", "hydracc-onnx")):
+        try:
+            doc = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and key in doc and (value is None or doc[key] == value):
+            return True
+    return False
+
+
+def check_destination(out: Path, force: bool) -> None:
+    """Refuse an output path before any work: a file, an existing folder without ``force``, a folder
+    hydracc did not write (even with ``force``), the root, the home or current folder, or a parent
+    that is missing or not writable."""
     parent = out.parent
     if out.exists() and not out.is_dir():
         raise OutputError(
@@ -375,6 +356,12 @@ def _check_destination(out: Path, force: bool) -> None:
                 f"refusing to replace {out}: it is the filesystem root, the home folder or contains the current folder",
                 hint="write the output to a dedicated folder",
             )
+        if not hydracc_made(out):
+            raise OutputError(
+                f"refusing to replace {out}: it is not empty and hydracc did not write it "
+                "(no converted config.json or ONNX export.json in it)",
+                hint="--force only replaces hydracc's own outputs: choose another path, or remove the folder yourself",
+            )
     if not parent.is_dir():
         raise OutputError(
             f"cannot write {out}: the parent folder {parent} does not exist",
@@ -384,6 +371,54 @@ def _check_destination(out: Path, force: bool) -> None:
         raise OutputError(
             f"cannot write {out}: the parent folder {parent} is not writable",
             hint="choose an output path in a folder you can write to",
+        )
+
+
+def swap_into_place(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an existing ``out`` (checked again: see
+    :func:`check_destination`) is moved aside first, put back if the rename fails, and deleted last."""
+    if not (out.exists() or out.is_symlink()):
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            raise OutputError(f"cannot move the output into place at {out}: {exc}") from exc
+        _fsync_dir(out.parent)
+        return
+    if not force:
+        raise OutputError(
+            f"{out} appeared while the output was being written",
+            hint="pass --force to replace it, or choose another output path",
+        )
+    check_destination(out, force=True)
+    aside = out.parent / f".{out.name}.hydracc-old-{secrets.token_hex(4)}"
+    try:
+        os.rename(out, aside)
+    except OSError as exc:
+        raise OutputError(f"cannot move the old {out} aside: {exc}") from exc
+    try:
+        os.rename(tmp, out)
+    except BaseException as exc:
+        try:
+            os.rename(aside, out)  # put the old output back
+        except OSError as exc2:
+            raise OutputError(
+                f"cannot move the output into place at {out} ({exc}), and the old "
+                f"output could not be moved back from {aside} ({exc2})",
+                hint=f"rename {aside} to {out} by hand",
+            ) from exc
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot move the output into place at {out}: {exc}") from exc
+        raise
+    _fsync_dir(out.parent)
+    try:
+        if aside.is_symlink():
+            aside.unlink()
+        else:
+            shutil.rmtree(aside)
+    except OSError as exc:
+        warnings.warn(
+            f"the new output is in place at {out}, but the old one could not be deleted from {aside}: {exc}",
+            stacklevel=3,
         )
 
 

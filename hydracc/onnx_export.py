@@ -38,6 +38,7 @@ from torch import nn
 
 from hydracc.cache import HybridCache, HybridLayer
 from hydracc.converted import read_hydra_layers
+from hydracc.emit import check_destination, swap_into_place
 from hydracc.errors import HydraError, OutputError
 from hydracc.kernels.head_kinds import kind_by_code
 
@@ -304,11 +305,10 @@ def export_onnx(
     dest = Path(out) if out is not None else src / "onnx"
     if dest.resolve() == src.resolve() or src.resolve().is_relative_to(dest.resolve()):
         raise OutputError(f"output {dest} would replace the checkpoint {src}", hint="write the ONNX files to a new folder (default: CHECKPOINT/onnx)")
-    if dest.exists() and not force:
-        raise OutputError(f"output {dest} already exists", hint="choose a new path or add --force to replace it")
+    dest = dest.expanduser().absolute()
+    check_destination(dest, force)  # before any work: a file, someone else's folder, cwd/home/root
     model, layout = _load_for_export(src)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT // 2
-    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.hydracc-tmp-", dir=dest.parent))
     try:
         batch, length = 2, 8
@@ -332,9 +332,7 @@ def export_onnx(
         }
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        swap_into_place(tmp, dest, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

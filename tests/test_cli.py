@@ -60,8 +60,13 @@ def test_existing_output_needs_force(tiny_checkpoint, tmp_path) -> None:
     res = run("convert", src, "-o", out)
     assert res.exit_code == 2 and "already exists" in res.output
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
-    res = run("convert", src, "-o", out, "--force", "-q")
-    assert res.exit_code == 0 and (out / "config.json").exists() and not (out / "keep.txt").exists()
+    res = run("convert", src, "-o", out, "--force", "-q")  # not hydracc's folder: --force does not remove it
+    assert res.exit_code == 2 and "hydracc did not write it" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert run("convert", src, "-o", out, "-q", "--force").exit_code == 0  # an empty folder may go
+    res = run("convert", src, "-o", out, "--force", "-q", "--full-ratio", "0.5")  # and so may hydracc's own output
+    assert res.exit_code == 0 and (out / "config.json").exists()
 
 
 def test_output_may_not_replace_the_input(tiny_checkpoint, tmp_path) -> None:

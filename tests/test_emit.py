@@ -247,10 +247,11 @@ def test_force_keeps_old_output_on_failure(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("precious")
+    (out / "config.json").write_text('{"hydra": {}}')  # an earlier hydracc output
     with pytest.raises(Boom), CheckpointWriter(out, force=True) as w:
         w.add("a", torch.ones(2))
         raise Boom
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old.txt"]
     assert (out / "old.txt").read_text() == "precious"
     assert leftovers(tmp_path) == []
 
@@ -259,6 +260,7 @@ def test_force_replaces_old_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("stale")
+    (out / "config.json").write_text('{"hydra": {}}')  # an earlier hydracc output
     tensors = make_tensors(n=2)
     with CheckpointWriter(out, force=True) as w:
         for name, t in tensors.items():
@@ -266,6 +268,7 @@ def test_force_replaces_old_output(tmp_path):
         w.write_json("config.json", CONFIG)
         assert (out / "old.txt").read_text() == "stale"  # replaced only at the very end
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text()) == CONFIG
     assert_round_trip(out, tensors)
     assert leftovers(tmp_path) == []
 
@@ -274,6 +277,7 @@ def test_failed_swap_restores_old_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("precious")
+    (out / "config.json").write_text('{"hydra": {}}')  # an earlier hydracc output
     real_rename = os.rename
 
     def flaky_rename(src, dst):
@@ -285,7 +289,7 @@ def test_failed_swap_restores_old_output(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="cannot move the output into place"):
         with CheckpointWriter(out, force=True) as w:
             w.add("a", torch.ones(2))
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old.txt"]
     assert (out / "old.txt").read_text() == "precious"
     assert leftovers(tmp_path) == []
 
@@ -331,6 +335,17 @@ def test_parent_not_writable(tmp_path, monkeypatch):
     monkeypatch.setattr(emit.os, "access", lambda *a, **k: False)
     with pytest.raises(OutputError, match="not writable"):
         CheckpointWriter(tmp_path / "out")
+
+
+def test_force_refuses_a_folder_hydracc_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    (out / "config.json").write_text('{"model_type": "llama"}')  # a plain checkpoint is not hydracc's either
+    with pytest.raises(OutputError, match="hydracc did not write it"):
+        CheckpointWriter(out, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
 def test_force_refuses_dangerous_targets(tmp_path, monkeypatch):

@@ -78,6 +78,30 @@ def test_output_cannot_replace_the_checkpoint(tiny_checkpoint, tmp_path) -> None
     assert (tmp_path / "conv" / "model.safetensors").exists()
 
 
+def test_force_never_removes_what_hydracc_did_not_write(tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "precious.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for target in (".", str(work)):  # the current folder, by any name
+        res = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "conv"), "-o", target, "--force"])
+        assert res.exit_code == 2 and "refusing to replace" in res.output, res.output
+    (work / "sub").mkdir()
+    (work / "sub" / "notes.txt").write_text("mine too")
+    res = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "conv"), "-o", "sub", "--force"])
+    assert res.exit_code == 2 and "hydracc did not write it" in res.output
+    res = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "conv"), "-o", "precious.txt", "--force"])
+    assert res.exit_code == 2 and "is a file" in res.output  # found before the export, not after it
+    assert sorted(p.name for p in work.iterdir()) == ["precious.txt", "sub"]
+    assert (work / "precious.txt").read_text() == "mine" and (work / "sub" / "notes.txt").read_text() == "mine too"
+    # an earlier export of hydracc's own is replaced with --force
+    first = export_onnx(tmp_path / "conv", check_tokens=1)
+    again = export_onnx(tmp_path / "conv", check_tokens=1, force=True)
+    assert again.path == first.path and (again.path / "export.json").is_file()
+    assert not [p for p in (tmp_path / "conv").iterdir() if p.name.startswith(".")]
+
+
 def test_hedgehog_with_fusion_exports_and_gdn_is_refused(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("llama-gqa")
     convert(src, tmp_path / "hh", full_ratio=0.5, strategy="even", linear_kind="hedgehog", seq_len=16, calib_samples=2)
