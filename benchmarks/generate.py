@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     import hydracc
-    from hydracc.cache import HybridCache
     from hydracc.convert import convert
-    from hydracc.tasks import stdlib_corpus
+    from hydracc.evaluation.tasks import stdlib_corpus
+    from hydracc.runtime.cache import HybridCache
 
     torch.set_num_threads(2)
     tmp = tempfile.TemporaryDirectory(prefix="hydracc-generate-")

@@ -144,9 +144,9 @@ def check(path: Path, args: argparse.Namespace, calls: Counter) -> dict:
     import torch
 
     import hydracc
-    from hydracc.cache import HybridCache
-    from hydracc.converted import read_hydra_layers
     from hydracc.kernels import ELU, HEDGEHOG
+    from hydracc.runtime.cache import HybridCache
+    from hydracc.runtime.hydra_config import read_hydra_layers
 
     ids = text_ids(path, args.batch, args.tokens)
     cpu = hydracc.load(path)

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def convert_kind(model: Path, out: Path, base_plan, kind: str, fusion: bool, settings, samples: int) -> dict:
     """Convert ``model`` by ``base_plan`` with its converted heads made ``kind``; return timings and losses."""
     from hydracc import convert as pipeline
-    from hydracc.plan import STREAMING_DEFAULTS, cache_cost, plan_from_json
+    from hydracc.planning.plan import STREAMING_DEFAULTS, cache_cost, plan_from_json
 
     doc = base_plan.to_json()
     doc["fusion"] = fusion
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from hydracc.convert import analyze_heads, calibration_for, calibration_shape, inspect_checkpoint, make_plan
-    from hydracc.distill import DistillSettings
-    from hydracc.evaluate import evaluate
-    from hydracc.planner import Budget
+    from hydracc.distill.train import DistillSettings
+    from hydracc.evaluation.evaluate import evaluate
+    from hydracc.planning.budget import Budget
 
     torch.set_num_threads(2)
     kinds = args.kinds.split(",")

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def convert_with(model: Path, out: Path, analysis, strategy: str, kv_budget: float, score: str = "sensitivity", seed: int = 0):
     from hydracc.convert import emit, inspect_checkpoint, make_plan, rewrite
-    from hydracc.planner import Budget
+    from hydracc.planning.budget import Budget
 
     insp = inspect_checkpoint(model)
     try:
@@ -48,8 +48,8 @@ def exhaustive(model: Path, work: Path, kv_budget: float) -> list[dict]:
     import itertools
 
     from hydracc.convert import emit, inspect_checkpoint, make_plan, rewrite
-    from hydracc.evaluate import evaluate
-    from hydracc.planner import Budget
+    from hydracc.evaluation.evaluate import evaluate
+    from hydracc.planning.budget import Budget
 
     insp = inspect_checkpoint(model)
     units = [(s.layer, g, s.num_heads // s.num_kv_heads) for s in insp.captured.sites for g in range(s.num_kv_heads)]
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from hydracc.convert import analyze_heads, calibration_for, calibration_shape, inspect_checkpoint
-    from hydracc.evaluate import evaluate
+    from hydracc.evaluation.evaluate import evaluate
 
     torch.set_num_threads(2)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="hydracc-quality-")

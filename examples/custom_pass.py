@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from hydracc.capture import SITE_META
+from hydracc.frontend.capture import SITE_META
 from hydracc.kernels.head_kinds import FULL
 from hydracc.passes import PassContext, register_pass
 from hydracc.passes.hybridize import hybrid_nodes

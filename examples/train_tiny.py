@@ -6,9 +6,9 @@ Architecture: transformers' Llama, 4 layers, width 128, 8 query heads / 2 KV hea
 dim 16), SwiGLU 384, RoPE with theta 1e6, tied embeddings, 256 byte tokens. Trained from
 scratch on CPU (about 0.24 s per step on 2 cores).
 
-Data, per step (``hydracc.tasks``), one batch of ``--seq-len`` bytes per row mixing
+Data, per step (``hydracc.evaluation.tasks``), one batch of ``--seq-len`` bytes per row mixing
   - text: random windows of the training part of the Python standard library's source
-    (held-out files are never seen; see ``hydracc.tasks.stdlib_corpus``);
+    (held-out files are never seen; see ``hydracc.evaluation.tasks.stdlib_corpus``);
   - MQAR (multi-query associative recall, as in Zoology): 2 to ``max_pairs`` key-value
     pairs from 64 key and 64 value symbols, filler, then every key queried; loss on the
     answers only. ``max_pairs`` ramps from 8 to 16 over the first half of training;
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hydracc.byte_tokenizer import save_byte_tokenizer
-from hydracc.tasks import (
+from hydracc.evaluation.byte_tokenizer import save_byte_tokenizer
+from hydracc.evaluation.tasks import (
     IGNORE,
     VOCAB_SIZE,
     induction_example,

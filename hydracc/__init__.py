@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 def _register_runtime() -> None:
     try:
-        importlib.import_module("hydracc.runtime")
+        importlib.import_module("hydracc.runtime.loader")
     except Exception as exc:  # never break the user's import of transformers
         warnings.warn(f"hydracc could not register its attention function with transformers: {exc}", stacklevel=2)
 
@@ -77,16 +77,16 @@ elif not any(isinstance(f, _WatchForTransformers) for f in sys.meta_path):
 def load(path: str | os.PathLike[str], *, dtype: Any = None, device: Any = "cpu") -> Any:
     """Load a converted checkpoint and return a transformers model running the hybrid.
 
-    See :func:`hydracc.runtime.load`; imported lazily so ``import hydracc`` stays cheap.
+    See :func:`hydracc.runtime.loader.load`; imported lazily so ``import hydracc`` stays cheap.
     """
-    from hydracc.runtime import load as _load
+    from hydracc.runtime.loader import load as _load
 
     return _load(path, dtype=dtype, device=device)
 
 
 def __getattr__(name: str) -> Any:
     if name == "HybridCache":  # lazily, so that `import hydracc` does not import torch
-        from hydracc.cache import HybridCache
+        from hydracc.runtime.cache import HybridCache
 
         return HybridCache
     raise AttributeError(f"module 'hydracc' has no attribute {name!r}")

@@ -226,7 +226,7 @@ def _check_device(settings: Any) -> None:
 
 def _check_onnx_kinds(kinds: list[str]) -> None:
     """Refuse --onnx up front for head kinds the ONNX export does not support."""
-    from hydracc.onnx_export import EXPORTABLE_KINDS
+    from hydracc.export.onnx import EXPORTABLE_KINDS
 
     unsupported = sorted(set(kinds) - EXPORTABLE_KINDS)
     if unsupported:
@@ -242,7 +242,7 @@ def _kind_params(sink: int | None, window: int | None, linear_kind: str) -> dict
 
 
 def _budget(full_ratio: float | None, kv_budget: float | None, min_full: int, max_full: int | None) -> Any:
-    from hydracc.planner import Budget
+    from hydracc.planning.budget import Budget
 
     if full_ratio is not None and kv_budget is not None:
         raise HydraError("give one budget: --full-ratio or --kv-budget, not both")
@@ -351,9 +351,9 @@ def convert(
 
     def work() -> dict[str, Any]:
         from hydracc import convert as pipeline
-        from hydracc.emit import parse_size
+        from hydracc.emit.writer import parse_size
         from hydracc.errors import OutputError
-        from hydracc.plan import cache_cost
+        from hydracc.planning.plan import cache_cost
 
         if not dry_run and output is None:
             raise HydraError("nothing to do: give -o OUTPUT to convert, or --plan for a dry run")
@@ -385,7 +385,7 @@ def convert(
         if distill and dry_run:
             raise HydraError("--distill trains a converted model: drop --plan and give -o OUTPUT")
         from hydracc.kernels.head_kinds import kind_by_name
-        from hydracc.plan import load_plan
+        from hydracc.planning.plan import load_plan
 
         file_plan = load_plan(plan_file) if plan_file is not None else None
         if fusion is False and (kind_by_name(linear_kind).learned and file_plan is None):
@@ -397,7 +397,7 @@ def convert(
             _check_onnx_kinds([linear_kind] if file_plan is None else [h.kind for lp in file_plan.layers for h in lp.heads])
         settings = None
         if distill:
-            from hydracc.distill import DistillSettings
+            from hydracc.distill.train import DistillSettings
 
             settings = DistillSettings(steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, batch=distill_batch, seed=seed,
                                        save_every=save_every, device=device)
@@ -421,7 +421,7 @@ def convert(
             if plan_out is not None:
                 _write_text_atomic(plan_out, plan.dumps())
             if plan_png is not None:
-                from hydracc.plan_plot import draw_plan
+                from hydracc.planning.plot import draw_plan
 
                 draw_plan(plan, plan_png, score=score if strategy == "heads" else "sensitivity")
             if not dry_run:
@@ -431,7 +431,7 @@ def convert(
                     try:
                         result.learned = _learn_with_progress(reporter, pipeline, insp, plan, rows, settings, output, resume)
                     except KeyboardInterrupt:
-                        from hydracc.distill import state_dir_for
+                        from hydracc.distill.train import state_dir_for
 
                         state = state_dir_for(output)
                         saved = f"; the training state is saved in {state}: rerun with --resume to continue" if state.is_dir() else ""
@@ -442,7 +442,7 @@ def convert(
                 if settings is not None:
                     import shutil
 
-                    from hydracc.distill import state_dir_for
+                    from hydracc.distill.train import state_dir_for
 
                     shutil.rmtree(state_dir_for(output), ignore_errors=True)
         finally:
@@ -644,7 +644,7 @@ def eval_command(model_path: Path, task: str, as_json: bool, quiet: bool) -> Non
     def work() -> dict[str, Any]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from hydracc.evaluate import TASKS, EvalSettings, count_batches, evaluate
+        from hydracc.evaluation.evaluate import TASKS, EvalSettings, count_batches, evaluate
 
         tasks = TASKS if task == "all" else (task,)
         settings = EvalSettings()
@@ -703,9 +703,9 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         import torch
         from transformers import AutoTokenizer
 
-        from hydracc.cache import HybridCache
-        from hydracc.checkpoint import read_config
-        from hydracc.runtime import load
+        from hydracc.frontend.checkpoint import read_config
+        from hydracc.runtime.cache import HybridCache
+        from hydracc.runtime.loader import load
 
         root = model_path.parent if model_path.is_file() else model_path
         model = load(root)
@@ -759,7 +759,7 @@ def _require_onnx() -> None:
 
 def _export_with_check(reporter: _Reporter, checkpoint: Path, out: Path | None, atol: float, check_tokens: int, force: bool) -> Any:
     _require_onnx()
-    from hydracc.onnx_export import export_onnx
+    from hydracc.export.onnx import export_onnx
 
     with reporter.err.status("exporting prefill and decode graphs to ONNX and checking them with onnxruntime"):
         report = export_onnx(checkpoint, out, atol=atol, check_tokens=check_tokens, force=force)

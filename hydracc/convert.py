@@ -28,27 +28,26 @@ from typing import Any
 import torch
 
 import hydracc
-from hydracc.analyze import Analysis, analyze
-from hydracc.calibration import (
+from hydracc.analysis.calibration import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     Calibration,
     default_calibration,
     load_calibration,
 )
-from hydracc.capture import CapturedModel, capture, require_sites
-from hydracc.checkpoint import Checkpoint, open_checkpoint
-from hydracc.converted import hydra_section
-from hydracc.distill import DistillResult, DistillSettings, distill, initial_values, state_dir_for
-from hydracc.emit import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+from hydracc.analysis.scores import Analysis, analyze
+from hydracc.distill.train import DistillResult, DistillSettings, distill, initial_values, state_dir_for
+from hydracc.emit.hydra_section import hydra_section
+from hydracc.emit.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
 from hydracc.errors import HydraError, OutputError, PassError
+from hydracc.frontend.capture import CapturedModel, capture, require_sites
+from hydracc.frontend.checkpoint import Checkpoint, open_checkpoint
+from hydracc.frontend.model import build_model, check_runtime_support, expected_weights, match_weights
 from hydracc.kernels.head_kinds import kind_by_name
-from hydracc.model import build_model, expected_weights, match_weights
 from hydracc.passes import PassContext, PassManager, pipeline
 from hydracc.passes.hybridize import HYBRID_OP
-from hydracc.plan import CacheCost, Plan, cache_cost, check_plan_fits, load_plan
-from hydracc.planner import Budget, make_budget_plan
-from hydracc.runtime import check_runtime_support
+from hydracc.planning.budget import Budget, make_budget_plan
+from hydracc.planning.plan import CacheCost, Plan, cache_cost, check_plan_fits, load_plan
 
 SIDE_FILES = (
     "generation_config.json",

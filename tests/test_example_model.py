@@ -8,7 +8,7 @@ import pytest
 from helpers import ROOT
 
 from hydracc.convert import convert
-from hydracc.evaluate import evaluate
+from hydracc.evaluation.evaluate import evaluate
 
 MODEL = ROOT / "examples" / "tiny-llama"
 

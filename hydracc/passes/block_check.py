@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from hydracc.capture import CapturedModel, _on_device, reachable_nodes
+from hydracc.frontend.capture import CapturedModel, _on_device, reachable_nodes
 
 
 def _matmul_for_weight(graph: fx.Graph, weight: str, targets: dict[str, str]) -> fx.Node | None:

@@ -9,7 +9,7 @@ pass no copy of K/V per query head is left in the graph.
 
 from __future__ import annotations
 
-from hydracc.capture import SDPA, SITE_META, unexpanded_kv
+from hydracc.frontend.capture import SDPA, SITE_META, unexpanded_kv
 from hydracc.passes.manager import PassContext, register_pass
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
-from hydracc.capture import SDPA, SITE_META
 from hydracc.errors import PassError
+from hydracc.frontend.capture import SDPA, SITE_META
 from hydracc.kernels.head_kinds import PARAM_NAMES, kind_by_name, param_shapes
 from hydracc.passes.manager import PassContext, register_pass
 

@@ -23,10 +23,10 @@ from torch import fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from hydracc.capture import CapturedModel
 from hydracc.errors import PassError
-from hydracc.plan import Plan
-from hydracc.weight_edits import WeightEdits
+from hydracc.frontend.capture import CapturedModel
+from hydracc.passes.weight_edits import WeightEdits
+from hydracc.planning.plan import Plan
 
 PassFn = Callable[["PassContext"], None]
 

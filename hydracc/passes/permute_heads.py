@@ -14,12 +14,12 @@ order (e.g. a norm over all head channels) is left as it is, with a note.
 
 from __future__ import annotations
 
-from hydracc.capture import SITE_META, AttentionSite, Projection
+from hydracc.frontend.capture import SITE_META, AttentionSite, Projection
 from hydracc.kernels.head_kinds import kind_by_code
 from hydracc.passes.block_check import reorder_is_exact
 from hydracc.passes.hybridize import hybrid_nodes
 from hydracc.passes.manager import PassContext, register_pass
-from hydracc.weight_edits import WeightEdits
+from hydracc.passes.weight_edits import WeightEdits
 
 HEAD_ORDER_META = "hydracc_head_order"
 

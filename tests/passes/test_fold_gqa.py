@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import build_tiny_model
 
-from hydracc.capture import SDPA, capture
-from hydracc.model import build_model
+from hydracc.frontend.capture import SDPA, capture
+from hydracc.frontend.model import build_model
 from hydracc.passes import PassContext, PassManager
 
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 from helpers import build_tiny_model, use_oracle
 
-from hydracc.capture import SDPA, SITE_META, capture
 from hydracc.errors import PassError
+from hydracc.frontend.capture import SDPA, SITE_META, capture
+from hydracc.frontend.model import build_model
 from hydracc.kernels.head_kinds import kind_by_name
-from hydracc.model import build_model
 from hydracc.passes import PassContext, PassManager
 from hydracc.passes.hybridize import hybrid_nodes
-from hydracc.planner import ratio_plan
+from hydracc.planning.budget import ratio_plan
 
 
 @pytest.mark.parametrize(("family", "heads", "kv"), [("llama", 4, 2), ("qwen3", 4, 1), ("gpt2", 4, 4)], ids=["gqa", "mqa", "mha"])

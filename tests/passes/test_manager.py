@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import build_tiny_model
 
-from hydracc.capture import capture
 from hydracc.errors import PassError
-from hydracc.model import build_model
+from hydracc.frontend.capture import capture
+from hydracc.frontend.model import build_model
 from hydracc.passes import PassContext, PassManager, get_pass, pipeline, register_pass, registered_passes
 
 

@@ -4,13 +4,13 @@ import pytest
 import torch
 from helpers import build_tiny_model
 
-from hydracc.capture import SITE_META, capture
-from hydracc.model import build_model
+from hydracc.frontend.capture import SITE_META, capture
+from hydracc.frontend.model import build_model
 from hydracc.passes import PassContext, PassManager
 from hydracc.passes.hybridize import hybrid_nodes
 from hydracc.passes.permute_heads import HEAD_ORDER_META, full_first_order
-from hydracc.plan import HeadPlan
-from hydracc.planner import ratio_plan
+from hydracc.planning.budget import ratio_plan
+from hydracc.planning.plan import HeadPlan
 
 
 def test_full_first_order_respects_kv_groups() -> None:

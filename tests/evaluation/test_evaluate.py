@@ -11,7 +11,7 @@ from helpers import ROOT
 
 from hydracc.cli import main
 from hydracc.convert import convert
-from hydracc.evaluate import EvalSettings, evaluate
+from hydracc.evaluation.evaluate import EvalSettings, evaluate
 
 SMALL = EvalSettings(ppl_windows=8, mqar_pairs=(4,), mqar_seq_lens=(64,), mqar_samples=8, passkey_lengths=(96,),
                      passkey_samples=4, batch=8)

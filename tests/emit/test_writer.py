@@ -1,4 +1,4 @@
-"""Tests for hydracc.emit: the streamed, atomic, deterministic checkpoint writer."""
+"""Tests for hydracc.emit.writer: the streamed, atomic, deterministic checkpoint writer."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import build_tiny_model
 
-import hydracc.emit as emit
-from hydracc.checkpoint import open_checkpoint
-from hydracc.emit import CheckpointWriter, parse_size
+import hydracc.emit.writer as emit
+from hydracc.emit.writer import CheckpointWriter, parse_size
 from hydracc.errors import OutputError
+from hydracc.frontend.checkpoint import open_checkpoint
 
 CONFIG = {"model_type": "llama", "hidden_size": 4, "architectures": ["LlamaForCausalLM"]}
 

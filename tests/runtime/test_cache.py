@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from helpers import ROOT, load_original
 
 import hydracc
-from hydracc.cache import HybridCache
 from hydracc.cli import main
 from hydracc.convert import convert
 from hydracc.kernels.reference import causal_linear_attention, causal_linear_attention_step
+from hydracc.runtime.cache import HybridCache
 
 
 @pytest.mark.parametrize("chunks", [[7], [3, 1, 1, 2], [1] * 7], ids=["one", "ragged", "tokenwise"])
@@ -144,8 +144,8 @@ def test_generate_command(tmp_path) -> None:
     "first",
     [
         "import hydracc; hydracc.HybridCache",
-        "import hydracc.cache",
-        "import hydracc.runtime",
+        "import hydracc.runtime.cache",
+        "import hydracc.runtime.loader",
         "import transformers, hydracc",
         "import hydracc, importlib.util; assert importlib.util.find_spec('transformers')",  # a check is not an import
     ],
@@ -157,7 +157,7 @@ def test_registration_in_any_import_order(first: str) -> None:
 
 
 def test_groups_with_full_and_linear_heads_mixed(tiny_checkpoint, tmp_path) -> None:
-    from hydracc.plan import load_plan
+    from hydracc.planning.plan import load_plan
 
     src = tiny_checkpoint("llama-gqa")  # 4 query heads, 2 KV heads
     convert(src, tmp_path / "even", full_ratio=0.5, strategy="even")
@@ -246,7 +246,7 @@ def test_streaming_with_a_window_covering_the_sequence_equals_full(tiny_checkpoi
                          ids=["all-kinds", "mixed"])
 def test_one_token_steps_through_the_decode_op_equal_the_torch_path(tiny_checkpoint, tmp_path, monkeypatch, kinds) -> None:
     """The wiring CUDA uses (hydracc::hybrid_decode over the cache's tensors), run here by the op's CPU implementation."""
-    import hydracc.cache as cache_module
+    import hydracc.runtime.cache as cache_module
 
     src = tiny_checkpoint("llama-gqa")
     convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, True), seq_len=16, calib_samples=2)
@@ -272,7 +272,7 @@ def test_one_token_steps_through_the_decode_op_equal_the_torch_path(tiny_checkpo
 def test_first_chunk_through_the_fused_prefill_equals_the_torch_path(tiny_checkpoint, tmp_path, monkeypatch, kinds) -> None:
     """The wiring CUDA uses for generate's prompt (the fused Triton prefill writing the starting
     states), run here under the Triton interpreter; then token steps through the decode op."""
-    import hydracc.cache as cache_module
+    import hydracc.runtime.cache as cache_module
     from hydracc.kernels import triton_prefill
 
     src = tiny_checkpoint("llama-gqa")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from hydracc.byte_tokenizer import build_byte_tokenizer
-from hydracc.tasks import IGNORE, KEY_BASE, VALUE_BASE, decode, mqar_example, passkey_example, stdlib_corpus
+from hydracc.evaluation.byte_tokenizer import build_byte_tokenizer
+from hydracc.evaluation.tasks import IGNORE, KEY_BASE, VALUE_BASE, decode, mqar_example, passkey_example, stdlib_corpus
 
 
 @pytest.mark.parametrize(("pairs", "seq_len"), [(2, 16), (8, 64), (16, 256)])

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from hydracc.analyze import Analysis, HeadScores, LayerScores
-from hydracc.capture import AttentionSite
+from hydracc.analysis.scores import Analysis, HeadScores, LayerScores
 from hydracc.errors import PlanError
-from hydracc.plan import cache_cost, load_plan
-from hydracc.planner import Budget, make_budget_plan
+from hydracc.frontend.capture import AttentionSite
+from hydracc.planning.budget import Budget, make_budget_plan
+from hydracc.planning.plan import cache_cost, load_plan
 
 
 def _sites(layers: int = 4, heads: int = 8, kv: int = 2, d: int = 16) -> list[AttentionSite]:
@@ -133,7 +133,7 @@ def test_budget_validation(kw, match) -> None:
 
 def test_scores_survive_the_plan_json_round_trip_and_draw(tmp_path) -> None:
     pytest.importorskip("matplotlib")
-    from hydracc.plan_plot import draw_plan
+    from hydracc.planning.plot import draw_plan
 
     sites = _sites()
     plan = make_budget_plan(sites, "llama", Budget(full_ratio=0.25), analysis=_analysis(sites, {(1, 1): 0.7}))

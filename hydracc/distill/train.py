@@ -47,13 +47,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hydracc.analyze import SiteInterpreter, calibration_batches, graph_logits, site_qkv
-from hydracc.calibration import Calibration
-from hydracc.capture import AttentionSite, CapturedModel
+from hydracc.analysis.calibration import Calibration
+from hydracc.analysis.scores import SiteInterpreter, calibration_batches, graph_logits, site_qkv
 from hydracc.errors import HydraError
+from hydracc.frontend.capture import AttentionSite, CapturedModel
 from hydracc.kernels.head_kinds import PARAM_NAMES, kind_by_name, param_shapes
 from hydracc.kernels.reference import fuse_linear_output, hybrid_attention_reference, run_kind
-from hydracc.plan import LayerPlan, Plan
+from hydracc.planning.plan import LayerPlan, Plan
 
 Progress = Callable[[str, int, int, float], None]
 """``progress(stage_label, step, steps, loss)`` after every training step."""

@@ -15,7 +15,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from hydracc.onnx_export import ExportError, check_onnx, export_onnx  # noqa: E402
+from hydracc.export.onnx import ExportError, check_onnx, export_onnx  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_cli_fails_above_atol_and_writes_nothing(tiny_checkpoint, tmp_path) -> N
 
 
 def test_external_data_above_the_size_limit(tiny_checkpoint, tmp_path, monkeypatch) -> None:
-    import hydracc.onnx_export as ox
+    import hydracc.export.onnx as ox
 
     monkeypatch.setattr(ox, "PROTOBUF_LIMIT", 1024)  # pretend the tiny model is huge
     convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from hydracc.calibration import CalibrationError, default_calibration, load_calibration
+from hydracc.analysis.calibration import CalibrationError, default_calibration, load_calibration
 
 
 def test_text_and_jsonl_are_bytes_for_a_byte_model(tmp_path) -> None:

@@ -80,7 +80,7 @@ def test_decode_with_transformers_cache_matches_full_recompute(tiny_checkpoint, 
 
 
 def test_padded_batch_is_refused_not_silently_wrong(tiny_checkpoint, tmp_path) -> None:
-    from hydracc.runtime import PaddingNotSupportedError
+    from hydracc.runtime.loader import PaddingNotSupportedError
 
     convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
     model = hydracc.load(tmp_path / "out")

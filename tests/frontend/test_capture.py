@@ -4,9 +4,9 @@ import pytest
 import torch
 from helpers import FAMILIES, build_tiny_model
 
-from hydracc.capture import SDPA, capture, require_sites
 from hydracc.errors import UnsupportedModelError
-from hydracc.model import build_model, load_config
+from hydracc.frontend.capture import SDPA, capture, require_sites
+from hydracc.frontend.model import build_model, load_config
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))

@@ -11,8 +11,7 @@ from safetensors import safe_open
 
 import hydracc
 from hydracc import convert as pipeline
-from hydracc.capture import SITE_META
-from hydracc.distill import (
+from hydracc.distill.train import (
     DistillError,
     DistillSettings,
     _kl_loss,
@@ -24,9 +23,10 @@ from hydracc.distill import (
     transfer_loss,
 )
 from hydracc.errors import HydraError
+from hydracc.frontend.capture import SITE_META
 from hydracc.kernels.head_kinds import PARAM_NAMES
 from hydracc.passes.hybridize import bind_added_params, hybrid_nodes
-from hydracc.planner import Budget
+from hydracc.planning.budget import Budget
 
 SEQ = 24
 EXAMPLE = ROOT / "examples" / "tiny-llama"
@@ -165,7 +165,7 @@ def test_saving_and_loading_preserves_outputs_exactly(tiny_checkpoint, tmp_path,
 
 def _student_logits(insp, plan, weights, values, ids) -> torch.Tensor:
     """Logits of the converted model as stage 2 computes them (KL against itself is 0, so read them out)."""
-    from hydracc.analyze import SiteInterpreter, site_qkv
+    from hydracc.analysis.scores import SiteInterpreter, site_qkv
     from hydracc.kernels.head_kinds import kind_by_name
     from hydracc.kernels.reference import hybrid_attention_reference
 

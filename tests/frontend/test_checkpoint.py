@@ -1,4 +1,4 @@
-"""Tests for hydracc.checkpoint: lazy, header-validated loading of safetensors checkpoints."""
+"""Tests for hydracc.frontend.checkpoint: lazy, header-validated loading of safetensors checkpoints."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import torch
 from helpers import build_tiny_model
 from safetensors.torch import save_file
 
-import hydracc.checkpoint
-from hydracc.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+import hydracc.frontend.checkpoint
 from hydracc.errors import CheckpointError
+from hydracc.frontend.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 
 CONFIG = {"model_type": "llama", "hidden_size": 4}
 
@@ -73,7 +73,7 @@ def no_data_reads(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("data read: tensor data was read where only headers should be")
 
     monkeypatch.setattr(safetensors, "safe_open", boom)
-    monkeypatch.setattr(hydracc.checkpoint, "_read_tensor_bytes", boom)
+    monkeypatch.setattr(hydracc.frontend.checkpoint, "_read_tensor_bytes", boom)
 
 
 # ---------------------------------------------------------------------------- happy paths

@@ -14,7 +14,7 @@ Design decisions:
   The submodules are attached by a wrapper around ``PreTrainedModel.post_init`` (the end of
   every model's ``__init__``), active only for configs with a ``hydra`` section and the
   ``"hydracc"`` attention, so ``hydracc.load`` and plain Auto loading build the same model.
-- Generation: ``generate`` gets a ``hydracc.cache.HybridCache`` by default for these models
+- Generation: ``generate`` gets a ``hydracc.runtime.cache.HybridCache`` by default for these models
   (a wrapper around transformers' cache preparation, active only when the attention is
   ``"hydracc"``); its layers hand the attention function a ``HybridStep`` instead of
   tensors. With any other cache (a ``DynamicCache`` passed by the caller) linear heads are
@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
-from hydracc.capture import AttentionSite
-from hydracc.converted import HydraLayer, read_hydra_layers
-from hydracc.errors import CheckpointError, HydraError, UnsupportedModelError
+from hydracc.errors import CheckpointError, HydraError
+from hydracc.runtime.hydra_config import HydraLayer, read_hydra_layers
 
 ATTN_IMPLEMENTATION = "hydracc"
 
@@ -72,7 +71,7 @@ def hybrid_attention_forward(
     if attention_mask is not None and not torch.compiler.is_compiling():
         _refuse_padding(attention_mask, query.shape[2], key.shape[2])
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    from hydracc.cache import HybridStep  # not at module level: hydracc.cache imports transformers
+    from hydracc.runtime.cache import HybridStep  # not at module level: hydracc.runtime.cache imports transformers
 
     if isinstance(key, HybridStep):  # generating with a HybridCache: full heads cached, linear heads stateful
         return key.attend(query, codes, float(scale), params, entry.head_windows).transpose(1, 2).contiguous(), None
@@ -216,7 +215,7 @@ def _use_hybrid_cache_in_generate() -> None:
             and not getattr(cache, "_is_user_defined", False)
             and cache.get_seq_length() == 0
         ):
-            from hydracc.cache import HybridCache
+            from hydracc.runtime.cache import HybridCache
 
             model_kwargs["past_key_values"] = HybridCache(self.config)
         return result
@@ -228,46 +227,12 @@ def _use_hybrid_cache_in_generate() -> None:
 _register()
 
 
-def check_runtime_support(config: dict[str, Any], sites: Sequence[AttentionSite]) -> None:
-    """Raise ``UnsupportedModelError`` unless a converted model of this config can run the hybrid.
-
-    Builds the model on meta tensors with ``attn_implementation="hydracc"`` (so families that
-    pick attention classes by their own table, like Falcon, fail here, before conversion) and
-    checks that every site's module exposes the ``layer_idx`` the attention function uses.
-    """
-    from hydracc.model import build_model
-
-    try:
-        model = build_model(config, attn_implementation=ATTN_IMPLEMENTATION)
-    except UnsupportedModelError:
-        raise
-    except Exception as exc:  # transformers raises KeyError/ValueError for unsupported backends
-        raise UnsupportedModelError(
-            f"the {config.get('model_type')} model class cannot use a custom attention function "
-            f"({type(exc).__name__}: {exc}), so a converted checkpoint could not run",
-            hint="hydracc needs model classes that call transformers' AttentionInterface (Llama, Mistral, Qwen, GPT-2 ...)",
-        ) from exc
-    if not getattr(model, "_supports_attention_backend", True):
-        raise UnsupportedModelError(
-            f"the {config.get('model_type')} model class does not support custom attention functions",
-            hint="hydracc needs model classes that call transformers' AttentionInterface",
-        )
-    modules = dict(model.named_modules())
-    for site in sites:
-        module = modules.get(site.module)
-        if module is None or getattr(module, "layer_idx", None) != site.layer:
-            raise UnsupportedModelError(
-                f"attention module {site.module} does not carry layer_idx={site.layer}, which the hybrid "
-                "runtime uses to find each layer's head kinds",
-            )
-
-
 def _require_learned_tensors(root: Path, layers: dict[int, HydraLayer]) -> None:
     """Refuse a checkpoint whose config names learned parameters its files do not hold."""
     wanted = [name for entry in layers.values() for name in entry.params]
     if not wanted:
         return
-    from hydracc.checkpoint import open_checkpoint
+    from hydracc.frontend.checkpoint import open_checkpoint
 
     ck = open_checkpoint(root)
     try:
@@ -296,7 +261,7 @@ def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None
     """
     from transformers import AutoModelForCausalLM
 
-    from hydracc.checkpoint import read_config
+    from hydracc.frontend.checkpoint import read_config
 
     root = Path(path)
     if root.is_file():

@@ -8,11 +8,10 @@ from helpers import load_original
 from safetensors.torch import load_file, save_file
 
 import hydracc
-from hydracc.checkpoint import open_checkpoint
 from hydracc.convert import convert
 from hydracc.errors import CheckpointError, UnsupportedModelError
-from hydracc.model import build_model, match_weights
-from hydracc.runtime import check_runtime_support
+from hydracc.frontend.checkpoint import open_checkpoint
+from hydracc.frontend.model import build_model, check_runtime_support, match_weights
 
 
 def _rewrite_tensors(folder, fn) -> None:

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from hydracc.capture import AttentionSite
 from hydracc.errors import PlanError
-from hydracc.plan import cache_cost, check_plan_fits, load_plan, plan_from_json
-from hydracc.planner import ratio_plan
+from hydracc.frontend.capture import AttentionSite
+from hydracc.planning.budget import ratio_plan
+from hydracc.planning.plan import cache_cost, check_plan_fits, load_plan, plan_from_json
 
 
 def _sites(layers: int = 3, heads: int = 8, kv: int = 2, d: int = 16) -> list[AttentionSite]:

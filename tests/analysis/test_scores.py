@@ -7,8 +7,8 @@ import pytest
 import torch
 from helpers import build_tiny_model, load_original, use_oracle
 
-from hydracc.analyze import _Accumulator, analyze, retrieval_targets, units_of
-from hydracc.calibration import Calibration, default_calibration
+from hydracc.analysis.calibration import Calibration, default_calibration
+from hydracc.analysis.scores import _Accumulator, analyze, retrieval_targets, units_of
 from hydracc.convert import calibration_shape, inspect_checkpoint
 
 T = 24

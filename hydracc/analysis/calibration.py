@@ -1,0 +1,175 @@
+"""Calibration data for head analysis: token ids ``[samples, seq_len]`` from a file or built in.
+
+Design decisions:
+- Three file forms, told apart by suffix: ``.npy`` token ids (read with
+  ``allow_pickle=False``; 2-d rows are cut to ``seq_len``, a 1-d stream is cut into rows),
+  ``.jsonl`` (one JSON object per line with a ``text`` field) and anything else as plain
+  UTF-8 text. Text is tokenized with the checkpoint's own ``tokenizer.json`` (a data file,
+  read by the ``tokenizers`` library; no code from the checkpoint runs), or as bytes for a
+  byte-level model (vocabulary 256). Rows are consecutive windows of the tokenized stream,
+  so the same file and settings always give the same calibration set. (The built-in byte
+  set is cut from the running Python's standard library, so it can differ between Python
+  versions; pass ``--calib`` for a set that never changes.)
+- The built-in default depends on the model: for byte-level models (the shipped example)
+  a fixed-seed mix of training-split text, MQAR and passkey sequences from
+  ``hydracc.evaluation.tasks`` (never the held-out text ``hydracc eval`` scores on); for any other
+  vocabulary, synthetic sequences of random tokens with repeated spans and key-value
+  recall, which exercise copying heads without knowing the tokenizer. The description
+  says which was used, and recommends ``--calib`` with in-domain text for real models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hydracc.errors import HydraError
+from hydracc.evaluation.tasks import VOCAB_SIZE, mqar_example, passkey_example, stdlib_corpus
+
+DEFAULT_SAMPLES = 16
+DEFAULT_SEQ_LEN = 256
+DEFAULT_SEED = 7
+"""Seed of the built-in calibration set (``hydracc eval`` uses others)."""
+PASSKEY_MIN_LEN = 96
+
+
+class CalibrationError(HydraError):
+    """Calibration data that cannot be read or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    tokens: np.ndarray
+    """``[samples, seq_len]`` int64 token ids."""
+    source: str
+
+    @property
+    def samples(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.tokens.shape[1])
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len}
+
+
+def _rows_from_stream(stream: np.ndarray, samples: int, seq_len: int, where: str) -> np.ndarray:
+    rows = len(stream) // seq_len
+    if rows < 1:
+        raise CalibrationError(
+            f"{where} has {len(stream)} tokens, fewer than one sequence of --seq-len {seq_len}",
+            hint="give more text or a smaller --seq-len",
+        )
+    rows = min(rows, samples)
+    return stream[: rows * seq_len].reshape(rows, seq_len)
+
+
+def _tokenize(texts: list[str], vocab_size: int, root: Path | None, where: str) -> np.ndarray:
+    tokenizer_file = root / "tokenizer.json" if root is not None else None
+    if tokenizer_file is not None and tokenizer_file.is_file() and vocab_size != VOCAB_SIZE:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_file))
+        ids: list[int] = []
+        for text in texts:
+            ids.extend(tok.encode(text, add_special_tokens=False).ids)
+        return np.asarray(ids, dtype=np.int64)
+    if vocab_size == VOCAB_SIZE:
+        return np.frombuffer("\n\n".join(texts).encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    raise CalibrationError(
+        f"cannot tokenize {where}: the checkpoint has no tokenizer.json and its vocabulary ({vocab_size}) is not bytes",
+        hint="give token ids instead: --calib ids.npy (an integer array [samples, seq_len] or a 1-d stream)",
+    )
+
+
+def load_calibration(
+    path: str | Path, *, vocab_size: int, samples: int, seq_len: int, checkpoint_root: Path | None = None
+) -> Calibration:
+    """Read ``--calib FILE`` into at most ``samples`` rows of ``seq_len`` tokens."""
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"calibration file {p} does not exist")
+    where = f"calibration file {p}"
+    if p.suffix == ".npy":
+        try:
+            arr = np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise CalibrationError(f"{where} is not a readable .npy array: {exc}") from exc
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise CalibrationError(f"{where} holds {arr.dtype}, not integer token ids")
+        if arr.ndim == 2:
+            if arr.shape[1] < seq_len:
+                raise CalibrationError(f"{where} has rows of {arr.shape[1]} tokens, shorter than --seq-len {seq_len}")
+            tokens = arr[:samples, :seq_len].astype(np.int64)
+        elif arr.ndim == 1:
+            tokens = _rows_from_stream(arr.astype(np.int64), samples, seq_len, where)
+        else:
+            raise CalibrationError(f"{where} has shape {arr.shape}; expected [samples, seq_len] or a 1-d token stream")
+    else:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"{where} is not UTF-8 text (for token ids use a .npy file)") from exc
+        if p.suffix == ".jsonl":
+            texts = []
+            for n, line in enumerate(text.splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CalibrationError(f"{where}, line {n}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise CalibrationError(f"{where}, line {n}: expected an object with a string \"text\" field")
+                texts.append(obj["text"])
+        else:
+            texts = [text]
+        tokens = _rows_from_stream(_tokenize(texts, vocab_size, checkpoint_root, where), samples, seq_len, where)
+    if tokens.shape[0] == 0:
+        raise CalibrationError(f"{where} holds no calibration rows")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise CalibrationError(f"{where} has token ids outside the model's vocabulary [0, {vocab_size})")
+    return Calibration(np.ascontiguousarray(tokens), str(p))
+
+
+def default_calibration(*, vocab_size: int, samples: int, seq_len: int, seed: int = DEFAULT_SEED) -> Calibration:
+    """The built-in calibration set for a model with ``vocab_size`` tokens (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    rows: list[np.ndarray] = []
+    if vocab_size == VOCAB_SIZE:
+        corpus = stdlib_corpus()
+        pairs = min(16, (seq_len - 1) // 8)
+        for i in range(samples):
+            kind = i % 4
+            if kind == 1 and pairs >= 1:
+                rows.append(mqar_example(pairs, seq_len, rng)[0])
+            elif kind == 3 and seq_len >= PASSKEY_MIN_LEN:
+                rows.append(passkey_example(seq_len, rng)[0])
+            else:  # text: half the rows, and all of them when the rows are too short for the tasks
+                start = int(rng.integers(0, len(corpus.train) - seq_len))
+                rows.append(corpus.train[start : start + seq_len])
+        source = "built-in: standard-library text (training split), MQAR and passkey sequences (byte level)"
+    else:
+        for i in range(samples):
+            x = rng.integers(0, vocab_size, size=seq_len)
+            if i % 2 == 0:  # a random span, then the same span again: copying / induction
+                span = max(1, seq_len // 2)
+                x[seq_len - span :] = x[:span]
+            else:  # key-value pairs, then queries of some keys, each followed by its value
+                pairs = max(1, seq_len // 8)
+                keys = rng.choice(vocab_size, size=pairs, replace=pairs > vocab_size)
+                vals = rng.integers(0, vocab_size, size=pairs)
+                ctx = np.stack([keys, vals], 1).reshape(-1)
+                order = rng.permutation(pairs)
+                q = np.stack([keys[order], vals[order]], 1).reshape(-1)
+                x[: len(ctx)] = ctx
+                x[seq_len - len(q) :] = q
+            rows.append(x)
+        source = "built-in: synthetic random tokens with repeated spans and key-value recall (use --calib for in-domain text)"
+    return Calibration(np.stack(rows).astype(np.int64), source)

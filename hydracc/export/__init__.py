@@ -1,0 +1,1 @@
+"""Export: ONNX graphs of a converted checkpoint (``onnx``), checked with onnxruntime."""

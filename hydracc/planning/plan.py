@@ -1,0 +1,288 @@
+"""The conversion plan: which heads of which layer stay full and which become linear.
+
+Design decisions:
+- A plan is plain data (dataclasses) with a versioned JSON form. Every query head has
+  an entry ``{"kind": NAME, "params": {...}}`` so later, learned kinds can carry
+  per-head parameters without a format change; ``kind`` names come from
+  ``hydracc.kernels.head_kinds``.
+- Validation happens on load and against the captured model, and every error names
+  the offending field as a JSON path (``plan.layers[1].heads[5].kind``).
+- Planning (which heads to keep full under a budget) lives in ``hydracc.planning.budget``; this
+  module is the format, its validation and the cache accounting. The unit is the KV
+  group whenever KV heads are shared, because only a whole linear KV group frees cache.
+- Per-head ``scores`` (from the analysis) ride along in the JSON so a plan explains
+  itself; conversion ignores them.
+- KV-cache accounting is per token: a KV head must be cached if any query head using
+  it keeps KV (``HeadKind.keeps_kv``). Streaming heads keep a fixed window (counted with
+  the linear states as per-sequence bytes), linear heads a fixed state.
+- ``fusion`` (plan level): linear heads get scale-normalized fusion and the layer gets
+  learned parameters. Plans with a learned kind (hedgehog, gdn) always have them, since
+  those kinds need parameters anyway; the parameter list and fusion come together.
+- Streaming heads carry ``{"sink": S, "window": W}``; missing values take
+  ``STREAMING_DEFAULTS`` when the plan is read, so a loaded plan is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydracc.errors import PlanError
+from hydracc.frontend.capture import AttentionSite
+from hydracc.kernels.head_kinds import KIND_NAMES, kind_by_name
+
+PLAN_FORMAT = "hydracc-plan"
+PLAN_VERSION = 1
+STREAMING_DEFAULTS = {"sink": 4, "window": 64}
+"""Sink tokens and window length of a streaming head when the plan does not say."""
+
+
+@dataclass
+class HeadPlan:
+    kind: str
+    params: dict[str, Any] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    """What the analysis measured for this head (informational; conversion ignores it)."""
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "params": self.params}
+        if self.scores:
+            out["scores"] = self.scores
+        return out
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    module: str
+    num_heads: int
+    num_kv_heads: int
+    heads: list[HeadPlan]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [h.kind for h in self.heads]
+
+    def full_heads(self) -> list[int]:
+        """Heads that keep softmax attention over every key (they keep the KV cache)."""
+        return [i for i, h in enumerate(self.heads) if kind_by_name(h.kind).keeps_kv]
+
+    def has_learned_kind(self) -> bool:
+        return any(kind_by_name(h.kind).learned for h in self.heads)
+
+    def has_linear_kind(self) -> bool:
+        return any(kind_by_name(h.kind).linear for h in self.heads)
+
+    def head_windows(self) -> list[int]:
+        """The op's ``head_windows`` argument: ``[sink, window]`` per head, or ``[]`` without streaming heads."""
+        if not any(h.kind == "streaming" for h in self.heads):
+            return []
+        out: list[int] = []
+        for h in self.heads:
+            out += [int(h.params["sink"]), int(h.params["window"])] if h.kind == "streaming" else [0, 0]
+        return out
+
+    def cached_kv_heads(self) -> list[int]:
+        """KV heads whose keys and values must still be cached."""
+        group = self.num_heads // self.num_kv_heads
+        return [
+            g
+            for g in range(self.num_kv_heads)
+            if any(kind_by_name(self.heads[g * group + i].kind).keeps_kv for i in range(group))
+        ]
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    model: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] = field(default_factory=dict)
+    unit: str = "head"
+    fusion: bool = False
+    """Scale-normalized fusion (and learned parameters) for every layer with linear heads."""
+
+    def layer_has_params(self, lp: LayerPlan) -> bool:
+        """Whether layer ``lp`` gets learned parameters (fusion scales, feature maps, gates)."""
+        return lp.has_learned_kind() or (self.fusion and lp.has_linear_kind())
+
+    def layer(self, index: int) -> LayerPlan:
+        for lp in self.layers:
+            if lp.layer == index:
+                return lp
+        raise KeyError(index)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model": self.model,
+            "unit": self.unit,
+            "budget": self.budget,
+            "fusion": self.fusion,
+            "layers": [
+                {
+                    "layer": lp.layer,
+                    "module": lp.module,
+                    "num_heads": lp.num_heads,
+                    "num_kv_heads": lp.num_kv_heads,
+                    "heads": [h.to_json() for h in lp.heads],
+                }
+                for lp in self.layers
+            ],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _field(cond: bool, path: str, message: str) -> None:
+    if not cond:
+        raise PlanError(f"invalid plan: {path}: {message}")
+
+
+def plan_from_json(doc: Any) -> Plan:
+    """Parse and validate a plan document (the dict form of the JSON)."""
+    _field(isinstance(doc, dict), "plan", "must be a JSON object")
+    _field(doc.get("format") == PLAN_FORMAT, "plan.format", f"must be {PLAN_FORMAT!r}, got {doc.get('format')!r}")
+    version = doc.get("version")
+    _field(_is_int(version), "plan.version", "must be an integer")
+    _field(version <= PLAN_VERSION, "plan.version", f"{version} is newer than this hydracc understands ({PLAN_VERSION}); upgrade hydracc")
+    layers = doc.get("layers")
+    _field(isinstance(layers, list) and bool(layers), "plan.layers", "must be a non-empty list")
+    out: list[LayerPlan] = []
+    seen: set[int] = set()
+    for i, raw in enumerate(layers):
+        path = f"plan.layers[{i}]"
+        _field(isinstance(raw, dict), path, "must be an object")
+        layer = raw.get("layer")
+        _field(_is_int(layer) and layer >= 0, f"{path}.layer", "must be a non-negative integer")
+        _field(layer not in seen, f"{path}.layer", f"layer {layer} appears twice")
+        seen.add(layer)
+        nh, nkv = raw.get("num_heads"), raw.get("num_kv_heads")
+        _field(_is_int(nh) and nh > 0, f"{path}.num_heads", "must be a positive integer")
+        _field(_is_int(nkv) and nkv > 0 and nh % nkv == 0, f"{path}.num_kv_heads", f"must be a positive divisor of num_heads ({nh})")
+        heads_raw = raw.get("heads")
+        _field(isinstance(heads_raw, list), f"{path}.heads", "must be a list with one entry per query head")
+        _field(len(heads_raw) == nh, f"{path}.heads", f"has {len(heads_raw)} entries but num_heads is {nh}")
+        heads: list[HeadPlan] = []
+        for h, entry in enumerate(heads_raw):
+            hpath = f"{path}.heads[{h}]"
+            if isinstance(entry, str):
+                entry = {"kind": entry}
+            _field(isinstance(entry, dict), hpath, "must be an object like {\"kind\": \"full\"}")
+            kind = entry.get("kind")
+            _field(kind in KIND_NAMES, f"{hpath}.kind", f"unknown head kind {kind!r}; known kinds: {', '.join(KIND_NAMES)}")
+            params = entry.get("params", {})
+            _field(isinstance(params, dict), f"{hpath}.params", "must be an object")
+            allowed = kind_by_name(kind).plan_params
+            unknown = sorted(set(params) - set(allowed))
+            _field(
+                not unknown,
+                f"{hpath}.params",
+                f"kind {kind!r} takes {'no parameters' if not allowed else 'only ' + ', '.join(allowed)}; got {', '.join(unknown)}",
+            )
+            scores = entry.get("scores", {})
+            _field(
+                isinstance(scores, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()),
+                f"{hpath}.scores",
+                "must be an object of numbers",
+            )
+            params = dict(params)
+            if kind == "streaming":
+                params = {**STREAMING_DEFAULTS, **params}
+                _field(_is_int(params["sink"]) and params["sink"] >= 0, f"{hpath}.params.sink", "must be an integer >= 0")
+                _field(_is_int(params["window"]) and params["window"] >= 1, f"{hpath}.params.window", "must be an integer >= 1")
+            heads.append(HeadPlan(kind, params, {str(k): float(v) for k, v in scores.items()}))
+        out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
+    unit = doc.get("unit", "head")
+    _field(unit in ("head", "kv_group"), "plan.unit", "must be 'head' or 'kv_group'")
+    model = doc.get("model", {})
+    budget = doc.get("budget", {})
+    _field(isinstance(model, dict), "plan.model", "must be an object")
+    _field(isinstance(budget, dict), "plan.budget", "must be an object")
+    fusion = doc.get("fusion", False)
+    _field(isinstance(fusion, bool), "plan.fusion", "must be true or false")
+    return Plan(sorted(out, key=lambda lp: lp.layer), model, budget, unit, fusion)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read and validate a plan JSON file."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise PlanError(f"cannot read plan file {p}: {exc.strerror or exc}") from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"plan file {p} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    return plan_from_json(doc)
+
+
+def check_plan_fits(plan: Plan, sites: Sequence[AttentionSite]) -> None:
+    """Raise ``PlanError`` unless the plan covers exactly the model's attention sites."""
+    by_layer = {s.layer: s for s in sites}
+    for i, lp in enumerate(plan.layers):
+        path = f"plan.layers[{i}]"
+        site = by_layer.get(lp.layer)
+        _field(site is not None, f"{path}.layer", f"layer {lp.layer} does not exist (the model has layers {sorted(by_layer)})")
+        assert site is not None
+        _field(lp.num_heads == site.num_heads, f"{path}.num_heads", f"is {lp.num_heads} but layer {lp.layer} ({site.module}) has {site.num_heads} query heads")
+        _field(lp.num_kv_heads == site.num_kv_heads, f"{path}.num_kv_heads", f"is {lp.num_kv_heads} but layer {lp.layer} ({site.module}) has {site.num_kv_heads} KV heads")
+    missing = sorted(set(by_layer) - {lp.layer for lp in plan.layers})
+    _field(not missing, "plan.layers", f"has no entry for layer(s) {missing}; list every layer (all-full layers too)")
+
+
+def model_summary(sites: Sequence[AttentionSite], model_type: str) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "num_layers": len(sites),
+        "num_heads": sorted({s.num_heads for s in sites}),
+        "num_kv_heads": sorted({s.num_kv_heads for s in sites}),
+        "head_dim": sorted({s.head_dim for s in sites}),
+    }
+
+
+@dataclass(frozen=True)
+class CacheCost:
+    """KV-cache bytes per token, and fixed bytes per sequence (linear states, streaming windows), for a plan."""
+
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    linear_state_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        return self.kv_bytes_per_token_after / self.kv_bytes_per_token_before if self.kv_bytes_per_token_before else 1.0
+
+
+def cache_cost(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int) -> CacheCost:
+    """What the plan does to the KV cache (keys + values, ``element_bytes`` each)."""
+    by_layer = {s.layer: s for s in sites}
+    before = after = state = 0
+    for lp in plan.layers:
+        d = by_layer[lp.layer].head_dim
+        before += 2 * lp.num_kv_heads * d * element_bytes
+        after += 2 * len(lp.cached_kv_heads()) * d * element_bytes
+        for h in lp.heads:
+            if h.kind == "gdn":
+                state += d * d * 4  # fp32 state S (d x d)
+            elif h.kind == "hedgehog":
+                state += (2 * d * d + 2 * d) * 4  # feature dim 2d: S (2d x d) and z (2d)
+            elif kind_by_name(h.kind).linear:
+                state += (d * d + d) * 4  # fp32 state S (d x d) and normalizer z (d)
+        # streaming heads: the hybrid cache keeps, for every KV head they read, the layer's largest
+        # sink plus its largest window (at most; one row less between steps)
+        group = lp.num_heads // lp.num_kv_heads
+        streaming = [(i, h) for i, h in enumerate(lp.heads) if h.kind == "streaming"]
+        if streaming:
+            rows = max(int(h.params["sink"]) for _, h in streaming) + max(int(h.params["window"]) for _, h in streaming)
+            state += len({i // group for i, _ in streaming}) * rows * 2 * d * element_bytes
+    return CacheCost(before, after, state)

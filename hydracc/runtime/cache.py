@@ -1,0 +1,436 @@
+"""The hybrid cache: keys and values for full heads only, a fixed-size state for linear heads.
+
+Design decisions:
+- ``HybridCache`` is a transformers ``Cache`` made of ``HybridLayer``s, so ``generate`` (and
+  anything else that drives transformers' cache API) uses it unchanged. A layer does not know
+  its head kinds until the attention function tells it: ``update`` only wraps the new keys
+  and values in a ``HybridStep`` (transformers passes what ``update`` returns straight to the
+  attention function), and ``HybridStep.attend`` configures the layer on first use, appends
+  the new keys and values of the KV heads some full head still needs, and advances the
+  linear heads' state. Nothing else is kept: a KV head whose query heads are all linear costs
+  no cache at all.
+- Linear heads keep a fixed fp32 state per query head, grouped by kind
+  (``reference.linear_state_step``): ``S = sum phi(k) v^T`` and ``z = sum phi(k)`` for elu and
+  hedgehog, the delta-rule matrix ``S`` for gdn; decoding with the cache equals recomputing the
+  whole sequence (tests check it). With learned parameters, linear outputs get the layer's
+  scale-normalized fusion, as in the op.
+- Streaming heads keep their own small cache of the KV heads they read: the first ``sink``
+  positions and the last ``window`` (the largest over the layer's streaming heads), trimmed
+  after every step, with the absolute position of each kept row.
+- ``get_seq_length`` counts tokens seen, not cached rows, so positions and masks are right
+  even for a layer that caches nothing.
+- A one-token step on a device in ``DECODE_OP_DEVICES`` (CUDA) goes through the fused
+  ``hydracc::hybrid_decode`` op: one launch for the whole layer over these same tensors
+  (states updated in place). The first chunk of a layer with an elu or hedgehog head, on CUDA
+  in bf16/fp16, runs the fused Triton prefill, which writes the starting states in the same
+  layout. Elsewhere, and for later chunks, the torch path below runs.
+- Cropping (assisted decoding) cannot undo a linear state and is refused; batch reordering
+  (beam search) and repetition apply to every tensor of the layer.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+from hydracc.errors import HydraError
+from hydracc.kernels.head_kinds import ELU, GDN, HEDGEHOG, PARAM_NAMES, STREAMING, kind_by_code
+from hydracc.kernels.reference import fuse_linear_output, linear_state_step, streaming_attention
+
+
+class HybridLayer(DynamicLayer):
+    """One attention layer's share of a ``HybridCache``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.seen = 0
+        self.kinds: list[int] | None = None
+        self.full_heads: list[int] = []
+        self.linear_heads: list[int] = []
+        self.linear_groups: dict[int, list[int]] = {}
+        self.stream_heads: list[int] = []
+        self.stream_kv: list[int] = []
+        self.cached_kv: list[int] = []
+        self.grouped_full = False
+        self.states: dict[int, tuple[Tensor, ...] | None] = {}
+        self.window_keys: Tensor | None = None
+        self.window_values: Tensor | None = None
+        self.window_pos: Tensor | None = None
+        self.window_positions: list[int] = []
+        """``window_pos`` on the host, so trimming needs no device sync."""
+        self.sink = self.window = 0
+        self._indices: dict[tuple[str, torch.device], Tensor] = {}
+
+    def index(self, name: str, heads: list[int], device: torch.device) -> Tensor:
+        """``heads`` as an index tensor on ``device``, made once per layer (no copy per step)."""
+        key = (name, device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._indices[key]
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[HybridStep, HybridStep]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        step = HybridStep(self, key_states, value_states, self.seen)
+        self.seen += key_states.shape[-2]
+        return step, step
+
+    def configure(self, kinds: list[int], num_heads: int, num_kv_heads: int, head_windows: list[int] | None = None) -> None:
+        if self.kinds is not None:
+            if list(kinds) != self.kinds:
+                raise HydraError("a HybridCache layer was used with two different head-kind layouts; use one cache per model")
+            return
+        group = num_heads // num_kv_heads
+        self.kinds = list(kinds)
+        self.full_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).keeps_kv]
+        self.linear_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).linear]
+        self.linear_groups = {}
+        for h in self.linear_heads:
+            self.linear_groups.setdefault(kinds[h], []).append(h)
+        self.states = {code: None for code in self.linear_groups}
+        self.stream_heads = [h for h, c in enumerate(kinds) if c == STREAMING.code]
+        if len(self.full_heads) + len(self.linear_heads) + len(self.stream_heads) != len(kinds):  # pragma: no cover
+            raise HydraError("the hybrid cache handles full, linear and streaming heads only; this layer has another kind")
+        if self.stream_heads:
+            if not head_windows or len(head_windows) != 2 * len(kinds):
+                raise HydraError("streaming heads need the layer's head_windows (sink and window per head)")
+            self.stream_kv = sorted({h // group for h in self.stream_heads})
+            self.sink = max(head_windows[2 * h] for h in self.stream_heads)
+            self.window = max(head_windows[2 * h + 1] for h in self.stream_heads)
+        self.cached_kv = sorted({h // group for h in self.full_heads})
+        # SDPA can read the cached heads unexpanded (enable_gqa) when the i-th block of full heads
+        # uses the i-th cached KV head and all blocks have the same size
+        per = len(self.full_heads) // max(1, len(self.cached_kv))
+        self.grouped_full = (
+            bool(self.full_heads)
+            and per * len(self.cached_kv) == len(self.full_heads)
+            and all(h // group == self.cached_kv[i // per] for i, h in enumerate(self.full_heads))
+        )
+
+    # --- cache tensors by name (ONNX export feeds and reads them) -----------------------
+
+    def cache_names(self) -> list[str]:
+        """Names of the tensors this layer holds once configured, in a fixed order."""
+        names = ["keys", "values"] if self.cached_kv else []
+        for code in sorted(self.linear_groups):
+            names += [f"{kind_by_code(code).name}.{part}" for part in STATE_PARTS[code]]
+        if self.stream_heads:
+            names += ["window.keys", "window.values", "window.positions"]
+        return names
+
+    def cache_tensors(self) -> list[Tensor]:
+        out: list[Tensor] = []
+        if self.cached_kv:
+            out += [self.keys, self.values]
+        for code in sorted(self.linear_groups):
+            state = self.states[code]
+            if state is None:
+                raise HydraError("the linear state is empty: run the layer before reading its cache")
+            out += list(state)
+        if self.stream_heads:
+            out += [self.window_keys, self.window_values, self.window_pos]
+        return out
+
+    def set_cache_tensors(self, tensors: list[Tensor]) -> None:
+        it = iter(tensors)
+        if self.cached_kv:
+            self.keys, self.values = next(it), next(it)
+        for code in sorted(self.linear_groups):
+            self.states[code] = tuple(next(it) for _ in STATE_PARTS[code])
+        if self.stream_heads:
+            self.window_keys, self.window_values, self.window_pos = next(it), next(it), next(it)
+            self.window_positions = [int(x) for x in self.window_pos.tolist()]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def _tensors(self) -> list[Tensor]:
+        out = [t for t in (self.keys, self.values, self.window_keys, self.window_values) if isinstance(t, Tensor)]
+        for state in self.states.values():
+            out += list(state or ())
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def _each(self, fn: Any) -> None:
+        for name in ("keys", "values", "window_keys", "window_values"):
+            t = getattr(self, name)
+            if isinstance(t, Tensor) and t.dim() > 0:
+                setattr(self, name, fn(t))
+        for code, state in self.states.items():
+            if state is not None:
+                self.states[code] = tuple(fn(t) for t in state)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._each(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._each(lambda t: t[indices, ...])
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        self._each(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove == 0:
+            return
+        raise HydraError("the hybrid cache cannot be cropped: a linear head's state cannot forget tokens (assisted decoding is not supported)")
+
+    def reset(self) -> None:
+        self.keys = self.values = self.window_keys = self.window_values = self.window_pos = None
+        self.window_positions = []
+        self.states = {code: None for code in self.linear_groups}
+        self.seen = 0
+        self.is_initialized = False
+
+
+DECODE_OP_DEVICES: set[str] = {"cuda"}
+"""Device types whose one-token steps use the fused ``hydracc::hybrid_decode`` op (tests add "cpu"
+to run the op's plain-torch implementation through the same wiring)."""
+
+FUSED_PREFILL_DEVICES: set[str] = {"cuda"}
+FUSED_PREFILL_DTYPES: set[torch.dtype] = {torch.bfloat16, torch.float16}
+"""The first chunk (an empty cache) of a layer with an elu or hedgehog head runs the fused Triton
+prefill (``triton_prefill.hybrid_prefill`` with ``states=``, so it also hands decode its
+starting state) on these devices and dtypes, as the op does outside generation; tests add "cpu"
+and fp32 to run the kernel under the Triton interpreter through the same wiring."""
+
+STATE_PARTS = {ELU.code: ("state", "norm"), HEDGEHOG.code: ("state", "norm"), GDN.code: ("state",)}
+"""The tensors of each linear kind's state (see ``reference.linear_state_step``)."""
+
+
+class HybridStep:
+    """What ``HybridLayer.update`` hands the attention function: the new keys/values and the layer."""
+
+    def __init__(self, layer: HybridLayer, keys: Tensor, values: Tensor, past: int) -> None:
+        self.layer = layer
+        self.new_keys = keys
+        self.new_values = values
+        self.past = past
+
+    @property
+    def shape(self) -> torch.Size:
+        """Shape of the keys the attention sees (past + new tokens), as a tensor would report it."""
+        b, h, t, d = self.new_keys.shape
+        return torch.Size((b, h, self.past + t, d))
+
+    def attend(
+        self,
+        query: Tensor,
+        kinds: list[int],
+        scale: float,
+        head_params: Sequence[Tensor] = (),
+        head_windows: Sequence[int] = (),
+    ) -> Tensor:
+        """Hybrid attention of ``query`` ``[B, Hq, T, D]`` over everything seen; returns ``[B, Hq, T, Dv]``."""
+        layer = self.layer
+        b, hq, tq, _ = query.shape
+        hkv = self.new_keys.shape[1]
+        layer.configure(kinds, hq, hkv, list(head_windows))
+        if tq == 1 and query.device.type in DECODE_OP_DEVICES and len(layer.full_heads) < hq:
+            # (an all-full layer keeps SDPA, as in prefill: bit-identical to the original model)
+            return self._attend_one_token(query, kinds, scale, head_params, head_windows)
+        if self.past == 0 and tq > 1 and self._fused_prefill_applies(query, kinds):
+            return self._attend_first_chunk(query, kinds, scale, head_params, head_windows)
+        group = hq // hkv
+        out = query.new_empty(b, hq, tq, self.new_values.shape[-1])
+        self._append_full_kv()
+        if layer.full_heads:
+            heads = layer.index("full", layer.full_heads, query.device)
+            qf = query.index_select(1, heads)
+            if layer.grouped_full:  # every cached KV head serves the same number of full heads, in order
+                k, v, gqa = layer.keys, layer.values, len(layer.cached_kv) < len(layer.full_heads)
+            else:  # uneven: expand the cached heads to one per full head
+                pos = {kv: i for i, kv in enumerate(layer.cached_kv)}
+                kv_of = layer.index("full_kv", [pos[h // group] for h in layer.full_heads], query.device)
+                k, v, gqa = layer.keys.index_select(1, kv_of), layer.values.index_select(1, kv_of), False
+            tk = k.shape[2]
+            extra = {"enable_gqa": True} if gqa else {}
+            if tq == tk:  # prefill from empty: plain causal
+                full = F.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=scale, **extra)
+            elif tq == 1:  # one decode step sees every key
+                full = F.scaled_dot_product_attention(qf, k, v, scale=scale, **extra)
+            else:  # a chunk after earlier tokens: causal, aligned bottom-right
+                mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
+                full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
+            out.index_copy_(1, heads, full.to(out.dtype))
+        for code, members in sorted(layer.linear_groups.items()):
+            heads = layer.index(f"linear{code}", members, query.device)
+            kv_of = heads // group
+            rows = {name: t.index_select(0, heads) for name, t in zip(PARAM_NAMES, head_params)} if head_params else None
+            lin, layer.states[code] = linear_state_step(
+                code, query.index_select(1, heads), self.new_keys.index_select(1, kv_of),
+                self.new_values.index_select(1, kv_of), layer.states[code], rows,
+            )
+            if rows is not None:
+                lin = fuse_linear_output(lin, rows["fusion_scale"])
+            out.index_copy_(1, heads, lin.to(out.dtype))
+        if layer.stream_heads:
+            self._attend_streaming(query, out, scale, group, head_windows)
+        return out
+
+    def _attend_one_token(
+        self, query: Tensor, kinds: list[int], scale: float, head_params: Sequence[Tensor], head_windows: Sequence[int]
+    ) -> Tensor:
+        """One new token through ``hydracc::hybrid_decode`` (the caches laid out as the op reads them)."""
+        from hydracc.kernels.decode_op import hybrid_decode
+
+        layer = self.layer
+        dv = self.new_values.shape[-1]
+        self._append_full_kv()
+        wk = wv = wpos = None
+        if layer.stream_heads:
+            wk, wv, wpos = self._window_with_new_rows()
+        states: list[Tensor] = []
+        for code in sorted(layer.linear_groups):
+            if layer.states[code] is None:  # the first token of the sequence
+                layer.states[code] = self._new_state(query, code, dv, torch.zeros)
+            states += list(layer.states[code])  # updated in place by the op
+        out = hybrid_decode(
+            query, self.new_keys, self.new_values, layer.keys if layer.cached_kv else None,
+            layer.values if layer.cached_kv else None, states, wk, wv, wpos, kinds, scale, head_params, head_windows,
+        )
+        if layer.stream_heads:
+            assert wk is not None and wv is not None and wpos is not None
+            self._keep_window(wk, wv, wpos)
+        return out
+
+    def _new_state(self, query: Tensor, code: int, dv: int, make: Any) -> tuple[Tensor, ...]:
+        """Fresh fp32 state tensors of linear kind ``code`` in the decode op's layout (``make``:
+        ``torch.zeros`` or ``torch.empty``): ``S [B, n, F, Dv]`` and, but for gdn, ``z [B, n, F]``."""
+        b, d = query.shape[0], query.shape[-1]
+        n, f = len(self.layer.linear_groups[code]), 2 * d if code == HEDGEHOG.code else d
+        shapes = [(b, n, f, dv), (b, n, f)][: len(STATE_PARTS[code])]
+        return tuple(make(shape, dtype=torch.float32, device=query.device) for shape in shapes)
+
+    def _fused_prefill_applies(self, query: Tensor, kinds: list[int]) -> bool:
+        """Whether this first chunk takes the fused Triton prefill (see ``FUSED_PREFILL_DEVICES``)."""
+        from hydracc.kernels.hybrid_op import triton_prefill_takes
+
+        q, k, v = query, self.new_keys, self.new_values
+        if not triton_prefill_takes(q, k, v, kinds, FUSED_PREFILL_DEVICES, FUSED_PREFILL_DTYPES):
+            return False
+        from hydracc.kernels.triton_prefill import prefill_fits
+
+        return prefill_fits(q, k, v)
+
+    def _attend_first_chunk(
+        self, query: Tensor, kinds: list[int], scale: float, head_params: Sequence[Tensor], head_windows: Sequence[int]
+    ) -> Tensor:
+        """The first chunk through the fused prefill, which also writes the linear heads' states."""
+        from hydracc.kernels.triton_prefill import hybrid_prefill
+
+        layer = self.layer
+        dv = self.new_values.shape[-1]
+        states: list[Tensor] = []
+        for code in sorted(layer.linear_groups):  # decode_layout's order: by kind code
+            layer.states[code] = self._new_state(query, code, dv, torch.empty)
+            states += list(layer.states[code])  # written by the kernel
+        out = hybrid_prefill(
+            query, self.new_keys, self.new_values, kinds, scale, head_params, head_windows, states=states
+        )
+        self._append_full_kv()
+        if layer.stream_heads:
+            self._keep_window(*self._window_with_new_rows())
+        return out
+
+    def _append_full_kv(self) -> None:
+        """Add the new keys/values of the KV heads some full head reads to the layer's cache."""
+        layer = self.layer
+        if not layer.cached_kv:
+            return
+        idx = layer.index("cached_kv", layer.cached_kv, self.new_keys.device)
+        new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
+        if layer.keys is None or layer.keys.dim() == 0 or layer.keys.numel() == 0:
+            layer.keys, layer.values = new_k, new_v
+        else:
+            layer.keys = torch.cat([layer.keys, new_k], dim=-2)
+            layer.values = torch.cat([layer.values, new_v], dim=-2)
+
+    def _window_with_new_rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The streaming heads' kept rows plus the new tokens': keys, values, absolute positions."""
+        layer = self.layer
+        dev = self.new_keys.device
+        idx = layer.index("stream_kv", layer.stream_kv, dev)
+        new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
+        new_pos = torch.arange(self.past, self.past + self.new_keys.shape[2], device=dev)
+        layer.window_positions = layer.window_positions + list(range(self.past, self.past + self.new_keys.shape[2]))
+        if layer.window_keys is None:
+            return new_k, new_v, new_pos
+        return (torch.cat([layer.window_keys, new_k], dim=-2), torch.cat([layer.window_values, new_v], dim=-2),
+                torch.cat([layer.window_pos, new_pos]))
+
+    def _keep_window(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Keep only the rows a later query may see: ``j < sink`` or ``j > next - window``.
+
+        Rows are in position order, so that is a prefix (the sink) and a suffix (the window),
+        found on the host copy of the positions: two slices, no device sync."""
+        layer = self.layer
+        nxt = self.past + self.new_keys.shape[2]  # the next query's position
+        positions = layer.window_positions
+        head = bisect.bisect_left(positions, layer.sink)  # rows with j < sink
+        tail = max(head, bisect.bisect_right(positions, nxt - layer.window))  # first row with j > nxt - window
+        if head == 0 and tail == 0:
+            layer.window_keys, layer.window_values, layer.window_pos = k, v, pos
+        else:
+            layer.window_keys = torch.cat([k[:, :, :head], k[:, :, tail:]], dim=2)
+            layer.window_values = torch.cat([v[:, :, :head], v[:, :, tail:]], dim=2)
+            layer.window_pos = torch.cat([pos[:head], pos[tail:]])
+        layer.window_positions = positions[:head] + positions[tail:]
+
+    def _attend_streaming(self, query: Tensor, out: Tensor, scale: float, group: int, head_windows: Sequence[int]) -> None:
+        """Streaming heads over their kept rows plus the new ones; then keep only sink + window rows."""
+        layer = self.layer
+        k, v, pos = self._window_with_new_rows()
+        new_pos = pos[pos.shape[0] - query.shape[2] :]
+        slot = {kv: i for i, kv in enumerate(layer.stream_kv)}
+        for h in layer.stream_heads:
+            j = slot[h // group]
+            res = streaming_attention(
+                query[:, h : h + 1], k[:, j : j + 1], v[:, j : j + 1], scale,
+                int(head_windows[2 * h]), int(head_windows[2 * h + 1]), new_pos, pos,
+            )
+            out[:, h : h + 1] = res.to(out.dtype)
+        self._keep_window(k, v, pos)
+
+
+class HybridCache(Cache):
+    """A transformers cache for a converted model: see the module docstring.
+
+    ``HybridCache(model.config)``; pass it as ``past_key_values`` to ``generate`` or
+    ``forward`` (models loaded with ``hydracc.load`` or after ``import hydracc`` get one from
+    ``generate`` by default).
+    """
+
+    def __init__(self, config: Any = None, num_layers: int | None = None) -> None:
+        if num_layers is None:
+            if config is None:
+                raise ValueError("HybridCache needs the model config (or num_layers)")
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            num_layers = int(text.num_hidden_layers)
+        super().__init__(layers=[HybridLayer() for _ in range(num_layers)])
+
+    def nbytes(self) -> int:
+        """Bytes held: cached keys/values of full heads plus linear heads' states."""
+        return sum(layer.nbytes() for layer in self.layers if isinstance(layer, HybridLayer))
+
+    def kv_nbytes(self) -> int:
+        """Bytes of cached keys and values only (what grows with the sequence)."""
+        return sum(
+            sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, Tensor))
+            for layer in self.layers
+            if isinstance(layer, HybridLayer)
+        )
