@@ -38,6 +38,16 @@ __all__ = ["CheckpointWriter", "check_destination", "hydracc_made", "parse_size"
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()
+"""Mode of every written file: what ``open()`` (and so ``save_pretrained``) gives under this umask."""
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 _UNITS = {
@@ -272,14 +282,16 @@ class CheckpointWriter:
         return self._tmp / name
 
     def _flush(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         assert self._tmp is not None
         path = self._tmp / f".shard-{len(self._shards):05d}.partial"
         try:
             save_file(self._buffer, path, metadata={"format": "pt"})
-        except OSError as exc:
-            raise OutputError(f"cannot write shard {path}: {exc}") from exc
+            os.chmod(path, FILE_MODE)  # safetensors writes 0o600; save_pretrained's files follow the umask
+        except (OSError, SafetensorError) as exc:  # a full disk comes back as SafetensorError
+            raise OutputError(f"cannot write shard {path}: {exc}", hint="check the free space and permissions of the output folder") from exc
         self._shards.append((path, list(self._buffer)))
         self._buffer = {}
         self._buffer_bytes = 0

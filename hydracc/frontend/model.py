@@ -41,17 +41,54 @@ def load_config(config: dict[str, Any]):  # -> transformers.PretrainedConfig
             "config.json has no 'model_type'",
             hint="a Hugging Face causal-LM config names its architecture, e.g. \"model_type\": \"llama\"",
         )
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "hydra")}
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except (ValueError, KeyError) as exc:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
         raise UnsupportedModelError(
             f"model_type {model_type!r} is not an architecture transformers knows",
             hint=f"hydracc builds models from transformers' own classes (tested: {', '.join(_KNOWN_FAMILIES)}); "
             "remote code is never run",
+        )
+    check_sizes(config)
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "hydra")}
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except Exception as exc:  # transformers' own validation (strict dataclass fields, architecture checks)
+        raise CheckpointError(
+            f"config.json is not a valid {model_type!r} config: {_first_line(exc)}",
+            hint="check config.json against the weights it came with (head counts, hidden size, types)",
         ) from exc
-    except TypeError as exc:
-        raise CheckpointError(f"config.json does not fit model_type {model_type!r}: {exc}") from exc
+
+
+SIZE_KEYS = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
+    "vocab_size", "head_dim", "max_position_embeddings", "n_embd", "n_head", "n_layer", "n_positions", "n_inner",
+)
+"""Config keys that size the model: when present (and not null) each must be a positive integer."""
+
+
+def check_sizes(config: dict[str, Any]) -> None:
+    """Refuse sizes that are not positive integers before transformers turns them into tensor shapes."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(
+                f"config.json: {key} is {value!r}; it must be a positive integer",
+                hint="check config.json against the weights it came with",
+            )
+    heads, kv = config.get("num_attention_heads"), config.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise CheckpointError(
+            f"config.json: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})",
+            hint="each KV head serves the same number of query heads; check config.json",
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split("\n")[:2]).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -93,6 +130,11 @@ def build_model(config: dict[str, Any], *, attn_implementation: str = "sdpa", on
         raise UnsupportedModelError(
             f"transformers has no causal-LM class for model_type {cfg.model_type!r}: {exc}",
             hint="hydracc converts decoder-only language models (AutoModelForCausalLM)",
+        ) from exc
+    except (RuntimeError, TypeError, KeyError, ZeroDivisionError, AssertionError) as exc:  # shapes, activations the config names
+        raise CheckpointError(
+            f"transformers cannot build a {cfg.model_type!r} model from config.json: {_first_line(exc)}",
+            hint="check config.json against the weights it came with (head counts, hidden size)",
         ) from exc
     return model.eval()
 

@@ -25,6 +25,7 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,14 @@ PLAN_FORMAT = "hydracc-plan"
 PLAN_VERSION = 1
 STREAMING_DEFAULTS = {"sink": 4, "window": 64}
 """Sink tokens and window length of a streaming head when the plan does not say."""
+MAX_WINDOW = 2**31 - 1
+"""Largest sink or window a plan may give: positions are int32 in the kernels, and no model is longer."""
+MAX_PLAN_BYTES = 64 * 2**20
+"""Largest plan file read (a plan is about 100 bytes per head; this leaves room for a million heads)."""
+MAX_BLOB_BYTES = 64 * 2**10
+"""Largest free-form ``model`` / ``budget`` object; both are copied into the converted config."""
+MAX_SCORES = 64
+"""Most scores per head (the analysis writes about ten)."""
 
 
 @dataclass
@@ -142,6 +151,13 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
 def _field(cond: bool, path: str, message: str) -> None:
     if not cond:
         raise PlanError(f"invalid plan: {path}: {message}")
@@ -152,7 +168,7 @@ def plan_from_json(doc: Any) -> Plan:
     _field(isinstance(doc, dict), "plan", "must be a JSON object")
     _field(doc.get("format") == PLAN_FORMAT, "plan.format", f"must be {PLAN_FORMAT!r}, got {doc.get('format')!r}")
     version = doc.get("version")
-    _field(_is_int(version), "plan.version", "must be an integer")
+    _field(_is_int(version) and version >= 1, "plan.version", f"must be an integer from 1 to {PLAN_VERSION}, got {version!r}")
     _field(version <= PLAN_VERSION, "plan.version", f"{version} is newer than this hydracc understands ({PLAN_VERSION}); upgrade hydracc")
     layers = doc.get("layers")
     _field(isinstance(layers, list) and bool(layers), "plan.layers", "must be a non-empty list")
@@ -194,11 +210,16 @@ def plan_from_json(doc: Any) -> Plan:
                 f"{hpath}.scores",
                 "must be an object of numbers",
             )
+            _field(len(scores) <= MAX_SCORES and all(len(str(k)) <= 64 for k in scores), f"{hpath}.scores",
+                   f"at most {MAX_SCORES} scores with names of up to 64 characters")
+            _field(all(_finite(v) for v in scores.values()), f"{hpath}.scores", "must be finite numbers (no NaN or infinity)")
             params = dict(params)
             if kind == "streaming":
                 params = {**STREAMING_DEFAULTS, **params}
-                _field(_is_int(params["sink"]) and params["sink"] >= 0, f"{hpath}.params.sink", "must be an integer >= 0")
-                _field(_is_int(params["window"]) and params["window"] >= 1, f"{hpath}.params.window", "must be an integer >= 1")
+                _field(_is_int(params["sink"]) and 0 <= params["sink"] <= MAX_WINDOW, f"{hpath}.params.sink",
+                       f"must be an integer from 0 to {MAX_WINDOW}, got {params['sink']!r}")
+                _field(_is_int(params["window"]) and 1 <= params["window"] <= MAX_WINDOW, f"{hpath}.params.window",
+                       f"must be an integer from 1 to {MAX_WINDOW}, got {params['window']!r}")
             heads.append(HeadPlan(kind, params, {str(k): float(v) for k, v in scores.items()}))
         out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
     unit = doc.get("unit", "head")
@@ -207,23 +228,48 @@ def plan_from_json(doc: Any) -> Plan:
     budget = doc.get("budget", {})
     _field(isinstance(model, dict), "plan.model", "must be an object")
     _field(isinstance(budget, dict), "plan.budget", "must be an object")
+    for name, blob in (("model", model), ("budget", budget)):
+        _field(len(json.dumps(blob)) <= MAX_BLOB_BYTES, f"plan.{name}",
+               f"is larger than {MAX_BLOB_BYTES // 1024} KiB; it is copied into the converted config, so keep it short")
     fusion = doc.get("fusion", False)
     _field(isinstance(fusion, bool), "plan.fusion", "must be true or false")
     return Plan(sorted(out, key=lambda lp: lp.layer), model, budget, unit, fusion)
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read and validate a plan JSON file."""
+    """Read and validate a plan JSON file (UTF-8, at most ``MAX_PLAN_BYTES``; devices and pipes are read up to that)."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            data = f.read(MAX_PLAN_BYTES + 1)
     except OSError as exc:
-        raise PlanError(f"cannot read plan file {p}: {exc.strerror or exc}") from exc
+        raise PlanError(f"cannot read plan file {p}: {exc.strerror or exc}", hint="give the path of a plan JSON written by --plan-out") from exc
+    if len(data) > MAX_PLAN_BYTES:
+        raise PlanError(f"plan file {p} is larger than {MAX_PLAN_BYTES // 2**20} MiB, so it is not a plan",
+                        hint="give the path of a plan JSON written by --plan-out")
     try:
-        doc = json.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"plan file {p} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})",
+                        hint="a plan is a JSON file, as --plan-out writes it") from exc
+    return plan_from_text(text, str(p))
+
+
+def plan_from_text(text: str, where: str = "plan") -> Plan:
+    """Parse and validate a plan from its JSON text; ``where`` names it in errors."""
+    try:
+        doc = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
-        raise PlanError(f"plan file {p} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+        raise PlanError(f"plan file {where} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    except RecursionError:
+        raise PlanError(f"plan file {where} nests too deeply to be a plan", hint="a plan is a JSON file, as --plan-out writes it") from None
+    except ValueError as exc:  # NaN / Infinity, which are not JSON
+        raise PlanError(f"plan file {where} is not valid JSON: {exc}") from exc
     return plan_from_json(doc)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def check_plan_fits(plan: Plan, sites: Sequence[AttentionSite]) -> None:

@@ -392,3 +392,33 @@ def test_writer_takes_size_strings(tmp_path):
     assert CheckpointWriter(tmp_path / "a", max_shard_bytes="2KiB").max_shard_bytes == 2048
     with pytest.raises(ValueError, match="cannot parse size"):
         CheckpointWriter(tmp_path / "b", max_shard_bytes="lots")
+
+
+def test_files_get_the_modes_save_pretrained_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        with CheckpointWriter(out, max_shard_bytes=64) as w:
+            for name, t in make_tensors(n=3).items():
+                w.add(name, t)
+            w.write_json("config.json", CONFIG)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_full_disk_is_bad_output_not_a_crash(tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left") as info, CheckpointWriter(out) as w:
+        w.add("a", torch.ones(2))
+    assert info.value.exit_code == 2 and "free space" in str(info.value)
+    assert not out.exists() and leftovers(tmp_path) == []

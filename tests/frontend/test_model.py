@@ -76,3 +76,30 @@ def test_unknown_model_type_in_config() -> None:
         build_model({"model_type": "definitely-not-a-model"})
     with pytest.raises(CheckpointError, match="model_type"):
         build_model(json.loads('{"hidden_size": 4}'))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("num_attention_heads", 3, "not a multiple of num_key_value_heads"),
+        ("num_attention_heads", -4, "num_attention_heads is -4; it must be a positive integer"),
+        ("num_attention_heads", True, "must be a positive integer"),
+        ("hidden_size", "32", "hidden_size is '32'; it must be a positive integer"),
+        ("num_hidden_layers", 0, "must be a positive integer"),
+        ("rms_norm_eps", "tiny", "not a valid 'llama' config"),
+        ("hidden_act", "nope", "cannot build a 'llama' model"),
+    ],
+)
+def test_bad_config_values_are_bad_input(tiny_checkpoint, key, value, message) -> None:
+    config = json.loads((tiny_checkpoint("llama-gqa") / "config.json").read_text())
+    config[key] = value
+    with pytest.raises(CheckpointError, match=message) as info:
+        build_model(config)
+    assert info.value.exit_code == 2
+
+
+def test_architecture_checks_of_transformers_are_bad_input(tiny_checkpoint) -> None:
+    config = json.loads((tiny_checkpoint("llama-gqa") / "config.json").read_text())
+    config.update(num_attention_heads=3, num_key_value_heads=1)  # hidden 32 is not a multiple of 3 heads
+    with pytest.raises(CheckpointError, match="not a valid 'llama' config"):
+        build_model(config)
