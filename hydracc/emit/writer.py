@@ -18,11 +18,14 @@ Design decisions:
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
+import time
 import warnings
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -33,7 +36,10 @@ import torch
 
 from hydracc.errors import OutputError
 
-__all__ = ["CheckpointWriter", "check_destination", "hydracc_made", "parse_size", "swap_into_place"]
+__all__ = [
+    "CheckpointWriter", "check_destination", "hydracc_made", "make_temp_folder", "parse_size",
+    "remove_stale_temp_folders", "swap_into_place",
+]
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -224,6 +230,7 @@ class CheckpointWriter:
             if self._buffer:
                 self._flush()
             final = self._name_shards()
+            (self._tmp / OWNER_MARKER).unlink()
             for p in self._tmp.iterdir():
                 _fsync_file(p)
             _fsync_dir(self._tmp)
@@ -256,17 +263,7 @@ class CheckpointWriter:
             return
         if self._state != "new":
             raise RuntimeError(f"the writer is {self._state}; start a new CheckpointWriter")
-        parent = self.out_dir.parent
-        while True:
-            tmp = parent / f".{self.out_dir.name}.hydracc-tmp-{secrets.token_hex(4)}"
-            try:
-                tmp.mkdir()  # honours the umask, unlike tempfile.mkdtemp (0o700)
-                break
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                raise OutputError(f"cannot create a temporary folder in {parent}: {exc}") from exc
-        self._tmp = tmp
+        self._tmp = make_temp_folder(self.out_dir)
         self._state = "open"
 
     def _side_path(self, name: str) -> Path:
@@ -384,6 +381,67 @@ def check_destination(out: Path, force: bool) -> None:
             f"cannot write {out}: the parent folder {parent} is not writable",
             hint="choose an output path in a folder you can write to",
         )
+
+
+OWNER_MARKER = ".hydracc-owner.json"
+"""Inside every temporary folder while it is written: the process that made it (removed before the rename)."""
+
+
+def make_temp_folder(out: Path) -> Path:
+    """A new hidden folder beside ``out`` (same filesystem) marked with this process; stale ones go first.
+
+    The folder honours the umask, unlike ``tempfile.mkdtemp`` (0o700).
+    """
+    remove_stale_temp_folders(out)
+    while True:
+        tmp = out.parent / f".{out.name}.hydracc-tmp-{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot create a temporary folder in {out.parent}: {exc}") from exc
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    (tmp / OWNER_MARKER).write_text(json.dumps(owner) + "\n", encoding="utf-8")
+    return tmp
+
+
+def remove_stale_temp_folders(out: Path) -> list[Path]:
+    """Remove the temporary folders an earlier run for ``out`` left (killed, say) whose process is gone.
+
+    Only folders named like hydracc's and carrying its marker are touched, and only when the marker
+    names a process on this machine that no longer runs; a folder whose process still runs is kept.
+    """
+    removed: list[Path] = []
+    try:
+        candidates = sorted(out.parent.glob(f".{glob.escape(out.name)}.hydracc-tmp-*"))
+    except OSError:
+        return removed
+    for folder in candidates:
+        if folder.is_dir() and not folder.is_symlink() and _owner_is_gone(folder / OWNER_MARKER):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _owner_is_gone(marker: Path) -> bool:
+    try:
+        owner = json.loads(marker.read_text(encoding="utf-8"))
+        pid, host = int(owner["pid"]), str(owner["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # no marker of ours: not ours to remove
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
 
 
 def swap_into_place(tmp: Path, out: Path, *, force: bool) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hydracc.emit.writer import check_destination, swap_into_place
+from hydracc.emit.writer import OWNER_MARKER, check_destination, make_temp_folder, swap_into_place
 from hydracc.errors import HydraError, OutputError
 from hydracc.kernels.head_kinds import kind_by_code
 from hydracc.runtime.cache import HybridCache, HybridLayer
@@ -309,7 +308,7 @@ def export_onnx(
     check_destination(dest, force)  # before any work: a file, someone else's folder, cwd/home/root
     model, layout = _load_for_export(src)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT // 2
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.hydracc-tmp-", dir=dest.parent))
+    tmp = make_temp_folder(dest)
     try:
         batch, length = 2, 8
         ids = torch.zeros(batch, length, dtype=torch.long)
@@ -331,7 +330,7 @@ def export_onnx(
             "check": {"prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff, "decoded_tokens": n, "atol": atol},
         }
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
+        (tmp / OWNER_MARKER).unlink()
         swap_into_place(tmp, dest, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -41,6 +41,12 @@ def load_config(config: dict[str, Any]):  # -> transformers.PretrainedConfig
             "config.json has no 'model_type'",
             hint="a Hugging Face causal-LM config names its architecture, e.g. \"model_type\": \"llama\"",
         )
+    if "hydra" in config:
+        raise CheckpointError(
+            "this checkpoint is already converted by hydracc (config.json has a 'hydra' section): its linear heads "
+            "would be read as softmax heads",
+            hint="convert (or analyze) the original checkpoint instead; its files' sha256 are in hydra.provenance.inputs",
+        )
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if model_type not in CONFIG_MAPPING:
@@ -50,7 +56,7 @@ def load_config(config: dict[str, Any]):  # -> transformers.PretrainedConfig
             "remote code is never run",
         )
     check_sizes(config)
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map", "hydra")}
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
     try:
         return AutoConfig.for_model(model_type, **fields)
     except Exception as exc:  # transformers' own validation (strict dataclass fields, architecture checks)

@@ -103,9 +103,9 @@ def test_shards_are_flushed_while_streaming(tmp_path):
     with CheckpointWriter(out, max_shard_bytes=100) as w:
         (tmp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.hydracc-tmp-")]
         w.add("a", torch.ones(20))  # 80 bytes: buffered
-        assert list(tmp.iterdir()) == []
+        assert [p.name for p in tmp.iterdir()] == [emit.OWNER_MARKER]
         w.add("b", torch.ones(20))  # would overflow: "a" is saved now
-        assert len(list(tmp.iterdir())) == 1
+        assert len(list(tmp.iterdir())) == 2
         assert not out.exists()
         w.write_json("config.json", CONFIG)
     assert_round_trip(out, {"a": torch.ones(20), "b": torch.ones(20)})
@@ -422,3 +422,57 @@ def test_full_disk_is_bad_output_not_a_crash(tmp_path, monkeypatch):
         w.add("a", torch.ones(2))
     assert info.value.exit_code == 2 and "free space" in str(info.value)
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def _marked(folder: Path, pid: int, host: str | None = None) -> Path:
+    import socket
+
+    folder.mkdir()
+    (folder / "partial.bin").write_bytes(b"x" * 10)
+    (folder / emit.OWNER_MARKER).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(), "started": 0}))
+    return folder
+
+
+def test_stale_temp_folders_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = _marked(tmp_path / ".out.hydracc-tmp-dead0001", dead.pid)
+        running = _marked(tmp_path / ".out.hydracc-tmp-live0001", alive.pid)
+        elsewhere = _marked(tmp_path / ".out.hydracc-tmp-host0001", dead.pid, host="another-machine")
+        unmarked = tmp_path / ".out.hydracc-tmp-nomark01"
+        unmarked.mkdir()
+        other_output = _marked(tmp_path / ".other.hydracc-tmp-dead0002", dead.pid)
+        with CheckpointWriter(tmp_path / "out") as w:
+            w.add("a", torch.ones(2))
+        assert not stale.exists()
+        assert running.exists() and elsewhere.exists() and unmarked.exists() and other_output.exists()
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]  # no marker in the output
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_run_killed_while_writing_is_cleaned_up_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, torch\n"
+        "from hydracc.emit.writer import CheckpointWriter\n"
+        f"w = CheckpointWriter({str(tmp_path / 'out')!r}, max_shard_bytes=64)\n"
+        "w.__enter__()\n"
+        "for i in range(4): w.add(f't{i}', torch.ones(32))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert res.returncode == -9
+    left = leftovers(tmp_path)
+    assert len(left) == 1 and (tmp_path / left[0] / emit.OWNER_MARKER).is_file()
+    with CheckpointWriter(tmp_path / "out") as w:
+        w.add("a", torch.ones(2))
+    assert leftovers(tmp_path) == []

@@ -103,3 +103,17 @@ def test_architecture_checks_of_transformers_are_bad_input(tiny_checkpoint) -> N
     config.update(num_attention_heads=3, num_key_value_heads=1)  # hidden 32 is not a multiple of 3 heads
     with pytest.raises(CheckpointError, match="not a valid 'llama' config"):
         build_model(config)
+
+
+def test_a_converted_checkpoint_is_not_converted_or_analyzed_again(tiny_checkpoint, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from hydracc.cli import main
+
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")
+    for args in (["convert", str(tmp_path / "conv"), "-o", str(tmp_path / "again")],
+                 ["convert", str(tmp_path / "conv"), "--plan", "--strategy", "even"],
+                 ["analyze", str(tmp_path / "conv"), "--calib-samples", "2", "--seq-len", "16"]):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2 and "already converted by hydracc" in res.output, res.output
+    assert not (tmp_path / "again").exists()
