@@ -59,13 +59,12 @@ def load_for_eval(path: str | Path) -> tuple[torch.nn.Module, bool]:
     """The model at ``path`` (a checkpoint folder or a file in one), and whether it is converted."""
     from transformers import AutoModelForCausalLM
 
-    from hydracc.frontend.checkpoint import read_config
+    from hydracc.frontend.checkpoint import open_checkpoint
     from hydracc.runtime.loader import load, quiet_transformers
 
-    root = Path(path)
-    if root.is_file():
-        root = root.parent
-    config = read_config(root)
+    ck = open_checkpoint(path)  # the path, config and files, before transformers touches them
+    ck.close()
+    root, config = ck.root, ck.config
     if config.get("vocab_size") != VOCAB_SIZE:
         raise HydraError(
             f"hydracc eval's tasks are byte-level (vocab {VOCAB_SIZE}); {root} has vocab_size {config.get('vocab_size')}",
@@ -73,9 +72,6 @@ def load_for_eval(path: str | Path) -> tuple[torch.nn.Module, bool]:
         )
     if "hydra" in config:
         return load(root), True
-    from hydracc.frontend.checkpoint import open_checkpoint
-
-    open_checkpoint(root).close()  # validate the files before transformers touches them
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="sdpa", trust_remote_code=False, local_files_only=True)
     return model.eval(), False

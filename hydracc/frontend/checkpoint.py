@@ -112,6 +112,8 @@ class Checkpoint:
         self._names = sorted(infos)
         self._handles: dict[Path, Any] = {}
         self._closed = False
+        self.allow_nonfinite = False
+        """Whether ``get`` hands out tensors holding NaN or infinity (``--allow-nonfinite``) instead of refusing them."""
 
     # -- metadata (headers only) ------------------------------------------------------
     def names(self) -> list[str]:
@@ -175,6 +177,14 @@ class Checkpoint:
             tensor = torch.frombuffer(buf, dtype=info.dtype)
         if sys.byteorder != "little":  # safetensors data is little-endian
             tensor = tensor.view(torch.uint8).view(-1, tensor.element_size()).flip(-1).reshape(-1).view(info.dtype)
+        if not self.allow_nonfinite and tensor.is_floating_point():
+            bad = count_nonfinite(tensor)
+            if bad:
+                raise CheckpointError(
+                    f"tensor {name!r} in {info.file} holds {bad} NaN or infinite value(s) of {tensor.numel()}",
+                    hint="the checkpoint is damaged (every score and plan built on it would be meaningless); "
+                    "if this is intended, pass --allow-nonfinite",
+                )
         return tensor.reshape(info.shape)
 
     def sha256(self) -> dict[str, str]:
@@ -221,6 +231,12 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------------
+def count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """NaN and infinite elements of a floating tensor, checked in chunks (no full-size mask)."""
+    flat = tensor.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i : i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open and validate a checkpoint: a ``.safetensors`` file with ``config.json`` beside it,
     or a folder with ``config.json`` and one safetensors file or an indexed set of shards.

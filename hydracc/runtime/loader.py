@@ -227,15 +227,17 @@ def _use_hybrid_cache_in_generate() -> None:
 _register()
 
 
-def _require_learned_tensors(root: Path, layers: dict[int, HydraLayer]) -> None:
-    """Refuse a checkpoint whose config names learned parameters its files do not hold."""
-    wanted = [name for entry in layers.values() for name in entry.params]
-    if not wanted:
-        return
+def check_converted(path: str | os.PathLike[str]) -> tuple[Path, dict[int, HydraLayer]]:
+    """Validate a converted checkpoint before transformers reads it: the path, its files (headers, sizes:
+    the checks ``convert`` makes of its input), the ``hydra`` section, and that the learned parameters
+    it names are in the weights. Returns the folder and its layers."""
     from hydracc.frontend.checkpoint import open_checkpoint
 
-    ck = open_checkpoint(root)
+    ck = open_checkpoint(path)
     try:
+        root = ck.root
+        layers = read_hydra_layers(ck.config, str(root))
+        wanted = [name for entry in layers.values() for name in entry.params]
         missing = sorted(set(wanted) - set(ck.names()))
     finally:
         ck.close()
@@ -245,6 +247,7 @@ def _require_learned_tensors(root: Path, layers: dict[int, HydraLayer]) -> None:
             + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""),
             hint="the checkpoint is incomplete; convert it again",
         )
+    return root, layers
 
 
 def quiet_transformers() -> None:
@@ -261,13 +264,7 @@ def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None
     """
     from transformers import AutoModelForCausalLM
 
-    from hydracc.frontend.checkpoint import read_config
-
-    root = Path(path)
-    if root.is_file():
-        root = root.parent
-    layers = read_hydra_layers(read_config(root), str(root))
-    _require_learned_tensors(root, layers)
+    root, _ = check_converted(path)
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(
         root,

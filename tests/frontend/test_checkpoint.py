@@ -442,3 +442,26 @@ def test_empty_checkpoint_refused(tmp_path):
     save_file({}, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="no tensors"):
         open_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weights_are_refused_at_first_read(tmp_path, dtype, bad):
+    tensors = {"ok": torch.ones(3, dtype=dtype), "w": torch.tensor([[1.0, bad], [bad, 2.0]], dtype=dtype)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    write_config(tmp_path)
+    with open_checkpoint(tmp_path) as ck:
+        assert torch.equal(ck.get("ok"), tensors["ok"])
+        with pytest.raises(CheckpointError, match=r"'w' .* holds 2 NaN or infinite value\(s\) of 4") as info:
+            ck.get("w")
+        assert info.value.exit_code == 2 and "--allow-nonfinite" in str(info.value)
+        ck.allow_nonfinite = True  # the explicit way through
+        assert torch.equal(ck.get("w").isfinite(), tensors["w"].isfinite())
+
+
+def test_nonfinite_count_in_chunks() -> None:
+    from hydracc.frontend.checkpoint import count_nonfinite
+
+    t = torch.zeros(1000)
+    t[[3, 500, 999]] = float("nan")
+    assert count_nonfinite(t, chunk=7) == 3 and count_nonfinite(t) == 3 and count_nonfinite(torch.zeros(0)) == 0

@@ -91,3 +91,38 @@ def test_padded_batch_is_refused_not_silently_wrong(tiny_checkpoint, tmp_path) -
         mask[0, :3] = 0  # left padding
         with pytest.raises(PaddingNotSupportedError, match="padding"):
             model(ids, attention_mask=mask)
+
+
+@pytest.fixture(scope="module")
+def truncated_conversion(tmp_path_factory):
+    from helpers import ROOT
+
+    from hydracc.convert import convert
+
+    out = tmp_path_factory.mktemp("trunc") / "conv"
+    convert(ROOT / "examples" / "tiny-llama", out, full_ratio=0.25, strategy="even")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return out
+
+
+@pytest.mark.parametrize("command", [["eval", "--task", "ppl"], ["generate", "--prompt", "hi"], ["export-onnx"]])
+def test_a_truncated_converted_checkpoint_is_bad_input(truncated_conversion, command) -> None:
+    from click.testing import CliRunner
+
+    from hydracc.cli import main
+
+    res = CliRunner().invoke(main, [command[0], str(truncated_conversion), *command[1:]])
+    assert res.exit_code == 2, res.output
+    assert "model.safetensors" in res.output and "internal error" not in res.output
+    assert not (truncated_conversion / "onnx").exists()
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "hi"], ["export-onnx"]])
+def test_a_missing_path_says_so(tmp_path, command) -> None:
+    from click.testing import CliRunner
+
+    from hydracc.cli import main
+
+    res = CliRunner().invoke(main, [command[0], str(tmp_path / "nowhere"), *command[1:]])
+    assert res.exit_code == 2 and "does not exist" in res.output, res.output
