@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import secrets
@@ -37,7 +38,7 @@ import torch
 from hydracc.errors import OutputError
 
 __all__ = [
-    "CheckpointWriter", "check_destination", "hydracc_made", "make_temp_folder", "parse_size",
+    "CheckpointWriter", "check_destination", "hydracc_made", "json_safe", "make_temp_folder", "parse_size",
     "remove_stale_temp_folders", "swap_into_place",
 ]
 
@@ -193,9 +194,9 @@ class CheckpointWriter:
             self._buffer_storages.add(storage.data_ptr())
 
     def write_json(self, name: str, obj: Any) -> Path:
-        """Write a small JSON file (sorted keys, two-space indent, final newline)."""
+        """Write a small JSON file (sorted keys, two-space indent, final newline; NaN and infinity as null)."""
         dest = self._side_path(name)
-        text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        text = json.dumps(json_safe(obj), indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
         try:
             dest.write_text(text, encoding="utf-8")
         except OSError as exc:
@@ -381,6 +382,17 @@ def check_destination(out: Path, force: bool) -> None:
             f"cannot write {out}: the parent folder {parent} is not writable",
             hint="choose an output path in a folder you can write to",
         )
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None``, so that it dumps as strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 OWNER_MARKER = ".hydracc-owner.json"

@@ -476,3 +476,13 @@ def test_a_run_killed_while_writing_is_cleaned_up_by_the_next(tmp_path):
     with CheckpointWriter(tmp_path / "out") as w:
         w.add("a", torch.ones(2))
     assert leftovers(tmp_path) == []
+
+
+def test_json_files_are_strict_json(tmp_path):
+    out = tmp_path / "out"
+    with CheckpointWriter(out) as w:
+        w.add("a", torch.ones(2))
+        w.write_json("config.json", {"scores": [1.0, float("nan"), float("inf")], "nested": {"x": -float("inf")}, "t": (1, 2)})
+    text = (out / "config.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"scores": [1.0, None, None], "nested": {"x": None}, "t": [1, 2]}
