@@ -1,0 +1,250 @@
+"""The release gate: a converted checkpoint against its original, on the same fixed-seed data.
+
+Decisions:
+- Three figures, each with a threshold: perplexity increase (relative, on ``--calib`` rows or
+  built-in text in the model's own tokens), recall ratio (converted / original accuracy on
+  key-value recall probes drawn from the model's id space), and top-1 agreement of the two
+  models' next-token predictions on the perplexity rows. The gate passes when all hold.
+- A recall ratio means nothing when the original cannot recall: below ``MIN_ORIGINAL_RECALL``
+  it is reported and not judged (``"judged": false``), never silently passed off as a pass.
+- Pairs are checked before any model is built: the converted checkpoint's
+  ``hydra.provenance.inputs`` must equal the original's file hashes.
+- Only data and model loading differ from ``hydracc eval``: both models run the same batches in
+  the same order, so two runs give the same figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hydracc.errors import HydraError
+
+MIN_ORIGINAL_RECALL = 0.2
+"""Below this original accuracy the recall probe is reported but not judged."""
+
+
+class VerifyError(HydraError):
+    """The two checkpoints cannot be compared (they do not belong together, or data is missing)."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_ppl_increase: float = 0.10
+    """Largest accepted relative perplexity increase (0.10: the converted model may be 10% worse)."""
+    min_recall_ratio: float = 0.90
+    """Smallest accepted converted / original recall-probe accuracy."""
+    min_agreement: float = 0.80
+    """Smallest accepted share of positions where both models predict the same next token."""
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise VerifyError(f"threshold {name} must be a finite number >= 0, got {value!r}")
+        if self.min_recall_ratio > 10 or self.min_agreement > 1:
+            raise VerifyError("min_agreement is a share (0..1) and min_recall_ratio a ratio (0..10)")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    samples: int = 16
+    seq_len: int = 256
+    recall_samples: int = 32
+    recall_pairs: tuple[int, ...] = (4, 8)
+    batch: int = 8
+    seed: int = 1234
+
+
+@dataclass
+class VerifyReport:
+    original: str
+    converted: str
+    data: str
+    device: str
+    figures: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(c["ok"] for c in self.checks.values() if c.get("judged", True))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"original": self.original, "converted": self.converted, "data": self.data, "device": self.device,
+                "passed": self.passed, "figures": self.figures, "checks": self.checks}
+
+
+def check_pair(original: str | os.PathLike[str], converted: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """Open both checkpoints (headers only) and refuse a pair that does not belong together."""
+    from hydracc.frontend.checkpoint import open_checkpoint
+    from hydracc.runtime.hydra_config import read_hydra_layers
+
+    orig = open_checkpoint(original)
+    conv = open_checkpoint(converted)
+    orig.close()
+    conv.close()
+    if "hydra" in orig.config:
+        raise VerifyError(f"{orig.root} is itself a converted checkpoint", hint="give the original checkpoint first, the converted one second")
+    read_hydra_layers(conv.config, str(conv.root))
+    recorded = (conv.config["hydra"].get("provenance") or {}).get("inputs")
+    if not isinstance(recorded, dict):
+        raise VerifyError(f"{conv.root}: hydra.provenance.inputs is missing, so its original cannot be checked")
+    actual = orig.sha256()
+    if recorded != actual:
+        differ = sorted(k for k in set(recorded) | set(actual) if recorded.get(k) != actual.get(k))
+        raise VerifyError(
+            f"{conv.root} was not converted from {orig.root}: the recorded input hashes differ for {', '.join(differ[:4])}",
+            hint="verify a conversion against the exact checkpoint it was converted from",
+        )
+    return orig, conv
+
+
+def recall_probe(vocab_size: int, pairs: int, seq_len: int, rng: np.random.Generator,
+                 pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Key-value recall in the model's own ids: ``pairs`` (key, value) tokens, filler, then every key again;
+    scored on the value after each repeated key. Keys, values and filler are drawn from ``pool``
+    (default: the middle half of the id space, away from special tokens at either end)."""
+    if pool is None:
+        pool = np.arange(vocab_size // 4, max(vocab_size // 4 + 2 * pairs + 2, 3 * vocab_size // 4))
+    pool = pool[pool < vocab_size]
+    if len(pool) < 2 * pairs + 1:
+        raise VerifyError(f"the vocabulary ({vocab_size}) is too small for a recall probe with {pairs} pairs")
+    chosen = rng.choice(pool, size=2 * pairs, replace=False)
+    keys, values = chosen[:pairs], chosen[pairs:]
+    context = np.stack([keys, values], axis=1).reshape(-1)
+    order = rng.permutation(pairs)
+    queries = np.stack([keys[order], values[order]], axis=1).reshape(-1)
+    filler_len = seq_len + 1 - len(context) - len(queries)
+    if filler_len < 0:
+        raise VerifyError(f"a recall probe with {pairs} pairs needs at least {4 * pairs - 1} tokens, got {seq_len}")
+    rest = np.setdiff1d(pool, chosen)
+    filler = rng.choice(rest if len(rest) else pool, size=filler_len)
+    tokens = np.concatenate([context, filler, queries]).astype(np.int64)
+    labels = np.full(len(tokens), -100, dtype=np.int64)
+    answers = len(context) + filler_len + 1 + 2 * np.arange(pairs)
+    labels[answers] = tokens[answers]
+    return tokens[:-1], labels[1:]
+
+
+def _text_rows(ck: Any, calib: str | os.PathLike[str] | None, s: VerifySettings) -> tuple[np.ndarray, str]:
+    from hydracc.analysis.calibration import _tokenize, load_calibration
+    from hydracc.evaluation.tasks import stdlib_corpus
+
+    vocab = int(ck.config.get("vocab_size") or 0)
+    if calib is not None:
+        cal = load_calibration(calib, vocab_size=vocab, samples=s.samples, seq_len=s.seq_len, checkpoint_root=ck.root)
+        return cal.tokens, cal.source
+    corpus = stdlib_corpus()
+    text = bytes(corpus.heldout[: 64 * s.samples * s.seq_len].astype(np.uint8)).decode("utf-8", errors="ignore")
+    try:
+        ids = _tokenize([text], vocab, ck.root, "the built-in held-out text")
+    except HydraError as exc:
+        raise VerifyError(f"{ck.root} has no tokenizer for the built-in text", hint="give --calib ids.npy in the model's tokens") from exc
+    rows = len(ids) // s.seq_len
+    if rows < 1:
+        raise VerifyError("the built-in text is too short for --seq-len", hint="use a smaller --seq-len")
+    rng = np.random.default_rng(s.seed)
+    pick = np.sort(rng.choice(rows, size=min(rows, s.samples), replace=False))
+    return ids[: rows * s.seq_len].reshape(rows, s.seq_len)[pick], "built-in: held-out standard-library text"
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> torch.Tensor:
+    return model(input_ids=torch.from_numpy(x).to(device)).logits.float().cpu()
+
+
+def verify(
+    original: str | os.PathLike[str],
+    converted: str | os.PathLike[str],
+    *,
+    thresholds: Thresholds | None = None,
+    calib: str | os.PathLike[str] | None = None,
+    settings: VerifySettings | None = None,
+    device: str | torch.device | None = None,
+) -> VerifyReport:
+    """Compare ``converted`` with ``original``; ``report.passed`` says whether every judged threshold held."""
+    from transformers import AutoModelForCausalLM
+
+    from hydracc.runtime.loader import load, quiet_transformers
+
+    t = thresholds or Thresholds()
+    s = settings or VerifySettings()
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    orig_ck, conv_ck = check_pair(original, converted)
+    vocab = int(orig_ck.config.get("vocab_size") or 0)
+    limit = orig_ck.config.get("max_position_embeddings") or orig_ck.config.get("n_positions")
+    if isinstance(limit, int) and s.seq_len > limit:
+        raise VerifyError(f"--seq-len {s.seq_len} is longer than the model's {limit} positions", hint=f"use --seq-len {limit} or less")
+    rows, source = _text_rows(orig_ck, calib, s)
+    from hydracc.evaluation.tasks import VOCAB_SIZE, mqar_example
+
+    rng = np.random.default_rng(s.seed)
+    if vocab == VOCAB_SIZE:  # byte-level models: the MQAR format hydracc eval measures
+        probe, make = "mqar (byte level)", lambda p: mqar_example(p, s.seq_len, rng)
+    else:
+        probe, make = "key-value recall in the model's ids", lambda p: recall_probe(vocab, p, s.seq_len, rng)
+    probes = [(p, *zip(*[make(p) for _ in range(s.recall_samples)], strict=True)) for p in s.recall_pairs if 4 * p < s.seq_len]
+    quiet_transformers()
+    models = {
+        "original": AutoModelForCausalLM.from_pretrained(orig_ck.root, attn_implementation="sdpa", trust_remote_code=False,
+                                                         local_files_only=True).to(dev).eval(),
+        "converted": load(conv_ck.root, device=dev),
+    }
+    report = VerifyReport(str(orig_ck.root), str(conv_ck.root), source, str(dev))
+    nll = {name: 0.0 for name in models}
+    agree = count = 0
+    for i in range(0, len(rows), s.batch):
+        x = rows[i : i + s.batch]
+        out = {name: _logits(m, x, dev) for name, m in models.items()}
+        y = torch.from_numpy(x[:, 1:])
+        for name, logits in out.items():
+            nll[name] += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
+        agree += int((out["original"].argmax(-1) == out["converted"].argmax(-1)).sum())
+        count += x.size
+    tokens = rows.shape[0] * (rows.shape[1] - 1)
+    ppl = {name: math.exp(v / tokens) for name, v in nll.items()}
+    recall: dict[str, dict[str, float]] = {name: {} for name in models}
+    for pairs, xs, ys in probes:
+        x, y = np.stack(xs), np.stack(ys)
+        for name, m in models.items():
+            right = total = 0
+            for i in range(0, len(x), s.batch):
+                hit = _logits(m, x[i : i + s.batch], dev).argmax(-1) == torch.from_numpy(y[i : i + s.batch])
+                mask = torch.from_numpy(y[i : i + s.batch] != -100)
+                right += int((hit & mask).sum())
+                total += int(mask.sum())
+            recall[name][f"pairs={pairs}"] = right / total
+    mean_recall = {name: float(np.mean(list(r.values()))) if r else float("nan") for name, r in recall.items()}
+    increase = ppl["converted"] / ppl["original"] - 1
+    agreement = agree / count
+    report.figures = {
+        "ppl": {k: round(v, 4) for k, v in ppl.items()}, "ppl_increase": round(increase, 4),
+        "recall": {name: {k: round(v, 4) for k, v in r.items()} for name, r in recall.items()},
+        "recall_accuracy": {k: round(v, 4) for k, v in mean_recall.items()},
+        "agreement": round(agreement, 4), "tokens": tokens, "recall_probe": probe,
+    }
+    judged = mean_recall["original"] >= MIN_ORIGINAL_RECALL
+    ratio = mean_recall["converted"] / mean_recall["original"] if mean_recall["original"] > 0 else float("nan")
+    report.checks = {
+        "ppl_increase": {"value": round(increase, 4), "threshold": t.max_ppl_increase, "ok": increase <= t.max_ppl_increase},
+        "recall_ratio": {"value": round(ratio, 4) if math.isfinite(ratio) else None, "threshold": t.min_recall_ratio,
+                         "ok": bool(math.isfinite(ratio) and ratio >= t.min_recall_ratio), "judged": judged,
+                         **({} if judged else {"why_not_judged": f"the original's recall accuracy "
+                            f"{mean_recall['original']:.3f} is below {MIN_ORIGINAL_RECALL}"})},
+        "agreement": {"value": round(agreement, 4), "threshold": t.min_agreement, "ok": agreement >= t.min_agreement},
+    }
+    return report
+
+
+def default_thresholds() -> dict[str, float]:
+    return asdict(Thresholds())
+
+
+__all__ = ["MIN_ORIGINAL_RECALL", "Thresholds", "VerifyError", "VerifyReport", "VerifySettings", "check_pair",
+           "default_thresholds", "recall_probe", "verify"]
+

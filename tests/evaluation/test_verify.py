@@ -1,0 +1,79 @@
+"""The release gate: verify a converted checkpoint against the original it came from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import ROOT
+
+from hydracc.convert import convert
+from hydracc.evaluation.verify import Thresholds, VerifyError, VerifySettings, recall_probe, verify
+
+EXAMPLE = ROOT / "examples" / "tiny-llama"
+FAST = VerifySettings(samples=4, seq_len=64, recall_samples=8, recall_pairs=(4,))
+
+
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verify")
+    convert(EXAMPLE, root / "full", full_ratio=1.0, strategy="even")
+    convert(EXAMPLE, root / "linear", full_ratio=0.0, strategy="even")
+    return root
+
+
+def test_an_all_full_conversion_passes_with_identical_predictions(conversions) -> None:
+    report = verify(EXAMPLE, conversions / "full", settings=FAST, device="cpu")
+    assert report.passed, report.checks
+    assert report.figures["agreement"] == 1.0 and report.figures["ppl_increase"] == 0.0
+    assert report.figures["recall_probe"] == "mqar (byte level)" and report.checks["recall_ratio"]["judged"]
+    assert report.to_json()["passed"] is True and report.device == "cpu"
+
+
+def test_an_all_linear_conversion_fails_the_gate(conversions) -> None:
+    report = verify(EXAMPLE, conversions / "linear", settings=FAST, device="cpu")
+    assert not report.passed
+    assert not report.checks["ppl_increase"]["ok"] and report.figures["ppl"]["converted"] > report.figures["ppl"]["original"]
+    loose = verify(EXAMPLE, conversions / "linear", settings=FAST, device="cpu",
+                   thresholds=Thresholds(max_ppl_increase=100, min_recall_ratio=0, min_agreement=0))
+    assert loose.passed  # the same figures against other thresholds
+    assert loose.figures == report.figures  # fixed seeds: the same numbers twice
+
+
+def test_pairs_that_do_not_belong_together_are_refused(conversions, tiny_checkpoint) -> None:
+    with pytest.raises(VerifyError, match="was not converted from") as info:
+        verify(tiny_checkpoint("llama-gqa"), conversions / "full", settings=FAST)
+    assert info.value.exit_code == 2
+    with pytest.raises(VerifyError, match="itself a converted checkpoint"):
+        verify(conversions / "full", conversions / "linear", settings=FAST)
+    with pytest.raises(Exception, match="no 'hydra' section"):
+        verify(EXAMPLE, EXAMPLE, settings=FAST)
+
+
+def test_other_vocabularies_need_their_tokens(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("qwen3-mqa")  # vocab 64, no tokenizer
+    convert(src, tmp_path / "conv", full_ratio=1.0, strategy="even")
+    with pytest.raises(VerifyError, match="no tokenizer"):
+        verify(src, tmp_path / "conv", settings=FAST)
+    ids = np.random.default_rng(0).integers(0, 64, size=(4, 64))
+    np.save(tmp_path / "ids.npy", ids)
+    report = verify(src, tmp_path / "conv", calib=tmp_path / "ids.npy", settings=FAST, device="cpu")
+    assert report.figures["agreement"] == 1.0 and report.figures["recall_probe"] == "key-value recall in the model's ids"
+    # a random model cannot recall: the ratio is reported, not judged, and does not decide the gate
+    assert report.checks["recall_ratio"]["judged"] is False and report.passed
+
+
+def test_recall_probe_in_any_id_space() -> None:
+    x, y = recall_probe(50_000, 6, 40, np.random.default_rng(1))
+    assert x.shape == y.shape == (40,)
+    answers = np.flatnonzero(y != -100)
+    assert len(answers) == 6 and all(12_500 <= v < 37_500 for v in x)
+    keys_values = dict(zip(x[:12:2], x[1:12:2], strict=True))
+    assert all(keys_values[x[i]] == y[i] for i in answers)  # each answer is the value of the key just read
+    with pytest.raises(VerifyError, match="too small"):
+        recall_probe(8, 6, 40, np.random.default_rng(1))
+
+
+@pytest.mark.parametrize("bad", [{"max_ppl_increase": -1}, {"min_agreement": 2}, {"min_recall_ratio": float("nan")}, {"min_agreement": "0.5"}])
+def test_thresholds_are_checked(bad) -> None:
+    with pytest.raises(VerifyError):
+        Thresholds(**bad)
