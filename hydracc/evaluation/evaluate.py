@@ -10,8 +10,11 @@ Design decisions:
   digits are (equivalent to greedy decoding of the key). MQAR also reports the accuracy on
   each sequence's first query alone, where answering "a value not yet asked" (a shortcut
   that needs no key-value binding) scores only 1/pairs.
-- Works on any causal LM with the byte vocabulary: an original checkpoint (run with SDPA)
-  or a converted one (``hydracc.load``); which one is decided by the ``hydra`` config section.
+- Works on any causal LM: an original checkpoint (run with SDPA) or a converted one
+  (``hydracc.load``), which one decided by the ``hydra`` config section. Byte-level models get
+  the byte tasks they were trained on; other vocabularies the same tasks in their own tokens
+  (``probes``: text through their tokenizer, recall and passkey from ordinary ids), or
+  perplexity on ``calib`` rows.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from hydracc.errors import HydraError
-from hydracc.evaluation.tasks import IGNORE, VOCAB_SIZE, mqar_example, passkey_example, stack, stdlib_corpus
+from hydracc.evaluation.probes import TokenSpace, heldout_ids, passkey_probe, recall_probe, token_space
+from hydracc.evaluation.tasks import IGNORE, stack, stdlib_corpus
 
 TASKS = ("ppl", "mqar", "passkey")
 
@@ -50,13 +54,15 @@ class EvalResult:
     model: str
     converted: bool
     scores: dict[str, Any] = field(default_factory=dict)
+    tokens: str = "bytes"
+    """How the data was written in the model's tokens (``TokenSpace.describe``)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "converted": self.converted, **self.scores}
+        return {"model": self.model, "converted": self.converted, "tokens": self.tokens, **self.scores}
 
 
-def load_for_eval(path: str | Path) -> tuple[torch.nn.Module, bool]:
-    """The model at ``path`` (a checkpoint folder or a file in one), and whether it is converted."""
+def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, bool, TokenSpace]:
+    """The model at ``path`` (a checkpoint folder or a file in one), whether it is converted, and its tokens."""
     from transformers import AutoModelForCausalLM
 
     from hydracc.frontend.checkpoint import open_checkpoint
@@ -65,16 +71,15 @@ def load_for_eval(path: str | Path) -> tuple[torch.nn.Module, bool]:
     ck = open_checkpoint(path)  # the path, config and files, before transformers touches them
     ck.close()
     root, config = ck.root, ck.config
-    if config.get("vocab_size") != VOCAB_SIZE:
-        raise HydraError(
-            f"hydracc eval's tasks are byte-level (vocab {VOCAB_SIZE}); {root} has vocab_size {config.get('vocab_size')}",
-            hint="evaluate the shipped example model or a conversion of it",
-        )
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 2:
+        raise HydraError(f"{root}: config.json has no usable vocab_size ({vocab!r})")
+    space = token_space(root, vocab)
     if "hydra" in config:
-        return load(root), True
+        return load(root, device=device), True, space
     quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="sdpa", trust_remote_code=False, local_files_only=True)
-    return model.eval(), False
+    return model.to(device).eval(), False, space
 
 
 def _batches(x: np.ndarray, y: np.ndarray, size: int):
@@ -84,18 +89,30 @@ def _batches(x: np.ndarray, y: np.ndarray, size: int):
 
 @torch.no_grad()
 def _scored(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(argmax == label, nll) at every labelled position; both ``[B, T]``."""
-    logits = model(input_ids=x).logits.float()
+    """(argmax == label, nll) at every labelled position; both ``[B, T]``, on the CPU."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=x.to(device)).logits.float().cpu()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="none")
     return logits.argmax(-1) == y, nll.reshape(y.shape)
 
 
-def perplexity(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None]) -> dict[str, float]:
-    corpus = stdlib_corpus()
+def _text_windows(space: TokenSpace, s: EvalSettings, calib: np.ndarray | None) -> np.ndarray:
+    """``[windows, ppl_seq_len + 1]`` token windows: from ``calib`` rows, else from held-out text."""
     rng = np.random.default_rng(s.seed)
-    text = corpus.heldout
+    if calib is not None:
+        if calib.shape[1] < s.ppl_seq_len + 1:
+            raise HydraError(f"--calib rows have {calib.shape[1]} tokens; perplexity needs {s.ppl_seq_len + 1}")
+        return calib[: s.ppl_windows, : s.ppl_seq_len + 1]
+    text = stdlib_corpus().heldout if space.bytes else heldout_ids(space, 4 * s.ppl_windows * (s.ppl_seq_len + 1))
+    if len(text) < s.ppl_seq_len + 2:
+        raise HydraError("the held-out text is too short in this model's tokens", hint="give --calib data")
     starts = rng.integers(0, len(text) - s.ppl_seq_len - 1, size=s.ppl_windows)
-    windows = np.stack([text[a : a + s.ppl_seq_len + 1] for a in starts])
+    return np.stack([text[a : a + s.ppl_seq_len + 1] for a in starts])
+
+
+def perplexity(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], space: TokenSpace,
+               calib: np.ndarray | None = None) -> dict[str, Any]:
+    windows = _text_windows(space, s, calib)
     total, count = 0.0, 0
     for x, y in _batches(windows[:, :-1], windows[:, 1:].copy(), s.batch):
         _, nll = _scored(model, x, y)
@@ -103,10 +120,12 @@ def perplexity(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], No
         count += nll.numel()
         advance()
     mean = total / count
-    return {"ppl": round(math.exp(mean), 4), "bits_per_byte": round(mean / math.log(2), 4), "tokens": count}
+    unit = "bits_per_byte" if space.bytes and calib is None else "bits_per_token"
+    return {"ppl": round(math.exp(mean), 4), unit: round(mean / math.log(2), 4), "tokens": count,
+            "text": "--calib rows" if calib is not None else "held-out standard-library text"}
 
 
-def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None]) -> dict[str, Any]:
+def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], space: TokenSpace) -> dict[str, Any]:
     grid: dict[str, float] = {}
     correct_all = total_all = first_right = first_total = 0
     for pairs in s.mqar_pairs:
@@ -114,7 +133,7 @@ def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None]) -
             if seq_len < 4 * pairs + 1:
                 continue
             rng = np.random.default_rng([s.seed, pairs, seq_len])
-            x, y = stack([mqar_example(pairs, seq_len, rng) for _ in range(s.mqar_samples)])
+            x, y = stack([recall_probe(space, pairs, seq_len, rng) for _ in range(s.mqar_samples)])
             correct = total = 0
             for xb, yb in _batches(x, y, s.batch):
                 hit, _ = _scored(model, xb, yb)
@@ -131,11 +150,11 @@ def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None]) -
     return {"accuracy": round(correct_all / total_all, 4), "first_query_accuracy": round(first_right / first_total, 4), "grid": grid}
 
 
-def passkey(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None]) -> dict[str, Any]:
+def passkey(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], space: TokenSpace) -> dict[str, Any]:
     by_length: dict[str, float] = {}
     for length in s.passkey_lengths:
         rng = np.random.default_rng([s.seed, length])
-        x, y = stack([passkey_example(length, rng) for _ in range(s.passkey_samples)])
+        x, y = stack([passkey_probe(space, length, rng) for _ in range(s.passkey_samples)])
         right = 0
         for xb, yb in _batches(x, y, s.batch):
             hit, _ = _scored(model, xb, yb)
@@ -164,13 +183,27 @@ def evaluate(
     tasks: tuple[str, ...] = TASKS,
     settings: EvalSettings | None = None,
     advance: Callable[[], None] = lambda: None,
+    *,
+    calib: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ) -> EvalResult:
-    """Run ``tasks`` on the model at ``path``; ``advance`` is called once per batch (progress)."""
+    """Run ``tasks`` on the model at ``path``; ``advance`` is called once per batch (progress).
+
+    ``calib``: perplexity on these rows (``--calib`` formats) instead of the built-in held-out text.
+    """
     s = settings or EvalSettings()
     torch.manual_seed(s.seed)
-    model, converted = load_for_eval(path)
-    result = EvalResult(str(path), converted)
-    runners = {"ppl": perplexity, "mqar": mqar, "passkey": passkey}
+    model, converted, space = load_for_eval(path, device)
+    rows = None
+    if calib is not None:
+        from hydracc.analysis.calibration import load_calibration
+
+        rows = load_calibration(calib, vocab_size=space.vocab_size, samples=s.ppl_windows, seq_len=s.ppl_seq_len + 1,
+                                checkpoint_root=Path(path) if Path(path).is_dir() else Path(path).parent).tokens
+    result = EvalResult(str(path), converted, tokens=space.describe)
     for task in tasks:
-        result.scores[task] = runners[task](model, s, advance)
+        if task == "ppl":
+            result.scores[task] = perplexity(model, s, advance, space, rows)
+        else:
+            result.scores[task] = {"mqar": mqar, "passkey": passkey}[task](model, s, advance, space)
     return result

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from hydracc.errors import HydraError
+from hydracc.evaluation.probes import ProbeError, TokenSpace, heldout_ids, recall_probe, token_space
 
 MIN_ORIGINAL_RECALL = 0.2
 """Below this original accuracy the recall probe is reported but not judged."""
@@ -104,47 +105,13 @@ def check_pair(original: str | os.PathLike[str], converted: str | os.PathLike[st
     return orig, conv
 
 
-def recall_probe(vocab_size: int, pairs: int, seq_len: int, rng: np.random.Generator,
-                 pool: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Key-value recall in the model's own ids: ``pairs`` (key, value) tokens, filler, then every key again;
-    scored on the value after each repeated key. Keys, values and filler are drawn from ``pool``
-    (default: the middle half of the id space, away from special tokens at either end)."""
-    if pool is None:
-        pool = np.arange(vocab_size // 4, max(vocab_size // 4 + 2 * pairs + 2, 3 * vocab_size // 4))
-    pool = pool[pool < vocab_size]
-    if len(pool) < 2 * pairs + 1:
-        raise VerifyError(f"the vocabulary ({vocab_size}) is too small for a recall probe with {pairs} pairs")
-    chosen = rng.choice(pool, size=2 * pairs, replace=False)
-    keys, values = chosen[:pairs], chosen[pairs:]
-    context = np.stack([keys, values], axis=1).reshape(-1)
-    order = rng.permutation(pairs)
-    queries = np.stack([keys[order], values[order]], axis=1).reshape(-1)
-    filler_len = seq_len + 1 - len(context) - len(queries)
-    if filler_len < 0:
-        raise VerifyError(f"a recall probe with {pairs} pairs needs at least {4 * pairs - 1} tokens, got {seq_len}")
-    rest = np.setdiff1d(pool, chosen)
-    filler = rng.choice(rest if len(rest) else pool, size=filler_len)
-    tokens = np.concatenate([context, filler, queries]).astype(np.int64)
-    labels = np.full(len(tokens), -100, dtype=np.int64)
-    answers = len(context) + filler_len + 1 + 2 * np.arange(pairs)
-    labels[answers] = tokens[answers]
-    return tokens[:-1], labels[1:]
+def _text_rows(ck: Any, space: TokenSpace, calib: str | os.PathLike[str] | None, s: VerifySettings) -> tuple[np.ndarray, str]:
+    from hydracc.analysis.calibration import load_calibration
 
-
-def _text_rows(ck: Any, calib: str | os.PathLike[str] | None, s: VerifySettings) -> tuple[np.ndarray, str]:
-    from hydracc.analysis.calibration import _tokenize, load_calibration
-    from hydracc.evaluation.tasks import stdlib_corpus
-
-    vocab = int(ck.config.get("vocab_size") or 0)
     if calib is not None:
-        cal = load_calibration(calib, vocab_size=vocab, samples=s.samples, seq_len=s.seq_len, checkpoint_root=ck.root)
+        cal = load_calibration(calib, vocab_size=space.vocab_size, samples=s.samples, seq_len=s.seq_len, checkpoint_root=ck.root)
         return cal.tokens, cal.source
-    corpus = stdlib_corpus()
-    text = bytes(corpus.heldout[: 64 * s.samples * s.seq_len].astype(np.uint8)).decode("utf-8", errors="ignore")
-    try:
-        ids = _tokenize([text], vocab, ck.root, "the built-in held-out text")
-    except HydraError as exc:
-        raise VerifyError(f"{ck.root} has no tokenizer for the built-in text", hint="give --calib ids.npy in the model's tokens") from exc
+    ids = heldout_ids(space, 64 * s.samples * s.seq_len)
     rows = len(ids) // s.seq_len
     if rows < 1:
         raise VerifyError("the built-in text is too short for --seq-len", hint="use a smaller --seq-len")
@@ -180,15 +147,12 @@ def verify(
     limit = orig_ck.config.get("max_position_embeddings") or orig_ck.config.get("n_positions")
     if isinstance(limit, int) and s.seq_len > limit:
         raise VerifyError(f"--seq-len {s.seq_len} is longer than the model's {limit} positions", hint=f"use --seq-len {limit} or less")
-    rows, source = _text_rows(orig_ck, calib, s)
-    from hydracc.evaluation.tasks import VOCAB_SIZE, mqar_example
-
+    space = token_space(orig_ck.root, vocab)
+    rows, source = _text_rows(orig_ck, space, calib, s)
     rng = np.random.default_rng(s.seed)
-    if vocab == VOCAB_SIZE:  # byte-level models: the MQAR format hydracc eval measures
-        probe, make = "mqar (byte level)", lambda p: mqar_example(p, s.seq_len, rng)
-    else:
-        probe, make = "key-value recall in the model's ids", lambda p: recall_probe(vocab, p, s.seq_len, rng)
-    probes = [(p, *zip(*[make(p) for _ in range(s.recall_samples)], strict=True)) for p in s.recall_pairs if 4 * p < s.seq_len]
+    probe = "mqar (byte level)" if space.bytes else "key-value recall in the model's ids"
+    probes = [(p, *zip(*[recall_probe(space, p, s.seq_len, rng) for _ in range(s.recall_samples)], strict=True))
+              for p in s.recall_pairs if 4 * p < s.seq_len]
     quiet_transformers()
     models = {
         "original": AutoModelForCausalLM.from_pretrained(orig_ck.root, attn_implementation="sdpa", trust_remote_code=False,
@@ -245,6 +209,6 @@ def default_thresholds() -> dict[str, float]:
     return asdict(Thresholds())
 
 
-__all__ = ["MIN_ORIGINAL_RECALL", "Thresholds", "VerifyError", "VerifyReport", "VerifySettings", "check_pair",
-           "default_thresholds", "recall_probe", "verify"]
+__all__ = ["MIN_ORIGINAL_RECALL", "ProbeError", "Thresholds", "VerifyError", "VerifyReport", "VerifySettings", "check_pair",
+           "default_thresholds", "verify"]
 

@@ -46,12 +46,61 @@ def test_converted_all_full_scores_like_the_original(byte_model, tmp_path) -> No
         assert converted[task] == original[task]
 
 
-def test_cli_eval_json_and_bad_vocab(byte_model, tiny_checkpoint) -> None:
+def test_cli_eval_json(byte_model) -> None:
     res = CliRunner().invoke(main, ["eval", str(byte_model), "--task", "ppl", "--json", "-q"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["ppl"]["tokens"] == 64 * 128
-    res = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama-gqa")), "--json"])
-    assert res.exit_code == 2 and "byte-level" in json.loads(res.stdout)["error"]
+    report = json.loads(res.stdout)
+    assert report["ppl"]["tokens"] == 64 * 128 and report["tokens"] == "bytes"
+
+
+def _char_tokenizer(folder) -> None:
+    """A character-level tokenizer.json for a vocab-64 model: 43 ids used, two of them special."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers
+
+    chars = list("abcdefghijklmnopqrstuvwxyzTW0123456789 .?")
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "<s>": 1, **{c: i + 2 for i, c in enumerate(chars)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.add_special_tokens([AddedToken("[UNK]", special=True), AddedToken("<s>", special=True)])
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_other_vocabularies_in_their_own_tokens(tiny_checkpoint, tmp_path) -> None:
+    import shutil
+
+    ids_only = tiny_checkpoint("llama-gqa")  # vocab 64, no tokenizer
+    res = evaluate(ids_only, ("mqar", "passkey"), SMALL).to_json()
+    assert res["tokens"] == "ids only" and 0 <= res["mqar"]["accuracy"] <= 1 and 0 <= res["passkey"]["accuracy"] <= 1
+    assert evaluate(ids_only, ("mqar", "passkey"), SMALL).to_json() == res
+    res = CliRunner().invoke(main, ["eval", str(ids_only), "--json"])  # no text in its tokens: say how to give some
+    assert res.exit_code == 2 and "--calib" in json.loads(res.stdout)["error"]
+    with_tok = tmp_path / "with-tokenizer"
+    shutil.copytree(ids_only, with_tok)
+    _char_tokenizer(with_tok)
+    res = evaluate(with_tok, settings=SMALL).to_json()
+    assert res["tokens"] == "the checkpoint's tokenizer.json" and res["ppl"]["tokens"] == 8 * 128
+    assert "bits_per_token" in res["ppl"]
+    np_ids = __import__("numpy").random.default_rng(0).integers(0, 64, size=(8, 200))
+    __import__("numpy").save(tmp_path / "ids.npy", np_ids)
+    res = evaluate(ids_only, ("ppl",), SMALL, calib=tmp_path / "ids.npy").to_json()
+    assert res["ppl"]["text"] == "--calib rows" and res["ppl"]["tokens"] == 8 * 128
+
+
+def test_probes_score_only_recall() -> None:
+    import numpy as np
+
+    from hydracc.evaluation.probes import TokenSpace, passkey_probe, recall_probe
+
+    space = TokenSpace(1000, pool=np.arange(250, 750))
+    x, y = recall_probe(space, 8, 64, np.random.default_rng(0))
+    answers = np.flatnonzero(y != -100)
+    pairs = dict(zip(x[:16:2], x[1:16:2], strict=True))
+    assert len(answers) == 8 and all(pairs[x[i]] == y[i] for i in answers)
+    assert set(x[16 : answers[0]]).isdisjoint(pairs) and set(x[16 : answers[0]]).isdisjoint(pairs.values())
+    x, y = passkey_probe(space, 64, np.random.default_rng(0))
+    key = y[y != -100]
+    assert len(key) == 5 and len(x) == 64
+    start = next(i for i in range(len(x) - 4) if list(x[i : i + 5]) == list(key))
+    assert start < len(x) - 6  # the key appears earlier, so it can be recalled
 
 
 @pytest.mark.slow
