@@ -1,9 +1,11 @@
 """A user-written hydracc pass: keep every head of the first and last layer full.
 
 Many hybrid models keep their outermost layers dense. This pass edits the rewritten
-graph directly: it finds the ``hydracc::hybrid_attention`` nodes and sets the head kinds
-of the first and last layer to ``full``. What is saved is read from the graph, so the
-converted checkpoint follows.
+graph through ``HybridCall``, the typed view of each ``hydracc::hybrid_attention`` call
+(``ctx.hybrid_calls()`` lists them in layer order): it sets the head kinds of the first
+and last layer to ``full`` and reports how many layers it changed (``ctx.count``; shown in
+``--json`` and with ``HYDRACC_DEBUG_GRAPH=1``). What is saved is read from the graph, so
+the converted checkpoint follows.
 
 From the command line::
 
@@ -18,22 +20,19 @@ from __future__ import annotations
 
 import sys
 
-from hydracc.frontend.capture import SITE_META
-from hydracc.kernels.head_kinds import FULL
 from hydracc.passes import PassContext, register_pass
-from hydracc.passes.hybridize import hybrid_nodes
 
 
 @register_pass("keep-ends-full", description="keep all heads of the first and last layer full")
 def keep_ends_full(ctx: PassContext) -> None:
-    nodes = hybrid_nodes(ctx.graph_module.graph)
-    layers = sorted(node.meta[SITE_META] for node in nodes)
-    ends = {layers[0], layers[-1]} if layers else set()
-    for node in nodes:
-        if node.meta[SITE_META] in ends:
-            args = list(node.args)
-            args[3] = [FULL.code] * len(args[3])
-            node.args = tuple(args)
+    calls = ctx.hybrid_calls()  # HybridCall views, in layer order
+    ends = {calls[0].layer, calls[-1].layer} if calls else set()
+    for call in calls:
+        if call.layer in ends:
+            if call.full_heads() != list(range(call.num_heads)):
+                ctx.count("layers_made_full")
+                ctx.count("heads_made_full", call.num_heads - len(call.full_heads()))
+            call.set_kinds(["full"] * call.num_heads)
     ctx.notes.append(f"keep-ends-full: layers {sorted(ends)} kept fully full")
 
 

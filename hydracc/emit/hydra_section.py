@@ -10,11 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydracc.frontend.capture import SITE_META
-from hydracc.kernels.head_kinds import kind_by_code
-from hydracc.passes.hybridize import hybrid_nodes
 from hydracc.passes.manager import PassContext
-from hydracc.passes.permute_heads import HEAD_ORDER_META
 from hydracc.runtime.hydra_config import HYDRA_FORMAT_VERSION
 
 
@@ -22,9 +18,8 @@ def hydra_section(ctx: PassContext, passes: list[str], provenance: dict[str, Any
     """Build the ``hydra`` config section from the rewritten graph in ``ctx``."""
     layers = []
     names = {attr: name for name, attr in ctx.added_params.items()}
-    for node in hybrid_nodes(ctx.graph_module.graph):
-        site = ctx.captured.site(node.meta[SITE_META])
-        codes = list(node.args[3])
+    for call in ctx.hybrid_calls():
+        site = ctx.captured.site(call.layer)
         layers.append(
             {
                 "layer": site.layer,
@@ -32,11 +27,11 @@ def hydra_section(ctx: PassContext, passes: list[str], provenance: dict[str, Any
                 "num_heads": site.num_heads,
                 "num_kv_heads": site.num_kv_heads,
                 "head_dim": site.head_dim,
-                "scale": float(node.args[4]),
-                "kinds": [kind_by_code(c).name for c in codes],
-                "head_order": list(node.meta.get(HEAD_ORDER_META, range(len(codes)))),
-                "head_windows": [int(w) for w in node.args[6]] if len(node.args) > 6 else [],
-                "params": [names[str(p.target)] for p in node.args[5]],
+                "scale": call.scale,
+                "kinds": call.kinds,
+                "head_order": call.head_order,
+                "head_windows": call.raw_windows,
+                "params": [names[target] for target in call.param_targets],
             }
         )
     layers.sort(key=lambda entry: entry["layer"])

@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from hydracc.frontend.capture import CapturedModel, _on_device, reachable_nodes
+from hydracc.passes.hybrid_call import HybridCall
 
 
 def _matmul_for_weight(graph: fx.Graph, weight: str, targets: dict[str, str]) -> fx.Node | None:
@@ -84,11 +85,11 @@ class AttentionBlock:
 
     def run(self, inputs: list[Any], head_kinds: list[int] | None = None, head_windows: list[int] | None = None) -> torch.Tensor:
         if head_kinds is not None:
-            args = list(self.attention.args)
-            args[3] = head_kinds
+            call = HybridCall(self.attention)
             if head_windows is not None:
-                args[6] = head_windows
-            self.attention.args = tuple(args)
+                call.set_kinds(head_kinds, windows=head_windows)
+            else:
+                call.set_kinds(head_kinds)
             self.module.recompile()
         return _on_device(self.module, torch.device("cpu"))(*inputs)
 

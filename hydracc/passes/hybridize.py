@@ -20,25 +20,27 @@ import torch
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
 from hydracc.errors import PassError
-from hydracc.frontend.capture import SDPA, SITE_META
-from hydracc.kernels.head_kinds import PARAM_NAMES, kind_by_name, param_shapes
+from hydracc.kernels.head_kinds import PARAM_NAMES, param_shapes
+from hydracc.passes.hybrid_call import HYBRID_OP, HybridCall, is_hybrid_call, sdpa_sites
 from hydracc.passes.manager import PassContext, register_pass
 
-HYBRID_OP = torch.ops.hydracc.hybrid_attention.default
+__all__ = ["HYBRID_OP", "added_param_attr", "bind_added_params", "hybrid_nodes", "hybridize"]
 
 
 @register_pass("hybridize", description="replace each SDPA site by hydracc::hybrid_attention with the plan's head kinds")
 def hybridize(ctx: PassContext) -> None:
+    """Counts: ``sites_rewritten``, ``non_full_heads`` (heads no longer full), ``layers_with_params``,
+    ``params_added`` (learned-parameter buffers added)."""
     if ctx.plan is None:
         raise PassError("pass 'hybridize' needs a plan")
     graph = ctx.graph_module.graph
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != SDPA or SITE_META not in node.meta:
-            continue
-        layer = node.meta[SITE_META]
+    rewritten = non_full = with_params = added = 0
+    for sdpa in sdpa_sites(graph):
+        node = sdpa.node
+        layer = sdpa.layer
         site = ctx.captured.site(layer)
         layer_plan = ctx.plan.layer(layer)
-        q, k, v = node.args[0], node.args[1], node.args[2]
+        q, k, v = sdpa.q, sdpa.k, sdpa.v
         kv_heads = k.meta["val"].shape[1]
         if kv_heads != site.num_kv_heads:
             raise PassError(
@@ -46,7 +48,6 @@ def hybridize(ctx: PassContext) -> None:
                 f"{site.num_kv_heads} KV heads expected)",
                 hint="run 'fold-gqa' before 'hybridize'",
             )
-        codes = [kind_by_name(h.kind).code for h in layer_plan.heads]
         params: list[torch.fx.Node] = []
         if ctx.plan.layer_has_params(layer_plan):
             shapes = param_shapes(site.num_heads, site.head_dim)
@@ -57,18 +58,28 @@ def hybridize(ctx: PassContext) -> None:
                     ctx.added_params[f"{site.module}.hydra.{name}"] = attr
                     getter = graph.get_attr(attr)
                     params.append(getter)
+            with_params += 1
+            added += len(params)
         with graph.inserting_after(node):
-            new = graph.call_function(HYBRID_OP, (q, k, v, codes, float(site.scale), params, layer_plan.head_windows()))
+            call = HybridCall.create(graph, q, k, v, kinds=[h.kind for h in layer_plan.heads], scale=float(site.scale),
+                                     params=params, windows=layer_plan.head_windows())
+        new = call.node
         new.meta.update({key: val for key, val in node.meta.items() if key != "val"})
         new.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        rewritten += 1
+        non_full += len(call.codes) - len(call.full_heads())
     graph.eliminate_dead_code()
+    ctx.count("sites_rewritten", rewritten)
+    ctx.count("non_full_heads", non_full)
+    ctx.count("layers_with_params", with_params)
+    ctx.count("params_added", added)
 
 
 def hybrid_nodes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
-    """The hybrid attention nodes of ``graph``, in graph order."""
-    return [n for n in graph.nodes if n.op == "call_function" and n.target == HYBRID_OP]
+    """The hybrid attention nodes of ``graph``, in graph order (prefer ``hybrid_calls``, which gives views)."""
+    return [n for n in graph.nodes if is_hybrid_call(n)]
 
 
 def added_param_attr(layer: int, name: str) -> str:

@@ -8,7 +8,13 @@ Design decisions:
 - After every pass the manager lints the graph, recompiles it and propagates fake
   tensors through it (shapes and dtypes, no data), so a pass that breaks the graph is
   named at once instead of surfacing as a wrong checkpoint later.
-- ``HYDRACC_DEBUG_GRAPH=1`` prints the graph after each pass.
+- A pass reports what it changed with ``ctx.count("what", n)``; the manager keeps the
+  counts per pass name in ``PassManager.counts`` (``{"hybridize": {"sites_rewritten": 2,
+  ...}, ...}``, every pass that ran appears, in run order, with ``{}`` if it counted
+  nothing). ``HYDRACC_DEBUG_GRAPH=1`` prints each pass's counts and the graph after it.
+- Hybrid-op calls are read and edited through ``hydracc.passes.HybridCall`` (never
+  ``node.args`` by position); after each pass the manager checks every call through that
+  view, so a pass that leaves one inconsistent is named with what is wrong.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from hydracc.errors import PassError
 from hydracc.frontend.capture import CapturedModel
+from hydracc.passes.hybrid_call import HybridCall, check_hybrid_calls, hybrid_calls
 from hydracc.passes.weight_edits import WeightEdits
 from hydracc.planning.plan import Plan
 
@@ -43,10 +50,29 @@ class PassContext:
     options: dict[str, Any] = field(default_factory=dict)
     added_params: dict[str, str] = field(default_factory=dict)
     """Learned parameters the rewrite added: checkpoint name -> graph-module buffer name."""
+    pass_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """What passes changed over every run on this context: pass name -> counter -> count (``count``)."""
+    current_pass: str | None = None
+    """The name of the pass being run (set by ``PassManager``)."""
+    _run_counts: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def graph_module(self) -> fx.GraphModule:
         return self.captured.graph_module
+
+    def count(self, what: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``what`` of the running pass (e.g. ``ctx.count("sites_rewritten")``).
+
+        Outside a ``PassManager`` run the counts go under the name ``"<none>"``.
+        """
+        counts = self.pass_counts.setdefault(self.current_pass or "<none>", {})
+        counts[what] = counts.get(what, 0) + int(n)
+        if self._run_counts is not None:
+            self._run_counts[what] = self._run_counts.get(what, 0) + int(n)
+
+    def hybrid_calls(self) -> list[HybridCall]:
+        """The graph's ``hybrid_attention`` calls as ``HybridCall`` views, in layer order."""
+        return list(hybrid_calls(self.graph_module))
 
 
 @dataclass(frozen=True)
@@ -109,25 +135,43 @@ class PassManager:
                 self.passes.append(RegisteredPass(getattr(p, "__name__", repr(p)), p, ""))
         self.check = check
         self.ran: list[str] = []
+        self.counts: dict[str, dict[str, int]] = {}
+        """What each pass that ran changed: pass name -> counter -> count, in run order."""
 
     def run(self, ctx: PassContext) -> PassContext:
         debug = os.environ.get("HYDRACC_DEBUG_GRAPH") == "1"
         for p in self.passes:
+            run_counts: dict[str, int] = {}
+            ctx.current_pass, ctx._run_counts = p.name, run_counts
+            ctx.pass_counts.setdefault(p.name, {})
             try:
                 p.fn(ctx)
             except PassError:
                 raise
             except Exception as exc:
-                raise PassError(f"pass {p.name!r} failed: {type(exc).__name__}: {exc}") from exc
+                hint = (
+                    "a pass that reads hybrid_attention arguments by position can use hydracc.passes.HybridCall instead"
+                    if isinstance(exc, (IndexError, TypeError)) else None
+                )
+                raise PassError(f"pass {p.name!r} failed: {type(exc).__name__}: {exc}", hint=hint) from exc
+            finally:
+                ctx.current_pass, ctx._run_counts = None, None
             if self.check:
+                check_hybrid_calls(ctx.graph_module, p.name)
                 try:
                     check_graph(ctx.graph_module)
                 except Exception as exc:
                     raise PassError(
                         f"pass {p.name!r} left a broken graph: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                        hint="run with HYDRACC_DEBUG_GRAPH=1 to print the graph after each pass",
+                        hint="run with HYDRACC_DEBUG_GRAPH=1 to print the graph after each pass; edit "
+                        "hybrid_attention calls through hydracc.passes.HybridCall",
                     ) from exc
             self.ran.append(p.name)
+            counts = self.counts.setdefault(p.name, {})
+            for what, n in run_counts.items():  # a pass listed twice: its counts add up
+                counts[what] = counts.get(what, 0) + n
             if debug:
+                shown = ", ".join(f"{k}={v}" for k, v in counts.items()) or "nothing counted"
+                print(f"--- counts after pass {p.name}: {shown} ---", file=sys.stderr)
                 print(f"--- graph after pass {p.name} ---\n{ctx.graph_module.graph}", file=sys.stderr)
         return ctx

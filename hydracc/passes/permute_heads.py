@@ -14,14 +14,14 @@ order (e.g. a norm over all head channels) is left as it is, with a note.
 
 from __future__ import annotations
 
-from hydracc.frontend.capture import SITE_META, AttentionSite, Projection
+from hydracc.frontend.capture import AttentionSite, Projection
 from hydracc.kernels.head_kinds import kind_by_code
 from hydracc.passes.block_check import reorder_is_exact
-from hydracc.passes.hybridize import hybrid_nodes
+from hydracc.passes.hybrid_call import HEAD_ORDER_META
 from hydracc.passes.manager import PassContext, register_pass
 from hydracc.passes.weight_edits import WeightEdits
 
-HEAD_ORDER_META = "hydracc_head_order"
+__all__ = ["HEAD_ORDER_META", "full_first_order", "permute_heads", "site_edits"]
 
 
 def full_first_order(codes: list[int], num_kv_heads: int) -> tuple[list[int], list[int]]:
@@ -60,36 +60,41 @@ def site_edits(ctx: PassContext, site: AttentionSite, order: list[int], kv_order
 
 @register_pass("permute-heads", description="reorder heads in the projection weights so full heads are contiguous and first")
 def permute_heads(ctx: PassContext) -> None:
+    """Counts: ``layers_permuted``, ``layers_unpermuted`` (skipped: weights not found or the block
+    check failed), ``layers_already_ordered``, ``heads_moved`` (query heads whose position changed)."""
     checked: dict[tuple, bool] = {}
-    for node in hybrid_nodes(ctx.graph_module.graph):
-        site = ctx.captured.site(node.meta[SITE_META])
-        codes = list(node.args[3])
+    for what in ("layers_permuted", "layers_unpermuted", "layers_already_ordered", "heads_moved"):
+        ctx.count(what, 0)  # every counter shows, in this order
+    for call in ctx.hybrid_calls():
+        site = ctx.captured.site(call.layer)
+        codes = call.codes
         if not site.permutable:
             ctx.notes.append(f"permute-heads: layer {site.layer} skipped (projection weights not found in the graph)")
+            ctx.count("layers_unpermuted")
             continue
         order, kv_order = full_first_order(codes, site.num_kv_heads)
         if order == list(range(len(codes))):
+            ctx.count("layers_already_ordered")
             continue
         edits = site_edits(ctx, site, order, kv_order)
-        attrs = {str(p.target) for p in node.args[5]}
+        attrs = set(call.param_targets)
         added = {attr: name for name, attr in ctx.added_params.items() if attr in attrs}
         for name in added.values():  # learned parameters are indexed by query head: reorder their rows
             edits.reorder_blocks(name, 0, len(codes), 0, 1, order)
         new_codes = [codes[i] for i in order]
-        windows = list(node.args[6])
+        windows = call.raw_windows
         new_windows = [w for i in order for w in windows[2 * i : 2 * i + 2]] if windows else []
         weights = {k: getattr(site, f"{k}_proj").weight for k in ("q", "k", "v", "o")}
-        if not reorder_is_exact(ctx.captured, node, weights, edits.apply, codes, new_codes, cache=checked,
+        if not reorder_is_exact(ctx.captured, call.node, weights, edits.apply, codes, new_codes, cache=checked,
                                 windows=windows, new_windows=new_windows, added=added):
             ctx.notes.append(
                 f"permute-heads: layer {site.layer} skipped (reordering heads changes the block's output: "
                 "something between the projections and the heads depends on head order)"
             )
+            ctx.count("layers_unpermuted")
             continue
         ctx.weight_edits.merge(edits)
-        previous = node.meta.get(HEAD_ORDER_META, list(range(len(codes))))
-        node.meta[HEAD_ORDER_META] = [previous[i] for i in order]
-        args = list(node.args)
-        args[3] = new_codes
-        args[6] = new_windows
-        node.args = tuple(args)
+        call.reorder_heads(order)
+        ctx.count("layers_permuted")
+        ctx.count("heads_moved", sum(1 for pos, h in enumerate(order) if pos != h))
+

@@ -23,9 +23,9 @@ from hydracc.distill.train import (
     transfer_loss,
 )
 from hydracc.errors import HydraError
-from hydracc.frontend.capture import SITE_META
 from hydracc.kernels.head_kinds import PARAM_NAMES
-from hydracc.passes.hybridize import bind_added_params, hybrid_nodes
+from hydracc.passes import hybrid_calls
+from hydracc.passes.hybridize import bind_added_params
 from hydracc.planning.budget import Budget
 
 SEQ = 24
@@ -203,8 +203,8 @@ def test_rewritten_graph_with_bound_params_equals_the_loaded_model(tiny_checkpoi
     edits = rewrite.context.weight_edits
     ids = torch.from_numpy(calibration.tokens[: insp.captured.input_shape[0]]).long()
     permuted = {name: edits.apply(name, w) for name, w in weights.items()}
-    nodes = hybrid_nodes(insp.captured.graph_module.graph)
-    assert all(len(n.args[5]) == len(PARAM_NAMES) for n in nodes) and nodes[0].meta[SITE_META] == 0
+    calls = list(hybrid_calls(insp.captured.graph_module))
+    assert all(list(c.param_nodes) == list(PARAM_NAMES) for c in calls) and calls[0].layer == 0
     with torch.no_grad():
         graph = insp.captured.run(permuted, ids)
         loaded = model(ids).logits

@@ -105,7 +105,10 @@ def test_export_keeps_one_op_node(device: str):
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.hydracc.hybrid_attention.default) == 1
     node = next(n for n in ep.graph.nodes if n.target is OP)
-    assert node.args[3:] == (KINDS, SCALE, [], [])
+    from hydracc.passes import HybridCall  # the typed view of the op's arguments
+
+    call = HybridCall(node)
+    assert (call.codes, call.scale, call.params, call.raw_windows) == (list(KINDS), SCALE, [], [])
     # the exported program, run on fresh real inputs, computes the reference
     q, k, v = qkv(seed=15)
     expected = hybrid_attention_reference(q, k, v, KINDS, SCALE) * 2.0
@@ -208,8 +211,11 @@ def test_export_with_head_params_and_windows():
     layer = LearnedLayer()
     ep = torch.export.export(layer, qkv(seed=26), strict=False)
     node = next(n for n in ep.graph.nodes if n.target is OP)
-    assert node.args[3] == FIVE_KINDS and node.args[6] == WINDOWS
-    assert [a.op for a in node.args[5]] == ["placeholder"] * 5  # lifted parameters
+    from hydracc.passes import HybridCall  # the typed view of the op's arguments
+
+    call = HybridCall(node)
+    assert call.codes == list(FIVE_KINDS) and call.raw_windows == list(WINDOWS)
+    assert [a.op for a in call.params] == ["placeholder"] * 5  # lifted parameters
     q, k, v = qkv(seed=27)
     expected = hybrid_attention_reference(q, k, v, FIVE_KINDS, SCALE, list(layer.head_params), WINDOWS)
     torch.testing.assert_close(ep.module()(q, k, v), expected, atol=1e-5, rtol=1e-5)

@@ -8,8 +8,7 @@ from hydracc.errors import PassError
 from hydracc.frontend.capture import SDPA, SITE_META, capture
 from hydracc.frontend.model import build_model
 from hydracc.kernels.head_kinds import kind_by_name
-from hydracc.passes import PassContext, PassManager
-from hydracc.passes.hybridize import hybrid_nodes
+from hydracc.passes import PassContext, PassManager, hybrid_calls
 from hydracc.planning.budget import ratio_plan
 
 
@@ -19,12 +18,12 @@ def test_hybridize_matches_independent_oracle(family: str, heads: int, kv: int) 
     cap = capture(build_model(model.config.to_dict()))
     plan = ratio_plan(cap.sites, family, full_ratio=0.5)
     PassManager(["fold-gqa", "hybridize"]).run(PassContext(cap, plan))
-    nodes = hybrid_nodes(cap.graph_module.graph)
-    assert len(nodes) == 2 and not any(n.target == SDPA for n in cap.graph_module.graph.nodes)
-    for node in nodes:
-        lp = plan.layer(node.meta[SITE_META])
-        assert list(node.args[3]) == [kind_by_name(k).code for k in lp.kinds]
-        assert node.args[1].meta["val"].shape[1] == kv  # unexpanded K
+    calls = list(hybrid_calls(cap.graph_module))
+    assert len(calls) == 2 and not any(n.target == SDPA for n in cap.graph_module.graph.nodes)
+    for call in calls:
+        lp = plan.layer(call.node.meta[SITE_META])
+        assert call.codes == [kind_by_name(k).code for k in lp.kinds] and call.kinds == lp.kinds
+        assert call.k.meta["val"].shape[1] == kv == call.num_kv_heads  # unexpanded K
     ids = torch.randint(0, 64, cap.input_shape)
     with torch.no_grad():
         got = cap.run(dict(model.state_dict()), ids)

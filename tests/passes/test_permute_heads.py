@@ -6,8 +6,7 @@ from helpers import build_tiny_model
 
 from hydracc.frontend.capture import SITE_META, capture
 from hydracc.frontend.model import build_model
-from hydracc.passes import PassContext, PassManager
-from hydracc.passes.hybridize import hybrid_nodes
+from hydracc.passes import PassContext, PassManager, hybrid_calls
 from hydracc.passes.permute_heads import HEAD_ORDER_META, full_first_order
 from hydracc.planning.budget import ratio_plan
 from hydracc.planning.plan import HeadPlan
@@ -45,8 +44,8 @@ def test_permutation_preserves_outputs(family: str, heads: int, kv: int) -> None
     ctx = PassContext(permuted, plan)
     PassManager(["fold-gqa", "hybridize", "permute-heads"]).run(ctx)
     assert ctx.weight_edits, "the plan puts linear heads first, so weights must move"
-    for node in hybrid_nodes(permuted.graph_module.graph):
-        codes = list(node.args[3])
+    for call in hybrid_calls(permuted.graph_module):
+        node, codes = call.node, call.codes
         g = heads // kv
         groups = [codes[i : i + g] for i in range(0, heads, g)]
         assert all(grp == sorted(grp) for grp in groups), f"full heads (code 0) first in each KV group: {codes}"
