@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def convert_kind(model: Path, out: Path, base_plan, kind: str, fusion: bool, settings, samples: int) -> dict:
     """Convert ``model`` by ``base_plan`` with its converted heads made ``kind``; return timings and losses."""
-    from hydracc import convert as pipeline
-    from hydracc.planning.plan import STREAMING_DEFAULTS, cache_cost, plan_from_json
+    from hydracc.convert import convert
+    from hydracc.planning.plan import STREAMING_DEFAULTS
 
     doc = base_plan.to_json()
     doc["fusion"] = fusion
@@ -43,18 +43,11 @@ def convert_kind(model: Path, out: Path, base_plan, kind: str, fusion: bool, set
             if head["kind"] != "full":
                 head["kind"] = kind
                 head["params"] = dict(STREAMING_DEFAULTS) if kind == "streaming" else {}
-    plan = plan_from_json(doc)
+    plan_file = out.with_name(out.name + ".plan.json")
+    plan_file.write_text(json.dumps(doc))
     start = time.time()
-    insp = pipeline.inspect_checkpoint(model, capture_shape=pipeline.calibration_shape(samples))
-    try:
-        learned = None
-        if pipeline.needs_learned_params(plan):
-            rows = pipeline.calibration_for(insp, samples=samples if settings is not None else 16)
-            learned = pipeline.learn_params(insp, plan, rows, settings=settings)
-        pipeline.emit(insp, pipeline.rewrite(insp, plan), out, force=True, learned=learned)
-        cost = cache_cost(plan, insp.captured.sites, insp.element_bytes)
-    finally:
-        insp.checkpoint.close()
+    result = convert(model, out, plan_file=plan_file, force=True, distill_settings=settings, distill_samples=samples)
+    cost, learned = result.cost, result.learned
     return {"seconds": round(time.time() - start, 1), "state_bytes": cost.linear_state_bytes,
             "kv_ratio": round(cost.ratio, 4), "losses": learned.losses if learned is not None else {}}
 

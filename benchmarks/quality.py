@@ -31,23 +31,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def convert_with(model: Path, out: Path, analysis, strategy: str, kv_budget: float, score: str = "sensitivity", seed: int = 0):
-    from hydracc.convert import emit, inspect_checkpoint, make_plan, rewrite
+    from hydracc.convert import inspect_checkpoint, make_plan
     from hydracc.planning.budget import Budget
 
     insp = inspect_checkpoint(model)
     try:
         plan = make_plan(insp, budget=Budget(kv_budget=kv_budget), strategy=strategy, analysis=analysis, score=score, seed=seed)
-        emit(insp, rewrite(insp, plan), out, force=True)
     finally:
         insp.checkpoint.close()
+    convert_by_plan(model, out, plan)
     return plan
+
+
+def convert_by_plan(model: Path, out: Path, plan) -> None:
+    """Convert ``model`` into ``out`` by ``plan`` (through ``hydracc.convert.convert``, like the CLI's --plan-file)."""
+    from hydracc.convert import convert
+
+    plan_file = out.with_name(out.name + ".plan.json")
+    plan_file.write_text(plan.dumps())
+    convert(model, out, plan_file=plan_file, force=True)
 
 
 def exhaustive(model: Path, work: Path, kv_budget: float) -> list[dict]:
     """Convert and score every plan keeping ``kv_budget`` of the KV groups full."""
     import itertools
 
-    from hydracc.convert import emit, inspect_checkpoint, make_plan, rewrite
+    from hydracc.convert import inspect_checkpoint, make_plan
     from hydracc.evaluation.evaluate import evaluate
     from hydracc.planning.budget import Budget
 
@@ -60,10 +69,10 @@ def exhaustive(model: Path, work: Path, kv_budget: float) -> list[dict]:
         insp = inspect_checkpoint(model)
         try:
             plan = make_plan(insp, budget=Budget(kv_budget=kv_budget), strategy="even", keep_full=keep)
-            path = work / ("every-" + "_".join(keep))
-            emit(insp, rewrite(insp, plan), path, force=True)
         finally:
             insp.checkpoint.close()
+        path = work / ("every-" + "_".join(keep))
+        convert_by_plan(model, path, plan)
         out.append({"layout": full_layout(plan), **summary(evaluate(path).scores)})
         print(json.dumps(out[-1]), file=sys.stderr)
     return out

@@ -18,6 +18,13 @@ def run(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def test_help_lists_the_commands() -> None:
+    res = run("--help")
+    assert res.exit_code == 0
+    for command in ("convert", "analyze", "eval", "generate", "export-onnx", "passes"):
+        assert f"  {command} " in res.output
+
+
 def test_plan_dry_run_lists_sites_and_writes_nothing(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("llama-gqa")
     before = sorted(p.name for p in src.iterdir())
