@@ -11,6 +11,10 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+EXIT_GATE_FAILED = 3
+"""``hydracc verify``: the comparison ran and a threshold does not hold."""
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class HydraError(Exception):
@@ -45,3 +49,7 @@ class OutputError(HydraError):
 
 class PassError(HydraError):
     """A graph pass failed or left the graph broken."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds (temporary outputs removed) as Ctrl-C does."""

@@ -15,12 +15,13 @@ import click
 
 import hydracc
 from hydracc.cli.analyze import analyze_command
-from hydracc.cli.common import EXIT_INTERRUPTED
+from hydracc.cli.common import EXIT_INTERRUPTED, handle_sigterm
 from hydracc.cli.convert import convert_command
 from hydracc.cli.eval import eval_command
 from hydracc.cli.export_onnx import export_onnx_command
 from hydracc.cli.generate import generate_command
 from hydracc.cli.passes import passes_command
+from hydracc.cli.verify import verify_command
 
 __all__ = ["EXIT_INTERRUPTED", "main"]
 
@@ -37,11 +38,14 @@ def main() -> None:
       hydracc convert model/ -o out/                # convert; out/ is a normal safetensors checkpoint
       hydracc convert model/ -o out/ --plan-file p.json --json   # in CI: a given plan, JSON report
 
-    Exit codes: 0 ok, 2 bad input (nothing written), 1 internal error, 130 interrupted.
+    Exit codes: 0 ok, 2 bad input (nothing written), 1 internal error, 3 verify failed,
+    130 interrupted, 143 terminated (SIGTERM; cleaned up like Ctrl-C).
     """
+    handle_sigterm()
 
 
-for _command in (convert_command, analyze_command, eval_command, generate_command, export_onnx_command, passes_command):
+for _command in (convert_command, analyze_command, eval_command, generate_command, export_onnx_command, verify_command,
+                 passes_command):
     main.add_command(_command)
 
 

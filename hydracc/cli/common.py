@@ -3,7 +3,8 @@
 Design decisions:
 - Exit codes: 0 success; 2 bad input (unreadable checkpoint, unsupported architecture,
   invalid plan, output exists, bad option); 1 an internal error (a bug: please report);
-  130 interrupted. Errors are one clear message on stderr, never a traceback
+  3 a ``verify`` threshold does not hold; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM,
+  handled like Ctrl-C: nothing half-written is left). Errors are one clear message on stderr, never a traceback
   (``HYDRACC_DEBUG=1`` shows it).
 - ``--json`` prints one JSON document on stdout (the report or the error) and sends the
   human-readable tables and progress to stderr, so scripts can parse stdout as is.
@@ -24,9 +25,20 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from hydracc.errors import EXIT_INTERNAL, HydraError
+from hydracc.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, HydraError, Terminated
 
-EXIT_INTERRUPTED = 130
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Reporter", "run_command", "run_guarded"]
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C (temporary outputs removed, a message, exit 143) instead of killing the process."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def json_option(help: str) -> Any:
@@ -64,6 +76,8 @@ def run_guarded(reporter: Reporter, fn: Callable[[], Any]) -> Any:
         return fn()
     except HydraError as exc:
         reporter.fail(str(exc), exc.exit_code)
+    except Terminated as exc:
+        reporter.fail(str(exc) or "terminated (SIGTERM); nothing was written to the output path", EXIT_TERMINATED)
     except KeyboardInterrupt as exc:
         reporter.fail(str(exc) or "interrupted; nothing was written to the output path", EXIT_INTERRUPTED)
     except Exception as exc:  # a bug, not the user's fault
@@ -79,7 +93,9 @@ def run_command(reporter: Reporter, work: Callable[[], Any]) -> Any:
     """The skeleton of every command: run ``work`` guarded, then print its report under ``--json``."""
     report = run_guarded(reporter, work)
     if reporter.as_json:
-        click.echo(json.dumps(report, indent=2))
+        from hydracc.emit.writer import json_safe
+
+        click.echo(json.dumps(json_safe(report), indent=2, allow_nan=False))  # strict JSON: NaN scores become null
     return report
 
 

@@ -16,27 +16,35 @@ from hydracc.cli.common import Reporter, json_option, progress_bar, quiet_option
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--task", "task", type=click.Choice(["ppl", "mqar", "passkey", "all"]), default="all", show_default=True,
               help="Which evaluation to run.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Perplexity on this data (convert's --calib formats) instead of the built-in held-out text.")
+@click.option("--device", default=None, help="Torch device to run on (default: cpu).")
 @json_option("Print the scores as JSON on stdout.")
 @quiet_option("No progress bar or table.")
-def eval_command(model_path: Path, task: str, as_json: bool, quiet: bool) -> None:
+def eval_command(model_path: Path, task: str, calib: Path | None, device: str | None, as_json: bool, quiet: bool) -> None:
     """Score MODEL (an original or a converted checkpoint folder) on fixed-seed tasks.
 
     \b
-    ppl      held-out byte perplexity (standard-library files never trained on)
+    ppl      held-out perplexity (standard-library files never trained on, or --calib data)
     mqar     multi-query associative recall accuracy, by pairs and sequence length
     passkey  passkey retrieval accuracy, by context length
-    Two runs print the same numbers. The tasks are byte-level (vocab 256), like the example model.
+    Two runs print the same numbers. Byte-level models (vocab 256, like the example model) get
+    the byte tasks; other vocabularies the same tasks in their own tokens (text through the
+    checkpoint's tokenizer.json; recall and passkey from ordinary ids).
     """
     reporter = Reporter(as_json, quiet)
 
     def work() -> dict[str, Any]:
         from hydracc.evaluation.evaluate import TASKS, EvalSettings, count_batches, evaluate
+        from hydracc.pipeline.options import check_device
 
+        check_device(device)
         tasks = TASKS if task == "all" else (task,)
         settings = EvalSettings()
         with progress_bar(reporter, "eval") as progress:
             bar = progress.add_task("eval", total=count_batches(tasks, settings))
-            result = evaluate(model_path, tasks, settings, advance=lambda: progress.advance(bar))
+            result = evaluate(model_path, tasks, settings, advance=lambda: progress.advance(bar), calib=calib,
+                              device=device or "cpu")
         print_scores(reporter.console, result)
         return {"status": "ok", **result.to_json()}
 
@@ -51,7 +59,9 @@ def print_scores(con: Console, result: Any) -> None:
     table.add_column("score", justify="right")
     scores = result.scores
     if "ppl" in scores:
-        table.add_row("ppl", "held-out text", f"{scores['ppl']['ppl']:.3f} ({scores['ppl']['bits_per_byte']:.3f} bits/byte)")
+        ppl = scores["ppl"]
+        unit = "byte" if "bits_per_byte" in ppl else "token"
+        table.add_row("ppl", ppl.get("text", "held-out text"), f"{ppl['ppl']:.3f} ({ppl[f'bits_per_{unit}']:.3f} bits/{unit})")
     if "mqar" in scores:
         for cell, acc in scores["mqar"]["grid"].items():
             table.add_row("mqar", cell, f"{acc:.1%}")

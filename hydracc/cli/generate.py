@@ -18,8 +18,10 @@ from hydracc.errors import HydraError
 @click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy; otherwise sample at this temperature.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
+@click.option("--device", default=None, help="Torch device to run on (default: cpu).")
 @json_option("Print the continuation and the numbers as JSON on stdout.")
-def generate_command(model_path: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int, as_json: bool) -> None:
+def generate_command(model_path: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+                     device: str | None, as_json: bool) -> None:
     """Continue --prompt with the converted checkpoint MODEL, using the hybrid cache.
 
     Prints the continuation, then tokens per second and the cache size: keys and values are
@@ -29,34 +31,46 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
 
     def work() -> dict[str, Any]:
         import time
+        import warnings
 
         import torch
         from transformers import AutoTokenizer
 
         from hydracc.frontend.checkpoint import read_config
+        from hydracc.pipeline.options import check_device
         from hydracc.runtime.cache import HybridCache
-        from hydracc.runtime.loader import load
+        from hydracc.runtime.loader import check_converted, load
 
-        root = model_path.parent if model_path.is_file() else model_path
-        model = load(root)
+        check_device(device)
+        root, _ = check_converted(model_path)  # the path and files first: a clear error, not transformers'
         if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
             raise HydraError(f"{root} has no tokenizer files", hint="copy the original model's tokenizer.json next to the converted weights")
-        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices are not the user's business
+            tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
         if ids.shape[1] == 0:
             raise HydraError("--prompt is empty after tokenization")
+        config = read_config(root)
+        limit = config.get("max_position_embeddings") or config.get("n_positions")
+        if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
+            raise HydraError(f"--prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is more than "
+                             f"the model's {limit} positions", hint="shorten the prompt or ask for fewer new tokens")
+        model = load(root, device=device or "cpu")
+        ids = ids.to(device or "cpu")
         cache = HybridCache(model.config)
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature > 0 else {"do_sample": False}
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             out = model.generate(ids, max_new_tokens=max_new_tokens, past_key_values=cache, pad_token_id=None, **sampling)
         seconds = time.perf_counter() - start
         new = out[0, ids.shape[1]:]
         text = tokenizer.decode(new, skip_special_tokens=True)
         element = next(p.element_size() for p in model.parameters())
         tokens = cache.get_seq_length()
-        sites = read_config(root)["hydra"]["layers"]  # validated by load(); per layer KV heads and head dim
+        sites = config["hydra"]["layers"]  # validated by load(); per layer KV heads and head dim
         full_kv = sum(2 * e["num_kv_heads"] * e["head_dim"] for e in sites) * element * tokens
         report = {
             "status": "ok", "model": str(root), "prompt": prompt, "continuation": text, "new_tokens": int(new.numel()),

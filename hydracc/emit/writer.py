@@ -203,6 +203,15 @@ class CheckpointWriter:
             raise OutputError(f"cannot write {dest}: {exc}") from exc
         return self.out_dir / name
 
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a small UTF-8 text file (a model card, say)."""
+        dest = self._side_path(name)
+        try:
+            dest.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write {dest}: {exc}") from exc
+        return self.out_dir / name
+
     def copy_file(self, src: str | os.PathLike[str], name: str | None = None) -> Path:
         """Copy a side file (tokenizer, generation config, ...) verbatim into the output."""
         src_path = Path(os.fspath(src))

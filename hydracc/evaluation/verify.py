@@ -18,14 +18,15 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from hydracc.errors import HydraError
 from hydracc.evaluation.probes import ProbeError, TokenSpace, heldout_ids, recall_probe, token_space
+
+if TYPE_CHECKING:  # torch is imported when models run, so that `hydracc --help` stays fast
+    import torch
 
 MIN_ORIGINAL_RECALL = 0.2
 """Below this original accuracy the recall probe is reported but not judged."""
@@ -120,9 +121,11 @@ def _text_rows(ck: Any, space: TokenSpace, calib: str | os.PathLike[str] | None,
     return ids[: rows * s.seq_len].reshape(rows, s.seq_len)[pick], "built-in: held-out standard-library text"
 
 
-@torch.no_grad()
 def _logits(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> torch.Tensor:
-    return model(input_ids=torch.from_numpy(x).to(device)).logits.float().cpu()
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(x).to(device)).logits.float().cpu()
 
 
 def verify(
@@ -135,6 +138,8 @@ def verify(
     device: str | torch.device | None = None,
 ) -> VerifyReport:
     """Compare ``converted`` with ``original``; ``report.passed`` says whether every judged threshold held."""
+    import torch
+    import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from hydracc.runtime.loader import load, quiet_transformers

@@ -147,6 +147,10 @@ class ConvertOptions:
     onnx: bool = _opt(False, "Also export OUTPUT/onnx (prefill and decode graphs), checked with onnxruntime (see "
                       "export-onnx).", flags=("--onnx",), type=bool)
     atol: float = _opt(1e-4, "With --onnx: largest |onnxruntime - torch| accepted.", flags=("--atol",), type=float, min=0.0)
+    base_model: str | None = _opt(None, "The model card's base_model (a Hub id such as Qwen/Qwen3-1.7B). Default: the input "
+                                  "card's.", flags=("--base-model",), optional=True, metavar="HUB_ID", show_default=False)
+    allow_nonfinite: bool = _opt(False, "Accept weights holding NaN or infinity (refused by default: every score and plan "
+                                 "built on them is meaningless).", flags=("--allow-nonfinite",), type=bool)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -221,6 +225,16 @@ class ConvertOptions:
         if self.output is not None and not self.dry_run and self.output.exists() and not self.force:
             raise OutputError(f"output {self.output} already exists",
                               hint=f"choose a new path or {'add --force' if style == 'cli' else 'pass force=True'} to replace it")
+        if self.output is not None and not self.dry_run:
+            from hydracc.emit.writer import check_destination
+
+            src = self.path.expanduser().resolve()
+            src = src.parent if src.is_file() else src
+            out = self.output.expanduser().resolve()
+            if out == src or src.is_relative_to(out):
+                raise OutputError(f"output {self.output} would replace the input checkpoint {self.path}",
+                                  hint="write the converted checkpoint to a new folder")
+            check_destination(self.output.expanduser().absolute(), self.force)  # parent, file, someone else's folder: now
         if self.plan_file is None and self.full_ratio is not None and self.kv_budget is not None:
             raise OptionError(f"give one budget: {n('full_ratio')} or {n('kv_budget')}, not both")
         if self.max_full_per_layer is not None and self.max_full_per_layer < self.min_full_per_layer:
@@ -285,6 +299,22 @@ def require_onnx() -> None:
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise HydraError("ONNX export needs onnx, onnxscript and onnxruntime", hint="pip install 'hydracc[onnx]'") from exc
+
+
+def check_device(device: str | None, flag: str = "--device") -> None:
+    """Refuse a torch device that does not parse or does not exist on this machine, before any work."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise OptionError(f"{flag} {device!r}: {exc}") from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"{flag} {device}: this machine has no CUDA device", hint=f"drop {flag} to run on the CPU")
+    if parsed.type not in ("cpu", "cuda", "meta") and not hasattr(torch, parsed.type):
+        raise OptionError(f"{flag} {device}: unknown device type")
 
 
 def _check_device(settings: Any, n: _Namer) -> None:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hydracc.errors import HydraError, OutputError
+from hydracc.errors import HydraError, OutputError, Terminated
 from hydracc.pipeline.options import ConvertOptions, OptionError, Style
 
 
@@ -91,6 +91,7 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
     samples = max(o.calib_samples, o.distill_samples if o.distill else 0)
     shape = stages.calibration_shape(samples, o.seq_len) if needs_analysis or may_learn else (2, 16)
     insp = stages.inspect_checkpoint(o.path, capture_shape=shape)
+    insp.checkpoint.allow_nonfinite = o.allow_nonfinite
     try:
         analysis = None
         if needs_analysis:
@@ -126,12 +127,14 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
                     state = state_dir_for(output)
                     saved = (f"; the training state is saved in {state}: rerun with "
                              f"{'--resume' if style == 'cli' else 'resume=True'} to continue") if state.is_dir() else ""
-                    raise Interrupted(f"interrupted; nothing was written to {output}{saved}") from exc
+                    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+                    raise (Terminated if isinstance(exc, Terminated) else Interrupted)(
+                        f"{what}; nothing was written to {output}{saved}") from exc
             result.rewrite = stages.rewrite(insp, plan, user_passes=o.user_passes, permute=o.permute)
             total = sum(insp.checkpoint.info(name).nbytes for name in insp.weight_names.values())
             with _stage(hooks, "write", total):
                 result.files = stages.emit(insp, result.rewrite, output, force=o.force, max_shard_bytes=o.max_shard_bytes,
-                                           on_tensor=hooks.wrote, learned=result.learned)
+                                           on_tensor=hooks.wrote, learned=result.learned, base_model=o.base_model)
             result.output = output
             if settings is not None:
                 shutil.rmtree(state_dir_for(output), ignore_errors=True)

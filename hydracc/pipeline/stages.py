@@ -366,10 +366,13 @@ def emit(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_tensor: Callable[[str, int], None] | None = None,
     learned: DistillResult | None = None,
+    base_model: str | None = None,
 ) -> list[Path]:
     """Emit stage: write the converted checkpoint to ``out`` atomically; return its files.
 
     ``learned`` gives the values of the parameters the rewrite added (required when it added any).
+    The folder gets a model card (``README.md``; ``base_model`` for its front matter, else the
+    input card's), with the input's card kept below it.
     """
     added = result.context.added_params
     if added and (learned is None or set(added) - set(learned.values)):
@@ -404,4 +407,21 @@ def emit(
         for side in SIDE_FILES:
             if (ck.root / side).is_file():
                 writer.copy_file(ck.root / side, side)
+        writer.write_text("README.md", _model_card(inspection, result, config, base_model))
     return writer.written_files()
+
+
+def _model_card(inspection: Inspection, result: Rewrite, config: dict[str, Any], base_model: str | None) -> str:
+    from hydracc.emit.model_card import build_model_card
+
+    plan = result.context.plan
+    assert plan is not None
+    cost = cache_cost(plan, inspection.captured.sites, inspection.element_bytes)
+    card = inspection.checkpoint.root / "README.md"
+    try:
+        input_card = card.read_text(encoding="utf-8") if card.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        input_card = None  # an unreadable card is not worth failing a conversion for; ours stands alone
+    return build_model_card(config, kv_bytes_per_token_before=cost.kv_bytes_per_token_before,
+                            kv_bytes_per_token_after=cost.kv_bytes_per_token_after,
+                            state_bytes_per_sequence=cost.linear_state_bytes, input_card=input_card, base_model=base_model)

@@ -1,0 +1,124 @@
+"""Release-pipeline behaviour of the CLI: verify's exit codes, SIGTERM, non-finite weights, early output
+checks, the model card, and generate's prompt limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import ROOT
+from safetensors.torch import load_file, save_file
+
+from hydracc.cli import main
+
+EXAMPLE = ROOT / "examples" / "tiny-llama"
+
+
+def run(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _strict(text: str) -> dict:
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("release")
+    out = {}
+    for name, ratio in (("full", "1.0"), ("linear", "0.0")):
+        res = run("convert", EXAMPLE, "-o", root / name, "--strategy", "even", "--full-ratio", ratio, "-q")
+        assert res.exit_code == 0, res.output
+        out[name] = root / name
+    return out
+
+
+def test_verify_exit_codes_and_json(converted) -> None:
+    fast = ["--samples", "4", "--seq-len", "64"]
+    res = run("verify", EXAMPLE, converted["full"], *fast, "--json", "-q")
+    assert res.exit_code == 0, res.output
+    report = _strict(res.stdout)
+    assert report["passed"] is True and report["status"] == "ok"
+    assert set(report["checks"]) == {"ppl_increase", "recall_ratio", "agreement"}
+    assert report["checks"]["agreement"]["threshold"] == 0.8 and report["figures"]["agreement"] == 1.0
+    res = run("verify", EXAMPLE, converted["linear"], *fast, "--json", "-q")
+    assert res.exit_code == 3, res.output
+    report = _strict(res.stdout)
+    assert report["passed"] is False and not report["checks"]["ppl_increase"]["ok"]
+    res = run("verify", EXAMPLE, converted["linear"], *fast, "--max-ppl-increase", "1000", "--min-recall-ratio", "0",
+              "--min-agreement", "0")
+    assert res.exit_code == 0 and "passed" in res.output
+    res = run("verify", converted["full"], converted["linear"], *fast)
+    assert res.exit_code == 2 and "itself a converted checkpoint" in res.output
+    res = run("verify", EXAMPLE, converted["full"], "--device", "cuda:7", *fast)
+    assert res.exit_code == 2
+
+
+def test_model_card_in_the_output(converted, tmp_path) -> None:
+    card = (converted["full"] / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    assert "# tiny-llama: the hydracc example model" in card  # the input's card, kept below ours
+    res = run("convert", EXAMPLE, "-o", tmp_path / "c", "--strategy", "even", "--base-model", "me/tiny-llama", "-q")
+    assert res.exit_code == 0, res.output
+    assert 'base_model:\n- "me/tiny-llama"' in (tmp_path / "c" / "README.md").read_text()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "c").iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors like every other file
+
+
+def test_missing_output_parent_is_found_before_any_work(tmp_path) -> None:
+    start = time.perf_counter()
+    res = run("convert", EXAMPLE, "-o", tmp_path / "no" / "such" / "out", "--distill")
+    assert res.exit_code == 2 and "does not exist" in res.output
+    assert time.perf_counter() - start < 10 and not (tmp_path / "no").exists()
+
+
+def test_nonfinite_weights(tmp_path) -> None:
+    src = tmp_path / "nan"
+    shutil.copytree(EXAMPLE, src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    res = run("convert", src, "--plan", "--calib-samples", "2", "--seq-len", "32", "--json")
+    assert res.exit_code == 2 and "NaN or infinite" in _strict(res.stdout)["error"]
+    res = run("convert", src, "-o", tmp_path / "out", "--calib-samples", "2", "--seq-len", "32", "--json", "-q",
+              "--allow-nonfinite")
+    assert res.exit_code == 0, res.output
+    _strict(res.stdout)  # NaN scores are null, not bare NaN
+    _strict((tmp_path / "out" / "config.json").read_text())
+
+
+def test_generate_refuses_a_prompt_longer_than_the_model(converted) -> None:
+    res = run("generate", converted["full"], "--prompt", "x" * 2046, "--max-new-tokens", "4")
+    assert res.exit_code == 2 and "positions" in res.output
+
+
+@pytest.mark.slow
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hydracc", "convert", str(EXAMPLE), "-o", str(out), "--distill",
+                             "--steps", "100000", "--distill-samples", "8", "--calib-samples", "8", "--seq-len", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out.hydracc-distill").exists() and time.monotonic() < deadline:  # training has started
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "terminated" in err and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".hydracc-tmp-" in p.name]
+    assert torch.__version__  # keeps the import used
