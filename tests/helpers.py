@@ -49,7 +49,8 @@ def use_oracle(model, kinds_by_layer: dict[int, list[str]]):
     """
     from transformers import AttentionInterface
 
-    from hydracc.kernels.reference import causal_linear_attention, causal_softmax_attention
+    from hydracc.kernels.kinds.elu import causal_linear_attention
+    from hydracc.kernels.kinds.full import causal_softmax_attention
 
     def oracle(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         group = query.shape[1] // key.shape[1]

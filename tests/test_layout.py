@@ -32,6 +32,8 @@ MOVED = {
     "hydracc.byte_tokenizer": ("hydracc.evaluation.byte_tokenizer", "build_byte_tokenizer"),
     "hydracc.onnx_export": ("hydracc.export.onnx", "export_onnx"),
     "hydracc.converted": ("hydracc.runtime.hydra_config", "read_hydra_layers"),
+    "hydracc.kernels.head_kinds": ("hydracc.kernels.kinds", "kind_by_name"),
+    "hydracc.kernels.reference": ("hydracc.kernels.naive", "run_kind"),
 }
 
 

@@ -38,8 +38,8 @@ from torch import fx
 
 from hydracc.analysis.calibration import Calibration
 from hydracc.frontend.capture import SITE_META, AttentionSite, CapturedModel, reachable_nodes
-from hydracc.kernels.head_kinds import kind_by_name
-from hydracc.kernels.reference import run_kind
+from hydracc.kernels.kinds import kind_by_name
+from hydracc.kernels.naive import run_kind
 
 SCORE_NAMES = ("retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity")
 

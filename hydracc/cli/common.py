@@ -112,7 +112,7 @@ class LazyChoice(click.Choice):
 
 
 def linear_kind_type() -> LazyChoice:
-    """The converted-head kinds from the kind table (``hydracc.kernels.head_kinds``), never typed here."""
+    """The converted-head kinds from the kind table (``hydracc.kernels.kinds``), never typed here."""
     from hydracc.pipeline.options import linear_kind_choices
 
     return LazyChoice(linear_kind_choices)

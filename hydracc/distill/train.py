@@ -51,8 +51,8 @@ from hydracc.analysis.calibration import Calibration
 from hydracc.analysis.scores import SiteInterpreter, calibration_batches, graph_logits, site_qkv
 from hydracc.errors import HydraError
 from hydracc.frontend.capture import AttentionSite, CapturedModel
-from hydracc.kernels.head_kinds import PARAM_NAMES, kind_by_name, param_shapes
-from hydracc.kernels.reference import fuse_linear_output, hybrid_attention_reference, run_kind
+from hydracc.kernels.kinds import PARAM_NAMES, kind_by_name, param_shapes
+from hydracc.kernels.naive import fuse_linear_output, hybrid_attention_reference, run_kind
 from hydracc.planning.plan import LayerPlan, Plan
 
 Progress = Callable[[str, int, int, float], None]
@@ -203,12 +203,10 @@ def layer_initial_params(lp: LayerPlan, site: AttentionSite, rec: SiteRecord, se
     init["fusion_scale"] = rms.clamp_min(1e-4)
     distance = _mean_distance(rec.q, rec.k.repeat_interleave(group, dim=1), site.scale)
     for h, head in enumerate(lp.heads):
-        if head.kind == "hedgehog":
+        kind = kind_by_name(head.kind)
+        if kind.init_params is not None:  # the kind's own rule (hydracc.kernels.kinds.<kind>)
             gen = torch.Generator().manual_seed(_seed(seed, lp.layer, h))
-            init["hedgehog_weight"][h] = torch.randn(d, d, generator=gen) * math.sqrt(site.scale)
-        elif head.kind == "gdn":
-            alpha = 1.0 - 1.0 / (float(distance[h]) + 1.0)
-            init["gdn_gate_bias"][h, 0] = math.log(math.expm1(max(-math.log(max(alpha, 1e-6)), 1e-6)))
+            kind.init_params(init, h, d, scale=site.scale, distance=float(distance[h]), generator=gen)
     return {param_name(site, name): init[name] for name in PARAM_NAMES}
 
 

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any
 
-from hydracc.kernels.head_kinds import kind_by_name
+from hydracc.kernels.kinds import kind_by_name
 
 _FRONT = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.S)
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from hydracc.emit.writer import OWNER_MARKER, check_destination, make_temp_folder, swap_into_place
 from hydracc.errors import HydraError, OutputError
-from hydracc.kernels.head_kinds import kind_by_code
+from hydracc.kernels.kinds import kind_by_code
 from hydracc.runtime.cache import HybridCache, HybridLayer
 from hydracc.runtime.hydra_config import read_hydra_layers
 

@@ -4,11 +4,11 @@ Design: until a fused kernel exists for a device, the op runs full heads through
 ``torch.nn.functional.scaled_dot_product_attention`` in the input dtype (exactly what the
 original model ran, so an all-full layer gives bit-identical outputs), streaming heads
 through SDPA with a boolean sink+window mask (also in the input dtype), and linear heads
-(elu, hedgehog, gdn) through the fp32 forms from ``reference`` (gdn: the chunked form),
-followed by scale-normalized fusion when ``head_params`` is given. Heads of one kind (and,
+(elu, hedgehog, gdn) through their kinds' ``forward`` hooks (``naive.run_kind``; gdn: the
+chunked form), followed by scale-normalized fusion when ``head_params`` is given. Heads of one kind (and,
 for streaming, one ``(sink, window)``) are gathered with ``index_select`` and scattered
 back; the Triton kernels replace this gather/scatter composition. Tests compare it with
-``hybrid_attention_reference``.
+``naive.hybrid_attention_reference``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hydracc.kernels.head_kinds import FULL, STREAMING, kind_by_code
-from hydracc.kernels.reference import (
-    fuse_linear_output,
-    head_groups,
-    run_kind,
-    select_param_rows,
-    streaming_mask,
-    validate_hybrid_inputs,
-)
+from hydracc.kernels.kinds import FULL, FUSION_PARAM, STREAMING, kind_by_code
+from hydracc.kernels.kinds.streaming import streaming_mask
+from hydracc.kernels.layout import validate_hybrid_inputs
+from hydracc.kernels.naive import fuse_linear_output, head_groups, run_kind, select_param_rows
 
 
 def _full_heads(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -74,6 +69,6 @@ def hybrid_attention_composed(
             rows = select_param_rows(head_params, q_idx)
             res = run_kind(code, qs.float(), ks.float(), vs.float(), scale, rows)
             if rows and kind_by_code(code).linear:
-                res = fuse_linear_output(res, rows["fusion_scale"])
+                res = fuse_linear_output(res, rows[FUSION_PARAM])
         out.index_copy_(1, q_idx, res.to(out.dtype))
     return out

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from hydracc.kernels.composed import hybrid_attention_composed
-from hydracc.kernels.head_kinds import ELU, HEDGEHOG
-from hydracc.kernels.reference import hybrid_attention_reference, validate_hybrid_inputs
+from hydracc.kernels.kinds import ELU, HEDGEHOG
+from hydracc.kernels.layout import validate_hybrid_inputs
+from hydracc.kernels.naive import hybrid_attention_reference
 
 OP_NAME = "hydracc::hybrid_attention"
 OP_SCHEMA = (
@@ -134,8 +135,9 @@ def triton_prefill_takes(
     q: Tensor, k: Tensor, v: Tensor, head_kinds: Sequence[int], devices: set[str], dtypes: set[torch.dtype]
 ) -> bool:
     """Whether the fused Triton prefill runs a layer on ``devices`` in ``dtypes`` (fp32 dots have
-    no tensor cores: SDPA + torch is faster there): it needs an elu or hedgehog head, triton
-    importable and inputs ``triton_prefill.prefill_supported`` takes. Shared by this op and the
+    no tensor cores: SDPA + torch is faster there): it needs an elu or hedgehog head, only kinds
+    in ``triton_prefill.PREFILL_KINDS``, triton importable and inputs
+    ``triton_prefill.prefill_supported`` takes. Shared by this op and the
     hybrid cache's first chunk."""
     if q.device.type not in devices or q.dtype not in dtypes or not any(c in (ELU.code, HEDGEHOG.code) for c in head_kinds):
         return False
@@ -143,7 +145,7 @@ def triton_prefill_takes(
         from hydracc.kernels import triton_prefill
     except ImportError:  # no triton on this machine: the composed implementation
         return False
-    return triton_prefill.prefill_supported(q, k, v)
+    return all(int(c) in triton_prefill.PREFILL_KINDS for c in head_kinds) and triton_prefill.prefill_supported(q, k, v)
 
 
 @hybrid_attention_op.register_kernel("cuda")

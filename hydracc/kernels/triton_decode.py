@@ -1,6 +1,6 @@
 """Fused Triton decode step for ``hydracc::hybrid_decode``: one new token, a whole layer.
 
-Design decisions:
+Design decisions (measurements and tuning notes: ``benchmarks/README.md``):
 - One launch, one program per work item, most expensive first: softmax items (a batch row and
   a cached KV head, with *all* full query heads reading it as the rows of one tile, so each key
   is loaded once per KV head as in SDPA's ``enable_gqa``; a key range when split), streaming
@@ -8,14 +8,14 @@ Design decisions:
   items (a batch row and a linear head: elu, hedgehog and gdn are all fused here).
 - Flash-decoding split: when batch x cached KV heads gives fewer programs than about two per SM,
   the keys of full heads are split into ranges; each range writes fp32 partials (max, sum,
-  accumulator) and a second small launch combines them. Without a split it is one launch.
+  accumulator) and a second small launch combines them.
 - Linear heads update their fp32 state in place, ``BLOCK_F`` state rows at a time (the whole
-  state never sits in registers): elu/hedgehog ``S += phi(k) v^T``, ``z += phi(k)`` and
-  ``out = phi(q) S / (phi(q) z + eps)``; gdn reads ``k^T S`` in a first pass, then
-  ``S = a (S - b k (k^T S)) + b k v^T`` and ``out = S^T q`` in a second. Hedgehog's feature
-  map needs the whole projection for its softmaxes: it is computed once as a vector, and each
-  block of rows picks its slice with a masked reduction. Fusion is applied in the program
-  (it holds the whole value row).
+  state never sits in registers); the math is each kind's ``step`` in ``kinds/`` (the
+  reference is ``naive.hybrid_decode_reference``). Hedgehog's projection is computed once as a
+  vector and each block of rows picks its slice with a masked reduction. Fusion is applied in
+  the program (it holds the whole value row).
+- Arguments travel grouped as Triton tuples (pointers with their strides), kind codes are
+  ``tl.constexpr`` values taken from the kind table; the host carries ``layout.DecodeTensors``.
 - The caller (the hybrid cache) appends the new token to ``keys``/``values`` and the window
   cache before the call, exactly as its torch path does; this op only reads them.
 """
@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hydracc.kernels.decode_op import STATE_PART_COUNT, DecodeLayout, validate_decode_inputs
-from hydracc.kernels.head_kinds import ELU, FULL, GDN, HEDGEHOG, STREAMING
+from hydracc.kernels.kinds import ELU, FULL, GDN, HEDGEHOG, STREAMING
+from hydracc.kernels.layout import DecodeLayout, DecodeTensors, split_states, validate_decode_inputs
 from hydracc.kernels.triton_common import (
     EPS,
     LOG2E,
@@ -48,6 +48,11 @@ from hydracc.kernels.triton_common import (
 )
 
 ITEM = tl.constexpr(5)  # int32 fields per work item: kind, b, x, y, slot
+K_FULL = tl.constexpr(FULL.code)
+K_ELU = tl.constexpr(ELU.code)
+K_HEDGEHOG = tl.constexpr(HEDGEHOG.code)
+K_GDN = tl.constexpr(GDN.code)
+K_STREAMING = tl.constexpr(STREAMING.code)
 
 
 @triton.jit
@@ -58,12 +63,22 @@ def _pick(vec, offs, idx):
 
 @triton.jit
 def _decode_attend(
-    q_ptr, k_base, v_base, pos_ptr, o_ptr, part_ptr, heads, b, lo, hi, p_query, sink_r, win_r,
-    part_row, D, Dv, qk_scale, sqb, sqh, sqd, skt, skd, svt, svd, sob, soh, sod,
+    io, io_st, k_base, v_base, kv_st, pos_ptr, part_ptr, heads, b, lo, hi, p_query, sink_r, win_r,
+    part_row, D, Dv, qk_scale,
     HAS_POS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """Softmax of the query rows ``heads`` (-1: padding) over cached keys ``[lo, hi)``."""
+    """Softmax of the query rows ``heads`` (-1: padding) over cached keys ``[lo, hi)``.
+
+    ``io``: (q, k_new, v_new, out) and ``io_st`` their strides; ``kv_st``: the cache's key and
+    value strides over (T, D)."""
+    q_ptr, _, _, o_ptr = io
+    sq, _, _, so = io_st
+    sqb, sqh, sqd = sq
+    sob, soh, sod = so
+    sk, sv = kv_st
+    skt, skd = sk
+    svt, svd = sv
     DT = k_base.dtype.element_ty
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -114,15 +129,31 @@ def _decode_attend(
 
 @triton.jit
 def _decode_linear(
-    q_ptr, kn_ptr, vn_ptr, o_ptr, s_ptr, z_ptr, fs_ptr, hw_ptr, hb_ptr, gw_ptr, gb_ptr,
-    b, h, slot, GROUP, D, Dv,
-    sqb, sqh, sqd, sknb, sknh, sknd, svnb, svnh, svnd, sob, soh, sod,
-    ssb, ssh, ssf, ssd, szb, szh, szf,
-    sfs, shw_h, shw_i, shw_j, shb_h, shb_d, sgw_h, sgw_d, sgw_g, sgb_h, sgb_g,
+    io, io_st, state, state_st, params, params_st, b, h, slot, GROUP, D, Dv,
     KIND: tl.constexpr, FUSION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_F: tl.constexpr,
 ):
-    """One linear head ``h`` (state row ``slot`` of its kind): update the state, write the output."""
+    """One linear head ``h`` (state row ``slot`` of its kind): update the state, write the output.
+
+    ``state``: the kind's (S, z) (gdn: (S, S), z unused), ``params``: the five ``head_params``;
+    each with its strides in the matching ``*_st`` tuple."""
+    q_ptr, kn_ptr, vn_ptr, o_ptr = io
+    sq, skn, svn, so = io_st
+    sqb, sqh, sqd = sq
+    sknb, sknh, sknd = skn
+    svnb, svnh, svnd = svn
+    sob, soh, sod = so
+    s_ptr, z_ptr = state
+    ss, sz = state_st
+    ssb, ssh, ssf, ssd = ss
+    szb, szh, szf = sz
+    fs_ptr, hw_ptr, hb_ptr, gw_ptr, gb_ptr = params
+    sfs_t, shw, shb, sgw, sgb = params_st
+    sfs = sfs_t[0]
+    shw_h, shw_i, shw_j = shw
+    shb_h, shb_d = shb
+    sgw_h, sgw_d, sgw_g = sgw
+    sgb_h, sgb_g = sgb
     hk = h // GROUP
     offs_d = tl.arange(0, BLOCK_D)
     offs_f = tl.arange(0, BLOCK_F)
@@ -136,7 +167,7 @@ def _decode_linear(
     z_base = z_ptr + b * szb + slot * szh
     numer = tl.zeros([BLOCK_DV], dtype=tl.float32)
     den = tl.zeros([BLOCK_F], dtype=tl.float32)
-    if KIND == 1:  # elu: phi is elementwise, each block of rows loads its own slice
+    if KIND == K_ELU:  # elu: phi is elementwise, each block of rows loads its own slice
         for f0 in range(0, D, BLOCK_F):
             f = f0 + offs_f
             fm = f < D
@@ -151,7 +182,7 @@ def _decode_linear(
             numer += tl.sum(fq[:, None] * s, axis=0)
             den += fq * z
         o = numer / (tl.sum(den, axis=0) + EPS)
-    if KIND == 2:  # hedgehog: projections as vectors, then rows [0, D) positive, [D, 2D) negative
+    if KIND == K_HEDGEHOG:  # hedgehog: projections as vectors, then rows [0, D) positive, [D, 2D) negative
         xq = tl.load(q_base + offs_d * sqd, mask=dm, other=0.0).to(tl.float32)
         xk = tl.load(k_base + offs_d * sknd, mask=dm, other=0.0).to(tl.float32)
         pq = tl.load(hb_ptr + h * shb_h + offs_d * shb_d, mask=dm, other=0.0).to(tl.float32)
@@ -193,7 +224,7 @@ def _decode_linear(
                 numer += tl.sum(fq[:, None] * s, axis=0)
                 den += fq * z
         o = numer / (tl.sum(den, axis=0) + EPS)
-    if KIND == 3:  # gdn: gates from the raw key, L2-normalized q and k, two passes over S
+    if KIND == K_GDN:  # gdn: gates from the raw key, L2-normalized q and k, two passes over S
         xq = tl.load(q_base + offs_d * sqd, mask=dm, other=0.0).to(tl.float32)
         xk = tl.load(k_base + offs_d * sknd, mask=dm, other=0.0).to(tl.float32)
         g_a = tl.sum(xk * tl.load(gw_ptr + h * sgw_h + offs_d * sgw_d, mask=dm, other=0.0).to(tl.float32), axis=0)
@@ -228,77 +259,64 @@ def _decode_linear(
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kn_ptr, vn_ptr, o_ptr, keys_ptr, vals_ptr, wk_ptr, wv_ptr, wpos_ptr,
-    se_ptr, ze_ptr, sh_ptr, zh_ptr, sg_ptr, fs_ptr, hw_ptr, hb_ptr, gw_ptr, gb_ptr,
+    io, io_st, cache, cache_st, states, states_st, params, params_st,
     items_ptr, gheads_ptr, win_ptr, part_ptr,
-    sqb, sqh, sqd, sknb, sknh, sknd, svnb, svnh, svnd, sob, soh, sod,
-    skb, skh, skt, skd, svb, svh, svt, svd, swkb, swkh, swkt, swkd, swvb, swvh, swvt, swvd,
-    sseb, sseh, ssef, ssed, szeb, szeh, szef, sshb, sshh, sshf, sshd, szhb, szhh, szhf,
-    ssgb, ssgh, ssgf, ssgd,
-    sfs, shw_h, shw_i, shw_j, shb_h, shb_d, sgw_h, sgw_d, sgw_g, sgb_h, sgb_g,
     T, Tw, D, Dv, GROUP, qk_scale, SPLIT_LEN, NSPLIT, NGROUPS,
     HAS_FULL: tl.constexpr, HAS_STREAM: tl.constexpr, HAS_ELU: tl.constexpr,
     HAS_HH: tl.constexpr, HAS_GDN: tl.constexpr, FUSION: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_F: tl.constexpr, LOWP: tl.constexpr,
 ):
-    """One work item per program: ``[kind, b, x, y, slot]`` (see ``decode_plan``)."""
+    """One work item per program: ``[kind, b, x, y, slot]`` (see ``decode_plan``).
+
+    ``io`` (q, k_new, v_new, out); ``cache`` (keys, values, window keys, window values, window
+    positions); ``states`` per linear kind (elu, hedgehog, gdn), each (S, z); ``params`` the
+    five ``head_params``; each ``*_st`` the matching strides (zeros for absent tensors)."""
     it = tl.program_id(0)
     kind = tl.load(items_ptr + ITEM * it)
     b = tl.load(items_ptr + ITEM * it + 1)
     x = tl.load(items_ptr + ITEM * it + 2)
     y = tl.load(items_ptr + ITEM * it + 3)
     slot = tl.load(items_ptr + ITEM * it + 4)
+    keys_ptr, vals_ptr, wk_ptr, wv_ptr, wpos_ptr = cache
+    sk, sv, swk, swv = cache_st
     if HAS_FULL:
-        if kind == 0:  # x: head group, y: key range
+        if kind == K_FULL:  # x: head group, y: key range
             heads = tl.load(gheads_ptr + x * BLOCK_H + tl.arange(0, BLOCK_H))
             lo = y * SPLIT_LEN
             hi = tl.minimum(lo + SPLIT_LEN, T)
             _decode_attend(
-                q_ptr, keys_ptr + b * skb + slot * skh, vals_ptr + b * svb + slot * svh, wpos_ptr,
-                o_ptr, part_ptr, heads, b, lo, hi, 0, heads, heads,
+                io, io_st, keys_ptr + b * sk[0] + slot * sk[1], vals_ptr + b * sv[0] + slot * sv[1],
+                ((sk[2], sk[3]), (sv[2], sv[3])), wpos_ptr, part_ptr, heads, b, lo, hi, 0, heads, heads,
                 ((b * NGROUPS + x) * NSPLIT + y) * BLOCK_H, D, Dv, qk_scale,
-                sqb, sqh, sqd, skt, skd, svt, svd, sob, soh, sod,
                 False, SPLIT, BLOCK_H, BLOCK_N, BLOCK_D, BLOCK_DV, LOWP)
     if HAS_STREAM:
-        if kind == 4:  # x: head group; rows see j < sink or j > p - window by absolute position
+        if kind == K_STREAMING:  # x: head group; rows see j < sink or j > p - window by absolute position
             heads = tl.load(gheads_ptr + x * BLOCK_H + tl.arange(0, BLOCK_H))
             hh = tl.where(heads >= 0, heads, 0)
             sink_r = tl.load(win_ptr + 2 * hh)
             win_r = tl.load(win_ptr + 2 * hh + 1)
             p_query = tl.load(wpos_ptr + Tw - 1)
             _decode_attend(
-                q_ptr, wk_ptr + b * swkb + slot * swkh, wv_ptr + b * swvb + slot * swvh, wpos_ptr,
-                o_ptr, part_ptr, heads, b, 0, Tw, p_query, sink_r, win_r, 0, D, Dv, qk_scale,
-                sqb, sqh, sqd, swkt, swkd, swvt, swvd, sob, soh, sod,
+                io, io_st, wk_ptr + b * swk[0] + slot * swk[1], wv_ptr + b * swv[0] + slot * swv[1],
+                ((swk[2], swk[3]), (swv[2], swv[3])), wpos_ptr, part_ptr, heads, b, 0, Tw, p_query,
+                sink_r, win_r, 0, D, Dv, qk_scale,
                 True, False, BLOCK_H, BLOCK_N, BLOCK_D, BLOCK_DV, LOWP)
     if HAS_ELU:
-        if kind == 1:
+        if kind == K_ELU:
             _decode_linear(
-                q_ptr, kn_ptr, vn_ptr, o_ptr, se_ptr, ze_ptr, fs_ptr, hw_ptr, hb_ptr, gw_ptr, gb_ptr,
-                b, x, slot, GROUP, D, Dv,
-                sqb, sqh, sqd, sknb, sknh, sknd, svnb, svnh, svnd, sob, soh, sod,
-                sseb, sseh, ssef, ssed, szeb, szeh, szef,
-                sfs, shw_h, shw_i, shw_j, shb_h, shb_d, sgw_h, sgw_d, sgw_g, sgb_h, sgb_g,
-                1, FUSION, BLOCK_D, BLOCK_DV, BLOCK_F)
+                io, io_st, states[0], states_st[0], params, params_st, b, x, slot, GROUP, D, Dv,
+                K_ELU, FUSION, BLOCK_D, BLOCK_DV, BLOCK_F)
     if HAS_HH:
-        if kind == 2:
+        if kind == K_HEDGEHOG:
             _decode_linear(
-                q_ptr, kn_ptr, vn_ptr, o_ptr, sh_ptr, zh_ptr, fs_ptr, hw_ptr, hb_ptr, gw_ptr, gb_ptr,
-                b, x, slot, GROUP, D, Dv,
-                sqb, sqh, sqd, sknb, sknh, sknd, svnb, svnh, svnd, sob, soh, sod,
-                sshb, sshh, sshf, sshd, szhb, szhh, szhf,
-                sfs, shw_h, shw_i, shw_j, shb_h, shb_d, sgw_h, sgw_d, sgw_g, sgb_h, sgb_g,
-                2, FUSION, BLOCK_D, BLOCK_DV, BLOCK_F)
+                io, io_st, states[1], states_st[1], params, params_st, b, x, slot, GROUP, D, Dv,
+                K_HEDGEHOG, FUSION, BLOCK_D, BLOCK_DV, BLOCK_F)
     if HAS_GDN:
-        if kind == 3:
+        if kind == K_GDN:
             _decode_linear(
-                q_ptr, kn_ptr, vn_ptr, o_ptr, sg_ptr, sg_ptr, fs_ptr, hw_ptr, hb_ptr, gw_ptr, gb_ptr,
-                b, x, slot, GROUP, D, Dv,
-                sqb, sqh, sqd, sknb, sknh, sknd, svnb, svnh, svnd, sob, soh, sod,
-                ssgb, ssgh, ssgf, ssgd, 0, 0, 0,
-                sfs, shw_h, shw_i, shw_j, shb_h, shb_d, sgw_h, sgw_d, sgw_g, sgb_h, sgb_g,
-                3, FUSION, BLOCK_D, BLOCK_DV, BLOCK_F)
+                io, io_st, states[2], states_st[2], params, params_st, b, x, slot, GROUP, D, Dv,
+                K_GDN, FUSION, BLOCK_D, BLOCK_DV, BLOCK_F)
 
 
 @triton.jit
@@ -398,25 +416,22 @@ def _table(values: tuple, device: torch.device) -> Tensor:
     return found
 
 
-def decode_supported(
-    q: Tensor,
-    k_new: Tensor,
-    v_new: Tensor,
-    keys: Tensor | None,
-    values: Tensor | None,
-    states: Sequence[Tensor],
-    window_keys: Tensor | None = None,
-    window_values: Tensor | None = None,
-) -> bool:
-    """Whether :func:`hybrid_decode_triton` takes these inputs (else the reference runs): head
-    dims up to 128, q/keys/values of one dtype among fp32/fp16/bf16, fp32 states, int32 offsets."""
-    kv = [t for t in (k_new, v_new, keys, values, window_keys, window_values) if t is not None]
+DECODE_KINDS = (FULL.code, ELU.code, HEDGEHOG.code, GDN.code, STREAMING.code)
+"""The kinds the kernel has a branch for; a layer with another kind runs the reference."""
+
+
+def decode_supported(t: DecodeTensors, head_kinds: Sequence[int] = ()) -> bool:
+    """Whether :func:`decode_triton` takes these inputs (else the reference runs): kinds in
+    ``DECODE_KINDS``, head dims up to 128, q/keys/values of one dtype among fp32/fp16/bf16, fp32
+    states, int32 offsets."""
+    kv = [x for x in (t.k_new, t.v_new, t.keys, t.values, t.window_keys, t.window_values) if x is not None]
     return (
-        supported_head_dims(q.shape[-1], v_new.shape[-1])
-        and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and all(t.dtype == q.dtype for t in kv)
-        and all(s.dtype == torch.float32 for s in states)
-        and fits_int32(q, *kv, *states)
+        all(int(c) in DECODE_KINDS for c in head_kinds)
+        and supported_head_dims(t.q.shape[-1], t.v_new.shape[-1])
+        and t.q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and all(x.dtype == t.q.dtype for x in kv)
+        and all(s.dtype == torch.float32 for s in t.states)
+        and fits_int32(t.q, *kv, *t.states)
     )
 
 
@@ -445,53 +460,58 @@ def hybrid_decode_triton(
     scale: float,
     head_params: Sequence[Tensor] = (),
     head_windows: Sequence[int] = (),
+    **options: object,
+) -> Tensor:
+    """``hybrid_decode`` with the fused Triton kernel (the op's arguments, see
+    ``decode_op.hybrid_decode``); keyword ``options`` as in :func:`decode_triton`."""
+    t = DecodeTensors(q, k_new, v_new, keys, values, states, window_keys, window_values, window_pos)
+    return decode_triton(t, head_kinds, scale, head_params, head_windows, **options)  # type: ignore[arg-type]
+
+
+def decode_triton(
+    t: DecodeTensors,
+    head_kinds: Sequence[int],
+    scale: float,
+    head_params: Sequence[Tensor] = (),
+    head_windows: Sequence[int] = (),
     *,
     out: Tensor | None = None,
     nsplit: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
 ) -> Tensor:
-    """``hybrid_decode`` with the fused Triton kernel (same arguments, see ``decode_op.hybrid_decode``).
+    """One decode step of the layer over ``t`` with the fused kernel.
 
     ``out``: a ``[B, Hq, 1, Dv]`` tensor to write (any strides), else a fresh one.
     ``nsplit``: key ranges for full heads (default: by the GPU's size); ``block_n``: keys per
     block; ``num_warps``: warps per program (tuning knobs, see ``benchmarks/tune_kernels.py``).
     States are updated in place. Returns ``out``.
     """
-    layout = validate_decode_inputs(
-        q, k_new, v_new, keys, values, states, window_keys, window_values, window_pos,
-        head_kinds, head_params, head_windows,
-    )
-    bsz, hq, _, d = q.shape
-    dv = v_new.shape[-1]
-    if not decode_supported(q, k_new, v_new, keys, values, states, window_keys, window_values):
+    layout = validate_decode_inputs(t, head_kinds, head_params, head_windows)
+    bsz, hq, _, d = t.q.shape
+    dv = t.v_new.shape[-1]
+    if not decode_supported(t, head_kinds):
         raise ValueError(
-            f"hybrid_decode_triton takes head dims up to 128, q and caches of one dtype (fp32/fp16/bf16), "
-            f"fp32 states and int32 offsets; got D={d}, Dv={dv}, q {q.dtype}"
+            f"hybrid_decode_triton takes the kinds in DECODE_KINDS, head dims up to 128, q and caches of one dtype (fp32/fp16/bf16), "
+            f"fp32 states and int32 offsets; got D={d}, Dv={dv}, q {t.q.dtype}"
         )
     if out is None:
-        out = q.new_empty(bsz, hq, 1, dv)
+        out = t.q.new_empty(bsz, hq, 1, dv)
     elif tuple(out.shape) != (bsz, hq, 1, dv):
         raise ValueError(f"out must have shape {[bsz, hq, 1, dv]}, got {list(out.shape)}")
-    with on_device(q):
-        _launch(
-            layout, q, k_new, v_new, keys, values, states, window_keys, window_values, window_pos,
-            head_kinds, scale, head_params, head_windows, out, nsplit, block_n, num_warps,
-        )
+    with on_device(t.q):
+        _launch(layout, t, head_kinds, scale, head_params, head_windows, out, nsplit, block_n, num_warps)
     return out
+
+
+def _strides(x: Tensor, n: int, present: bool) -> tuple[int, ...]:
+    """``x``'s strides, or ``n`` zeros for an absent tensor (the kernel never reads it)."""
+    return tuple(x.stride()) if present else (0,) * n
 
 
 def _launch(
     layout: DecodeLayout,
-    q: Tensor,
-    k_new: Tensor,
-    v_new: Tensor,
-    keys: Tensor | None,
-    values: Tensor | None,
-    states: Sequence[Tensor],
-    window_keys: Tensor | None,
-    window_values: Tensor | None,
-    window_pos: Tensor | None,
+    t: DecodeTensors,
     head_kinds: Sequence[int],
     scale: float,
     head_params: Sequence[Tensor],
@@ -501,13 +521,14 @@ def _launch(
     block_n: int | None,
     num_warps: int,
 ) -> None:
+    q = t.q
     bsz, hq, _, d = q.shape
-    dv = v_new.shape[-1]
+    dv = t.v_new.shape[-1]
     kinds = tuple(int(c) for c in head_kinds)
     block_n = block_n or (32 if interpreting() else 64)
-    t = keys.shape[2] if layout.cached_kv else 0
     n_full = len(layout.cached_kv)
-    ns, per = _split(t, bsz * n_full, block_n, q.device, nsplit) if n_full else (1, block_n)
+    tk = t.keys.shape[2] if n_full and t.keys is not None else 0
+    ns, per = _split(tk, bsz * n_full, block_n, q.device, nsplit) if n_full else (1, block_n)
     n_items, items_t, heads_t, block_h, n_groups = _device_plan(layout, kinds, bsz, ns, str(q.device))
     if not n_items:
         return
@@ -520,38 +541,31 @@ def _launch(
         if split else out
     )
     dummy = q
-    state_of: dict[int, tuple[Tensor, ...]] = {}
-    it = iter(states)
-    for code, _ in layout.linear:
-        state_of[code] = tuple(next(it) for _ in range(STATE_PART_COUNT[code]))
-    se, ze = state_of.get(ELU.code, (dummy, dummy))
-    sh, zh = state_of.get(HEDGEHOG.code, (dummy, dummy))
-    (sg,) = state_of.get(GDN.code, (dummy,))
-
-    def strides(x: Tensor | None, n: int, present: bool) -> tuple[int, ...]:
-        return tuple(x.stride()) if present and x is not None else (0,) * n
-
+    state_of = split_states(layout, t.states)
+    states, states_st = [], []
+    for code in (ELU.code, HEDGEHOG.code, GDN.code):  # the kernel's order
+        parts = state_of.get(code, ())
+        s_, z_ = (parts + parts)[:2] if parts else (dummy, dummy)  # gdn: (S, S), z unused
+        states.append((s_, z_))
+        states_st.append((_strides(s_, 4, bool(parts)), _strides(z_, 3, len(parts) == 2)))
     fusion = len(head_params) > 0
-    fs, hw, hb, gw, gb = head_params if fusion else (dummy,) * 5
-    kk = keys if n_full else dummy
-    vv = values if n_full else dummy
+    params = tuple(head_params) if fusion else (dummy,) * 5
+    params_st = tuple(_strides(p, n, fusion) for p, n in zip(params, (1, 3, 2, 3, 2), strict=True))
     stream = bool(layout.stream_kv)
-    wk = window_keys if stream else dummy
-    wv = window_values if stream else dummy
-    wpos = window_pos.contiguous() if stream else win_t  # the kernel reads positions with unit stride
-    tw = window_keys.shape[2] if stream else 0
-    q3, kn3, vn3, o3 = (x[:, :, 0] for x in (q, k_new, v_new, out))
+    kk = t.keys if n_full and t.keys is not None else dummy
+    vv = t.values if n_full and t.values is not None else dummy
+    wk = t.window_keys if stream and t.window_keys is not None else dummy
+    wv = t.window_values if stream and t.window_values is not None else dummy
+    # the kernel reads window positions with unit stride
+    wpos = t.window_pos.contiguous() if stream and t.window_pos is not None else win_t
+    tw = wk.shape[2] if stream else 0
+    io = tuple(x[:, :, 0] for x in (q, t.k_new, t.v_new, out))
+    cache_st = (_strides(kk, 4, n_full > 0), _strides(vv, 4, n_full > 0), _strides(wk, 4, stream), _strides(wv, 4, stream))
     _decode_kernel[(n_items,)](
-        q3, kn3, vn3, o3, kk, vv, wk, wv, wpos, se, ze, sh, zh, sg, fs, hw, hb, gw, gb,
+        io, tuple(x.stride() for x in io), (kk, vv, wk, wv, wpos), cache_st,
+        tuple(states), tuple(states_st), params, params_st,
         items_t, heads_t, win_t, part,
-        *q3.stride(), *kn3.stride(), *vn3.stride(), *o3.stride(),
-        *strides(kk, 4, n_full > 0), *strides(vv, 4, n_full > 0), *strides(wk, 4, stream), *strides(wv, 4, stream),
-        *strides(se, 4, ELU.code in state_of), *strides(ze, 3, ELU.code in state_of),
-        *strides(sh, 4, HEDGEHOG.code in state_of), *strides(zh, 3, HEDGEHOG.code in state_of),
-        *strides(sg, 4, GDN.code in state_of),
-        *strides(fs, 1, fusion), *strides(hw, 3, fusion), *strides(hb, 2, fusion),
-        *strides(gw, 3, fusion), *strides(gb, 2, fusion),
-        t, tw, d, dv, hq // k_new.shape[1], float(scale) * LOG2E, per, ns, n_groups,
+        tk, tw, d, dv, hq // t.k_new.shape[1], float(scale) * LOG2E, per, ns, n_groups,
         HAS_FULL=n_full > 0,
         HAS_STREAM=stream,
         HAS_ELU=ELU.code in state_of,
@@ -568,6 +582,7 @@ def _launch(
         num_warps=num_warps,
     )
     if split:
+        o3 = io[3]
         _decode_combine[(bsz * n_groups,)](
             o3, part, heads_t, *o3.stride(), dv, ns, n_groups, BLOCK_H=block_h, BLOCK_DV=bdv, num_warps=4,
         )

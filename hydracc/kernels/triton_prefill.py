@@ -1,5 +1,8 @@
 """Fused Triton prefill for ``hydracc::hybrid_attention``: a whole hybrid layer in one launch.
 
+The reference beside it is ``naive.hybrid_attention_reference``; measurements and the notes
+behind the defaults are in ``benchmarks/README.md`` ("Kernel notes moved from docstrings").
+
 Design decisions:
 - One persistent launch runs the softmax heads and the elu/hedgehog heads together, so both
   kinds of work fill the GPU at once. The host builds a work list of softmax tiles
@@ -24,13 +27,14 @@ Design decisions:
 - Full heads may leave the kernel (``PrefillConfig.full_heads``, on by default on GPUs): when
   they are one range of whole KV groups and Tq == Tk, SDPA (torch's flash kernel) runs them
   on strided slices of q/k/v, on a side stream concurrent with the kernel, and writes its
-  heads of the output; the kernel's work list then holds only the other heads. On an H200
-  this beat the one kernel at every benchmark shape (its softmax tiles ran at 46-60% of SDPA's
-  speed, measured at 8x4096 and 1x16384).
+  heads of the output; the kernel's work list then holds only the other heads (faster than the
+  one kernel at every benchmark shape, whose softmax tiles lag SDPA's).
 - ``gdn`` heads are NOT fused: they run through the plain-torch chunked reference
-  (``reference.gated_delta_rule``) plus fusion in this wrapper, into the same output buffer.
+  (``kinds.gdn.gated_delta_rule``) plus fusion in this wrapper, into the same output buffer.
 - Optionally (``states=``) the linear heads' final states are written in the decode op's
   layout, so a prefill from an empty cache hands ``hybrid_decode`` its starting state.
+- Arguments travel grouped as Triton tuples (pointers with their strides); kind codes are
+  ``tl.constexpr`` values taken from the kind table.
 - q and the unexpanded k, v are read through their strides (GQA: query head h reads KV head
   ``h // group``); no copies. The output is written to a ``[B, Tq, Hq, Dv]`` buffer and its
   ``transpose(1, 2)`` view is returned, so a caller's ``.transpose(1, 2).contiguous()`` is free.
@@ -51,14 +55,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hydracc.kernels.decode_op import STATE_PART_COUNT, DecodeLayout, decode_layout
-from hydracc.kernels.head_kinds import ELU, FULL, GDN, HEDGEHOG, STREAMING
-from hydracc.kernels.reference import (
-    fuse_linear_output,
-    gated_delta_rule,
-    select_param_rows,
-    validate_hybrid_inputs,
-)
+from hydracc.kernels.kinds import ELU, FULL, HEAD_KINDS, HEDGEHOG, STREAMING, kind_by_code, state_shapes
+from hydracc.kernels.layout import DecodeLayout, decode_layout, validate_hybrid_inputs
+from hydracc.kernels.naive import fuse_linear_output, select_param_rows
 from hydracc.kernels.triton_common import (
     EPS,
     LOG2E,
@@ -76,7 +75,15 @@ from hydracc.kernels.triton_common import (
 
 _SOFTMAX_KINDS = (FULL.code, STREAMING.code)
 _TRITON_LINEAR = (ELU.code, HEDGEHOG.code)
+TORCH_KINDS = tuple(kind.code for kind in HEAD_KINDS if kind.linear and kind.code not in _TRITON_LINEAR)
+"""Linear kinds the kernel does not fuse (gdn): their kind's torch hooks run them in the wrapper."""
+PREFILL_KINDS = _SOFTMAX_KINDS + _TRITON_LINEAR + TORCH_KINDS
+"""Every kind ``hybrid_prefill`` runs; a softmax-like kind added to the table needs a kernel branch."""
 ITEM = tl.constexpr(6)  # int32 fields per work item: kind, b, h, block, c_lo, c_hi
+K_FULL = tl.constexpr(FULL.code)
+K_ELU = tl.constexpr(ELU.code)
+K_HEDGEHOG = tl.constexpr(HEDGEHOG.code)
+K_STREAMING = tl.constexpr(STREAMING.code)
 
 
 @dataclass(frozen=True)
@@ -116,21 +123,13 @@ FULL_HEADS_MODES = ("triton", "sdpa", "sdpa-stream")
 def default_config(d: int, dv: int, dtype: torch.dtype = torch.bfloat16) -> PrefillConfig:
     """Blocks for head dims ``d``, ``dv`` and the input dtype (the same for every mix of kinds).
 
-    Measured on an H200 (torch 2.11, triton 3.6; ``benchmarks/README.md``):
-    - ``full_heads="sdpa-stream"``: SDPA on the full heads, concurrent with the kernel on the
-      rest, beat the one kernel at every benchmark shape (1.4-2.3x at D = 128, bf16); the
-      kernel's softmax tiles ran at 46-60% of SDPA's speed. Layers whose full heads are not
-      whole KV groups in one range (or chunks after a cache) keep the one kernel. Measured at
-      D = 128 in bf16 only; smaller head dims and fp32 (which the op keeps on SDPA + torch
-      anyway) take the same route untimed.
-    - 32-token elu chunks at every head dim: with 64-token chunks, bf16 and two pipeline
-      stages, elu heads at D = 16 came out wrong on the GPU (relative error ~0.4, the first
-      chunk entirely) while fp16, fp32, one stage or 32-token chunks were right; the cause is
-      not established (the interpreter cannot show it). D = 128 always used 32.
-    Tiles were sized by compiling for sm_90 offline (``ptxas -v``): the one persistent kernel
-    holding softmax and linear paths spills ~0.4-0.6 KB per thread at D = 128 (fp32 inputs:
-    ~2 KB with smaller tiles, tl.dot in fp32 has no tensor cores). Under the interpreter: few
-    large blocks (it is slow per operation, not per element), everything in the one kernel.
+    Decisions (the measurements behind them: ``benchmarks/README.md``):
+    - ``full_heads="sdpa-stream"`` on GPUs: SDPA runs the full heads beside the kernel (layers
+      whose full heads are not whole KV groups in one range, or chunks after a cache, keep the
+      one kernel);
+    - 32-token elu chunks at every head dim (64-token chunks miscomputed on a GPU at D = 16);
+    - tiles sized so the persistent kernel spills little on sm_90;
+    - under the interpreter: few large blocks, everything in the one kernel.
     """
     bdv = dot_block(dv)
     if interpreting():
@@ -185,12 +184,19 @@ def _attn_blocks(
 
 @triton.jit
 def _softmax_tile(
-    q_ptr, k_ptr, v_ptr, o_ptr, b, h, mblk, sink, window, stream, GROUP, Tq, Tk, D, Dv, qk_scale,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+    io, io_st, b, h, mblk, sink, window, stream, GROUP, Tq, Tk, D, Dv, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     LOWP: tl.constexpr,
 ):
-    """One ``BLOCK_M``-query tile of a full (``stream`` false) or streaming head."""
+    """One ``BLOCK_M``-query tile of a full (``stream`` false) or streaming head.
+
+    ``io``: (q, k, v, out), ``io_st`` their ``[B, H, T, D]`` strides."""
+    q_ptr, k_ptr, v_ptr, o_ptr = io
+    sq, sk, sv, so = io_st
+    sqb, sqh, sqt, sqd = sq
+    skb, skh, skt, skd = sk
+    svb, svh, svt, svd = sv
+    sob, soh, sot, sod = so
     hk = h // GROUP
     shift = Tk - Tq
     offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,12 +241,9 @@ def _softmax_tile(
 
 @triton.jit
 def _linear_seq(
-    q_ptr, k_ptr, v_ptr, o_ptr, fs_ptr, hw_ptr, hb_ptr, sq_ptr, b, h, vb, c_lo, c_hi, GROUP,
+    io, io_st, params, params_st, ss_ptr, ss_st, state, state_st, slot, b, h, vb, c_lo, c_hi, GROUP,
     Tq, Tk, D, Dv,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-    sfs, shw_h, shw_i, shw_j, shb_h, shb_d, ssb, ssh, ssv,
-    st_ptr, zt_ptr, slot, sstb, ssth, sstf, sstd, sztb, szth, sztf,
-    HEDGEHOG: tl.constexpr, FUSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    KIND: tl.constexpr, FUSE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BDV: tl.constexpr, LOWP: tl.constexpr, STORE_STATE: tl.constexpr,
 ):
     """Normalized causal linear attention of head ``h``, value columns of block ``vb``.
@@ -250,8 +253,26 @@ def _linear_seq(
     ``FUSE``: 0 no fusion, 1 fusion here (the block holds all of Dv), 2 store the block's
     per-token sum of squares for the epilogue. ``STORE_STATE``: the segment that ends the
     sequence writes the final state (its value columns of ``S``; ``z`` from v-block 0) to row
-    ``slot`` of ``st``/``zt`` (hedgehog: feature rows ``[0, D)`` then ``[D, 2D)``).
+    ``slot`` of ``state`` = (S, z) (hedgehog: feature rows ``[0, D)`` then ``[D, 2D)``).
+    ``io``: (q, k, v, out); ``params``: (fusion_scale, hedgehog_weight, hedgehog_bias);
+    ``ss_ptr``: per-token sums of squares for the epilogue; each with strides in ``*_st``.
     """
+    q_ptr, k_ptr, v_ptr, o_ptr = io
+    sq, sk, sv, so = io_st
+    sqb, sqh, sqt, sqd = sq
+    skb, skh, skt, skd = sk
+    svb, svh, svt, svd = sv
+    sob, soh, sot, sod = so
+    fs_ptr, hw_ptr, hb_ptr = params
+    sfs_t, shw, shb = params_st
+    sfs = sfs_t[0]
+    shw_h, shw_i, shw_j = shw
+    shb_h, shb_d = shb
+    ssb, ssh, ssv = ss_st
+    st_ptr, zt_ptr = state
+    sst, szt = state_st
+    sstb, ssth, sstf, sstd = sst
+    sztb, szth, sztf = szt
     DT = k_ptr.dtype.element_ty
     hk = h // GROUP
     shift = Tk - Tq
@@ -266,7 +287,7 @@ def _linear_seq(
     causal = offs_t[:, None] >= offs_t[None, :]
     s1 = tl.zeros([BLOCK_D, BDV], dtype=tl.float32)
     z1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if HEDGEHOG:
+    if KIND == K_HEDGEHOG:
         s2 = tl.zeros([BLOCK_D, BDV], dtype=tl.float32)
         z2 = tl.zeros([BLOCK_D], dtype=tl.float32)
         w_ptrs = hw_ptr + h * shw_h + offs_d[:, None] * shw_i + offs_d[None, :] * shw_j
@@ -280,7 +301,7 @@ def _linear_seq(
                     mask=tm[:, None] & vm[None, :], other=0.0)
         if not LOWP:
             v = v.to(tl.float32)
-        if HEDGEHOG:
+        if KIND == K_HEDGEHOG:
             w = tl.load(w_ptrs, mask=dm[:, None] & dm[None, :], other=0.0)
             w = w.to(DT) if LOWP else w.to(tl.float32)
             pk = mm(k, w, LOWP, DT) + bias[None, :]
@@ -293,7 +314,7 @@ def _linear_seq(
             qm = (qi >= 0) & tm
             q = tl.load(q_base + qi[:, None] * sqt + offs_d[None, :] * sqd,
                         mask=qm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            if HEDGEHOG:
+            if KIND == K_HEDGEHOG:
                 pq = mm(q, w, LOWP, DT) + bias[None, :]
                 fq = softmax_rows(pq, dm)
                 fq2 = softmax_rows(-pq, dm)
@@ -312,12 +333,12 @@ def _linear_seq(
                 rms_inv = 1.0 / tl.sqrt(tl.sum(o * o, axis=1) / Dv + EPS)
                 o = o * (fscale * rms_inv)[:, None]
             if FUSE == 2:
-                tl.store(sq_ptr + b * ssb + h * ssh + vb * ssv + qi, tl.sum(o * o, axis=1), mask=qm)
+                tl.store(ss_ptr + b * ssb + h * ssh + vb * ssv + qi, tl.sum(o * o, axis=1), mask=qm)
             tl.store(o_ptr + b * sob + h * soh + qi[:, None] * sot + offs_v[None, :] * sod,
                      o.to(o_ptr.dtype.element_ty), mask=qm[:, None] & vm[None, :])
         s1 += mm(tl.trans(fk), v, LOWP, DT)
         z1 += tl.sum(fk, axis=0)
-        if HEDGEHOG:
+        if KIND == K_HEDGEHOG:
             s2 += mm(tl.trans(fk2), v, LOWP, DT)
             z2 += tl.sum(fk2, axis=0)
     if STORE_STATE:
@@ -326,18 +347,14 @@ def _linear_seq(
             z_ptrs = zt_ptr + b * sztb + slot * szth + offs_d * sztf
             tl.store(s_ptrs, s1, mask=dm[:, None] & vm[None, :])
             tl.store(z_ptrs, z1, mask=dm & (vb == 0))
-            if HEDGEHOG:
+            if KIND == K_HEDGEHOG:
                 tl.store(s_ptrs + D * sstf, s2, mask=dm[:, None] & vm[None, :])
                 tl.store(z_ptrs + D * sztf, z2, mask=dm & (vb == 0))
 
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, fs_ptr, hw_ptr, hb_ptr, sq_ptr, items_ptr, offsets_ptr, win_ptr,
-    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-    sfs, shw_h, shw_i, shw_j, shb_h, shb_d, ssb, ssh, ssv,
-    se_ptr, ze_ptr, sh_ptr, zh_ptr, slot_ptr,
-    sseb, sseh, ssef, ssed, szeb, szeh, szef, sshb, sshh, sshf, sshd, szhb, szhh, szhf,
+    io, io_st, params, params_st, ss_ptr, ss_st, states, states_st, slot_ptr, items_ptr, offsets_ptr, win_ptr,
     Tq, Tk, D, Dv, GROUP, qk_scale,
     HAS_SOFTMAX: tl.constexpr, HAS_ELU: tl.constexpr, HAS_HEDGEHOG: tl.constexpr,
     ELU_FUSE: tl.constexpr, HH_FUSE: tl.constexpr,
@@ -360,32 +377,24 @@ def _prefill_kernel(
         c_lo = tl.load(items_ptr + ITEM * it + 4)
         c_hi = tl.load(items_ptr + ITEM * it + 5)
         if HAS_SOFTMAX:
-            if (kind == 0) | (kind == 4):
+            if (kind == K_FULL) | (kind == K_STREAMING):
                 sink = tl.load(win_ptr + 2 * h)
                 window = tl.load(win_ptr + 2 * h + 1)
                 _softmax_tile(
-                    q_ptr, k_ptr, v_ptr, o_ptr, b, h, blk, sink, window, kind == 4, GROUP,
-                    Tq, Tk, D, Dv, qk_scale,
-                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+                    io, io_st, b, h, blk, sink, window, kind == K_STREAMING, GROUP, Tq, Tk, D, Dv, qk_scale,
                     BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, LOWP)
         if HAS_ELU:
-            if kind == 1:
+            if kind == K_ELU:
                 _linear_seq(
-                    q_ptr, k_ptr, v_ptr, o_ptr, fs_ptr, hw_ptr, hb_ptr, sq_ptr, b, h, blk, c_lo, c_hi,
-                    GROUP, Tq, Tk, D, Dv,
-                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-                    sfs, shw_h, shw_i, shw_j, shb_h, shb_d, ssb, ssh, ssv,
-                    se_ptr, ze_ptr, tl.load(slot_ptr + h), sseb, sseh, ssef, ssed, szeb, szeh, szef,
-                    False, ELU_FUSE, ELU_BT, BLOCK_D, ELU_BDV, LIN_LOWP, STORE_STATE)
+                    io, io_st, params, params_st, ss_ptr, ss_st, states[0], states_st[0], tl.load(slot_ptr + h),
+                    b, h, blk, c_lo, c_hi, GROUP, Tq, Tk, D, Dv,
+                    K_ELU, ELU_FUSE, ELU_BT, BLOCK_D, ELU_BDV, LIN_LOWP, STORE_STATE)
         if HAS_HEDGEHOG:
-            if kind == 2:
+            if kind == K_HEDGEHOG:
                 _linear_seq(
-                    q_ptr, k_ptr, v_ptr, o_ptr, fs_ptr, hw_ptr, hb_ptr, sq_ptr, b, h, blk, c_lo, c_hi,
-                    GROUP, Tq, Tk, D, Dv,
-                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-                    sfs, shw_h, shw_i, shw_j, shb_h, shb_d, ssb, ssh, ssv,
-                    sh_ptr, zh_ptr, tl.load(slot_ptr + h), sshb, sshh, sshf, sshd, szhb, szhh, szhf,
-                    True, HH_FUSE, HH_BT, BLOCK_D, HH_BDV, LIN_LOWP, STORE_STATE)
+                    io, io_st, params, params_st, ss_ptr, ss_st, states[1], states_st[1], tl.load(slot_ptr + h),
+                    b, h, blk, c_lo, c_hi, GROUP, Tq, Tk, D, Dv,
+                    K_HEDGEHOG, HH_FUSE, HH_BT, BLOCK_D, HH_BDV, LIN_LOWP, STORE_STATE)
 
 
 @triton.jit
@@ -492,7 +501,7 @@ def work_plan(
     for code in sorted({c for c in kinds if c in _TRITON_LINEAR}):
         block_dv = cfg.elu_block_dv if code == ELU.code else cfg.hedgehog_block_dv
         bt = cfg.block_t if code == ELU.code else cfg.hedgehog_block_t
-        f = bd if code == ELU.code else 2 * bd
+        f = state_shapes(code, 1, 1, bd, 1)[0][2]  # state rows per head
         proj = 0 if code == ELU.code else bt * bd * bd
         state = cfg.linear_cost * (bt * f * block_dv + proj)
         out = cfg.linear_cost * (bt * f * block_dv + bt * bt * (f + block_dv) + proj)
@@ -581,7 +590,7 @@ def hybrid_prefill(
     strides, bf16/fp16/fp32). ``out``: where to write, a ``[B, Hq, Tq, Dv]`` tensor (any
     strides; tests pass a NaN-filled one); by default a fresh ``[B, Tq, Hq, Dv]`` buffer's
     ``transpose(1, 2)`` view. Every element of ``out`` is written. Returns ``out``.
-    ``states``: optional fp32 tensors laid out as ``hybrid_decode``'s (``decode_op.decode_layout``:
+    ``states``: optional fp32 tensors laid out as ``hybrid_decode``'s (``layout.decode_layout``:
     per linear kind by code, ``S [B, H_kind, F, Dv]`` and ``z [B, H_kind, F]``, gdn ``S`` only),
     overwritten with the linear heads' state after the last key: a prefill from an empty cache
     (needs Tq == Tk) hands decode its starting state. gdn heads run through the torch reference
@@ -590,6 +599,9 @@ def hybrid_prefill(
     validate_hybrid_inputs(q, k, v, head_kinds, head_params, head_windows)
     b, hq, tq, d = q.shape
     dv = v.shape[-1]
+    unknown = sorted({int(c) for c in head_kinds} - set(PREFILL_KINDS))
+    if unknown:
+        raise ValueError(f"hybrid_prefill has no branch for head kind codes {unknown} (see PREFILL_KINDS)")
     if not (prefill_supported(q, k, v) and prefill_fits(q, k, v)):
         raise ValueError(
             f"hybrid_prefill takes head dims up to 128, q, k, v of one dtype (fp32/fp16/bf16) and "
@@ -621,8 +633,7 @@ def _states_by_kind(
         raise ValueError(f"states are only written by a prefill from an empty cache (Tq == Tk), got Tq={tq}, Tk={tk}")
     expected, state_of, it = [], {}, iter(states)
     for code, heads in layout.linear:
-        f = 2 * d if code == HEDGEHOG.code else d
-        shapes = [(b, len(heads), f, dv), (b, len(heads), f)][: STATE_PART_COUNT[code]]
+        shapes = list(state_shapes(code, b, len(heads), d, dv))
         expected += shapes
         state_of[code] = tuple(next(it, None) for _ in shapes)
     got = [tuple(t.shape) for t in states]
@@ -686,11 +697,10 @@ def _launch(
                 for i, h in enumerate(heads):
                     slots[h] = i
             _prefill_kernel[(programs,)](
-                q, k, v, out, fs, hw, hb, sq, items, offsets, win,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                *fs_strides, *hw_strides, *hb_strides, sq.stride(0), sq.stride(1), sq.stride(2),
-                se, ze, sh, zh, _int_table(tuple(slots), q.device),
-                *se.stride()[:4], *ze.stride()[:3], *sh.stride()[:4], *zh.stride()[:3],
+                (q, k, v, out), (q.stride(), k.stride(), v.stride(), out.stride()),
+                (fs, hw, hb), (fs_strides, hw_strides, hb_strides), sq, tuple(sq.stride()[:3]),
+                ((se, ze), (sh, zh)), ((se.stride()[:4], ze.stride()[:3]), (sh.stride()[:4], zh.stride()[:3])),
+                _int_table(tuple(slots), q.device), items, offsets, win,
                 tq, tk, d, dv, hq // hkv, float(scale) * LOG2E,
                 HAS_SOFTMAX=bool(present & set(_SOFTMAX_KINDS)),
                 HAS_ELU=ELU.code in present,
@@ -723,9 +733,9 @@ def _launch(
                     out, sq, fs, heads, *out.stride(), sq.stride(0), sq.stride(1), sq.stride(2), fs.stride(0),
                     tq, dv, len(rows), BLOCK_T=block_t, BLOCK_DV=bdv, num_warps=4,
                 )
-        gdn = [h for h, c in enumerate(kinds) if c == GDN.code]
-        if gdn:
-            _gdn_heads(q, k, v, gdn, head_params, out, None if state_of is None else state_of[GDN.code][0])
+        for code in sorted({c for c in kinds if c in TORCH_KINDS}):
+            heads = [h for h, c in enumerate(kinds) if c == code]
+            _torch_heads(q, k, v, code, heads, head_params, out, None if state_of is None else state_of[code])
     finally:
         if side is not None:
             torch.cuda.current_stream(q.device).wait_stream(side)
@@ -790,20 +800,32 @@ def _int_table(values: tuple[int, ...], device: torch.device) -> Tensor:
     return found
 
 
-def _gdn_heads(
-    q: Tensor, k: Tensor, v: Tensor, heads: list[int], head_params: Sequence[Tensor], out: Tensor, state: Tensor | None
+def _torch_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    code: int,
+    heads: list[int],
+    head_params: Sequence[Tensor],
+    out: Tensor,
+    state: tuple[Tensor, ...] | None,
 ) -> None:
-    """gdn heads through the torch chunked reference (+ fusion), written into ``out``; the final
-    state into ``state`` when given."""
+    """Linear heads of kind ``code`` through the kind's torch ``step`` from an empty state (gdn:
+    the chunked form), fused when ``head_params`` is given, written into ``out``; the final state
+    into ``state`` when given."""
     group = q.shape[1] // k.shape[1]
     q_idx = torch.tensor(heads, device=q.device)
     kv_idx = q_idx // group
     rows = select_param_rows(head_params, q_idx)
-    res, final = gated_delta_rule(
+    step = kind_by_code(code).step
+    assert step is not None
+    res, final = step(
         q.index_select(1, q_idx).float(), k.index_select(1, kv_idx).float(), v.index_select(1, kv_idx).float(),
-        rows["gdn_gate_weight"], rows["gdn_gate_bias"],
+        None, rows or None,
     )
-    res = fuse_linear_output(res, rows["fusion_scale"])
+    if rows:
+        res = fuse_linear_output(res, rows["fusion_scale"])
     out.index_copy_(1, q_idx, res.to(out.dtype))
     if state is not None:
-        state.copy_(final)
+        for old, fresh in zip(state, final, strict=True):
+            old.copy_(fresh)

@@ -45,7 +45,7 @@ from torch import fx
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
 from hydracc.errors import PassError
 from hydracc.frontend.capture import SDPA, SITE_META
-from hydracc.kernels.head_kinds import PARAM_NAMES, STREAMING, HeadKind, kind_by_code, kind_by_name
+from hydracc.kernels.kinds import PARAM_NAMES, STREAMING, HeadKind, kind_by_code, kind_by_name
 
 HYBRID_OP = torch.ops.hydracc.hybrid_attention.default
 HEAD_ORDER_META = "hydracc_head_order"

@@ -20,7 +20,7 @@ import torch
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
 from hydracc.errors import PassError
-from hydracc.kernels.head_kinds import PARAM_NAMES, param_shapes
+from hydracc.kernels.kinds import PARAM_NAMES, param_shapes
 from hydracc.passes.hybrid_call import HYBRID_OP, HybridCall, is_hybrid_call, sdpa_sites
 from hydracc.passes.manager import PassContext, register_pass
 

@@ -15,7 +15,7 @@ order (e.g. a norm over all head channels) is left as it is, with a note.
 from __future__ import annotations
 
 from hydracc.frontend.capture import AttentionSite, Projection
-from hydracc.kernels.head_kinds import kind_by_code
+from hydracc.kernels.kinds import kind_by_code
 from hydracc.passes.block_check import reorder_is_exact
 from hydracc.passes.hybrid_call import HEAD_ORDER_META
 from hydracc.passes.manager import PassContext, register_pass

@@ -10,7 +10,7 @@ Design decisions:
   before any work with a message a Python caller can act on. ``check()`` checks the options
   together (conflicting budgets, ``--resume`` without ``--distill``, ...) before any tensor is
   read; its messages name the flags (``style="cli"``) or the keywords (``style="python"``).
-- Kind choices come from the kind table (``hydracc.kernels.head_kinds``), read lazily so that
+- Kind choices come from the kind table (``hydracc.kernels.kinds``), read lazily so that
   ``hydracc --help`` does not import torch.
 """
 
@@ -35,7 +35,7 @@ class OptionError(HydraError):
 
 def linear_kind_choices() -> tuple[str, ...]:
     """What converted heads may become: every kind in the kind table but ``full``."""
-    from hydracc.kernels.head_kinds import KIND_NAMES
+    from hydracc.kernels.kinds import KIND_NAMES
 
     return tuple(k for k in KIND_NAMES if k != "full")
 
@@ -266,7 +266,7 @@ class ConvertOptions:
             raise OptionError(f"{n('distill', True)} trains the fusion scales: drop {n('fusion', False)}")
         if self.distill and self.dry_run:
             raise OptionError(f"{n('distill', True)} trains a converted model: {redo}")
-        from hydracc.kernels.head_kinds import kind_by_name
+        from hydracc.kernels.kinds import kind_by_name
         from hydracc.planning.plan import load_plan
 
         file_plan = load_plan(self.plan_file) if self.plan_file is not None else None

@@ -73,7 +73,7 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
     everything succeeded.
     """
     from hydracc.distill.train import state_dir_for
-    from hydracc.kernels.head_kinds import kind_by_name
+    from hydracc.kernels.kinds import kind_by_name
     from hydracc.pipeline import stages
     from hydracc.planning.plan import cache_cost
 

@@ -33,7 +33,7 @@ import numpy as np
 from hydracc.analysis.scores import Analysis, units_of
 from hydracc.errors import PlanError
 from hydracc.frontend.capture import AttentionSite
-from hydracc.kernels.head_kinds import kind_by_name
+from hydracc.kernels.kinds import kind_by_name
 from hydracc.planning.plan import STREAMING_DEFAULTS, HeadPlan, LayerPlan, Plan, model_summary
 
 STRATEGIES = ("heads", "layers", "random", "even")

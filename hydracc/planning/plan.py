@@ -4,7 +4,7 @@ Design decisions:
 - A plan is plain data (dataclasses) with a versioned JSON form. Every query head has
   an entry ``{"kind": NAME, "params": {...}}`` so later, learned kinds can carry
   per-head parameters without a format change; ``kind`` names come from
-  ``hydracc.kernels.head_kinds``.
+  ``hydracc.kernels.kinds``.
 - Validation happens on load and against the captured model, and every error names
   the offending field as a JSON path (``plan.layers[1].heads[5].kind``).
 - Planning (which heads to keep full under a budget) lives in ``hydracc.planning.budget``; this
@@ -33,7 +33,7 @@ from typing import Any
 
 from hydracc.errors import PlanError
 from hydracc.frontend.capture import AttentionSite
-from hydracc.kernels.head_kinds import KIND_NAMES, kind_by_name
+from hydracc.kernels.kinds import KIND_NAMES, kind_by_name
 
 PLAN_FORMAT = "hydracc-plan"
 PLAN_VERSION = 1
@@ -318,12 +318,9 @@ def cache_cost(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int) -
         before += 2 * lp.num_kv_heads * d * element_bytes
         after += 2 * len(lp.cached_kv_heads()) * d * element_bytes
         for h in lp.heads:
-            if h.kind == "gdn":
-                state += d * d * 4  # fp32 state S (d x d)
-            elif h.kind == "hedgehog":
-                state += (2 * d * d + 2 * d) * 4  # feature dim 2d: S (2d x d) and z (2d)
-            elif kind_by_name(h.kind).linear:
-                state += (d * d + d) * 4  # fp32 state S (d x d) and normalizer z (d)
+            kind = kind_by_name(h.kind)
+            if kind.state_shapes is not None:  # fp32 state tensors, as the kind declares them
+                state += sum(math.prod(shape) for shape in kind.state_shapes(1, 1, d, d)) * 4
         # streaming heads: the hybrid cache keeps, for every KV head they read, the layer's largest
         # sink plus its largest window (at most; one row less between steps)
         group = lp.num_heads // lp.num_kv_heads

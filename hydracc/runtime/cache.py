@@ -10,8 +10,9 @@ Design decisions:
   linear heads' state. Nothing else is kept: a KV head whose query heads are all linear costs
   no cache at all.
 - Linear heads keep a fixed fp32 state per query head, grouped by kind
-  (``reference.linear_state_step``): ``S = sum phi(k) v^T`` and ``z = sum phi(k)`` for elu and
-  hedgehog, the delta-rule matrix ``S`` for gdn; decoding with the cache equals recomputing the
+  (the kind's ``step`` and ``state_shapes`` hooks, run by ``naive.linear_group_step`` as in the
+  decode op's reference): ``S = sum phi(k) v^T`` and ``z = sum phi(k)`` for elu and hedgehog,
+  the delta-rule matrix ``S`` for gdn; decoding with the cache equals recomputing the
   whole sequence (tests check it). With learned parameters, linear outputs get the layer's
   scale-normalized fusion, as in the op.
 - Streaming heads keep their own small cache of the KV heads they read: the first ``sink``
@@ -40,8 +41,9 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from hydracc.errors import HydraError
-from hydracc.kernels.head_kinds import ELU, GDN, HEDGEHOG, PARAM_NAMES, STREAMING, kind_by_code
-from hydracc.kernels.reference import fuse_linear_output, linear_state_step, streaming_attention
+from hydracc.kernels.kinds import STATE_PARTS, STREAMING, kind_by_code, state_shapes
+from hydracc.kernels.layout import DecodeLayout, decode_layout
+from hydracc.kernels.naive import recurrent_heads
 
 
 class HybridLayer(DynamicLayer):
@@ -58,6 +60,8 @@ class HybridLayer(DynamicLayer):
         self.stream_kv: list[int] = []
         self.cached_kv: list[int] = []
         self.grouped_full = False
+        self.layout: DecodeLayout | None = None
+        """The layer's heads as the decode op lays them out (``layout.decode_layout``)."""
         self.states: dict[int, tuple[Tensor, ...] | None] = {}
         self.window_keys: Tensor | None = None
         self.window_values: Tensor | None = None
@@ -92,6 +96,7 @@ class HybridLayer(DynamicLayer):
             return
         group = num_heads // num_kv_heads
         self.kinds = list(kinds)
+        self.layout = decode_layout(tuple(int(c) for c in kinds), num_heads, num_kv_heads)
         self.full_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).keeps_kv]
         self.linear_heads = [h for h, c in enumerate(kinds) if kind_by_code(c).linear]
         self.linear_groups = {}
@@ -208,9 +213,6 @@ prefill (``triton_prefill.hybrid_prefill`` with ``states=``, so it also hands de
 starting state) on these devices and dtypes, as the op does outside generation; tests add "cpu"
 and fp32 to run the kernel under the Triton interpreter through the same wiring."""
 
-STATE_PARTS = {ELU.code: ("state", "norm"), HEDGEHOG.code: ("state", "norm"), GDN.code: ("state",)}
-"""The tensors of each linear kind's state (see ``reference.linear_state_step``)."""
-
 
 class HybridStep:
     """What ``HybridLayer.update`` hands the attention function: the new keys/values and the layer."""
@@ -267,19 +269,20 @@ class HybridStep:
                 mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
                 full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
             out.index_copy_(1, heads, full.to(out.dtype))
-        for code, members in sorted(layer.linear_groups.items()):
-            heads = layer.index(f"linear{code}", members, query.device)
-            kv_of = heads // group
-            rows = {name: t.index_select(0, heads) for name, t in zip(PARAM_NAMES, head_params)} if head_params else None
-            lin, layer.states[code] = linear_state_step(
-                code, query.index_select(1, heads), self.new_keys.index_select(1, kv_of),
-                self.new_values.index_select(1, kv_of), layer.states[code], rows,
-            )
-            if rows is not None:
-                lin = fuse_linear_output(lin, rows["fusion_scale"])
-            out.index_copy_(1, heads, lin.to(out.dtype))
-        if layer.stream_heads:
-            self._attend_streaming(query, out, scale, group, head_windows)
+        # linear and streaming heads: the same function as the decode op's reference
+        window: list[tuple[Tensor, Tensor, Tensor]] = []
+
+        def new_window() -> tuple[Tensor, Tensor, Tensor]:  # the kept rows plus the new ones
+            window.append(self._window_with_new_rows())
+            return window[0]
+
+        assert layer.layout is not None
+        layer.states.update(recurrent_heads(
+            out, query, self.new_keys, self.new_values, layer.layout, scale, head_params, head_windows,
+            layer.states, new_window, lambda name, heads: layer.index(name, list(heads), query.device),
+        ))
+        if window:  # then keep only the sink and window rows
+            self._keep_window(*window[0])
         return out
 
     def _attend_one_token(
@@ -310,10 +313,8 @@ class HybridStep:
 
     def _new_state(self, query: Tensor, code: int, dv: int, make: Any) -> tuple[Tensor, ...]:
         """Fresh fp32 state tensors of linear kind ``code`` in the decode op's layout (``make``:
-        ``torch.zeros`` or ``torch.empty``): ``S [B, n, F, Dv]`` and, but for gdn, ``z [B, n, F]``."""
-        b, d = query.shape[0], query.shape[-1]
-        n, f = len(self.layer.linear_groups[code]), 2 * d if code == HEDGEHOG.code else d
-        shapes = [(b, n, f, dv), (b, n, f)][: len(STATE_PARTS[code])]
+        ``torch.zeros`` or ``torch.empty``), shaped by the kind's ``state_shapes``."""
+        shapes = state_shapes(code, query.shape[0], len(self.layer.linear_groups[code]), query.shape[-1], dv)
         return tuple(make(shape, dtype=torch.float32, device=query.device) for shape in shapes)
 
     def _fused_prefill_applies(self, query: Tensor, kinds: list[int]) -> bool:
@@ -390,21 +391,6 @@ class HybridStep:
             layer.window_values = torch.cat([v[:, :, :head], v[:, :, tail:]], dim=2)
             layer.window_pos = torch.cat([pos[:head], pos[tail:]])
         layer.window_positions = positions[:head] + positions[tail:]
-
-    def _attend_streaming(self, query: Tensor, out: Tensor, scale: float, group: int, head_windows: Sequence[int]) -> None:
-        """Streaming heads over their kept rows plus the new ones; then keep only sink + window rows."""
-        layer = self.layer
-        k, v, pos = self._window_with_new_rows()
-        new_pos = pos[pos.shape[0] - query.shape[2] :]
-        slot = {kv: i for i, kv in enumerate(layer.stream_kv)}
-        for h in layer.stream_heads:
-            j = slot[h // group]
-            res = streaming_attention(
-                query[:, h : h + 1], k[:, j : j + 1], v[:, j : j + 1], scale,
-                int(head_windows[2 * h]), int(head_windows[2 * h + 1]), new_pos, pos,
-            )
-            out[:, h : h + 1] = res.to(out.dtype)
-        self._keep_window(k, v, pos)
 
 
 class HybridCache(Cache):

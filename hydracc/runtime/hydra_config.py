@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydracc.errors import CheckpointError
-from hydracc.kernels.head_kinds import KIND_NAMES, PARAM_NAMES, kind_by_name
+from hydracc.kernels.kinds import KIND_NAMES, PARAM_NAMES, kind_by_name
 
 HYDRA_FORMAT_VERSION = 1
 

@@ -119,7 +119,7 @@ class HybridHeads(nn.Module):
 
     def __init__(self, names: Sequence[str], num_heads: int, head_dim: int) -> None:
         super().__init__()
-        from hydracc.kernels.head_kinds import param_shapes
+        from hydracc.kernels.kinds import param_shapes
 
         shapes = param_shapes(num_heads, head_dim)
         self.names = list(names)

@@ -23,7 +23,7 @@ from hydracc.distill.train import (
     transfer_loss,
 )
 from hydracc.errors import HydraError
-from hydracc.kernels.head_kinds import PARAM_NAMES
+from hydracc.kernels.kinds import PARAM_NAMES
 from hydracc.passes import hybrid_calls
 from hydracc.passes.hybridize import bind_added_params
 from hydracc.planning.budget import Budget
@@ -79,7 +79,7 @@ def test_hedgehog_starts_closer_to_softmax_than_elu() -> None:
     insp, plan, calibration, weights = _setup(EXAMPLE, "hedgehog", ratio=0.0, samples=8)
     records = record_sites(insp.captured, weights, calibration, {0, 1, 2, 3})
     values = initial_params(plan, insp.captured.sites, records)
-    from hydracc.kernels.reference import run_kind
+    from hydracc.kernels.naive import run_kind
 
     def err(x: torch.Tensor, target: torch.Tensor) -> float:
         return float((x - target).norm() / target.norm())
@@ -166,8 +166,8 @@ def test_saving_and_loading_preserves_outputs_exactly(tiny_checkpoint, tmp_path,
 def _student_logits(insp, plan, weights, values, ids) -> torch.Tensor:
     """Logits of the converted model as stage 2 computes them (KL against itself is 0, so read them out)."""
     from hydracc.analysis.scores import SiteInterpreter, site_qkv
-    from hydracc.kernels.head_kinds import kind_by_name
-    from hydracc.kernels.reference import hybrid_attention_reference
+    from hydracc.kernels.kinds import kind_by_name
+    from hydracc.kernels.naive import hybrid_attention_reference
 
     gm = insp.captured.graph_on(torch.device("cpu"))
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from hydracc.kernels import ELU, FULL, GDN, HEDGEHOG, STREAMING, kind_by_code
 from hydracc.kernels.composed import hybrid_attention_composed
-from hydracc.kernels.reference import hybrid_attention_reference
+from hydracc.kernels.naive import hybrid_attention_reference
 from kernels.kernel_cases import FIVE_KINDS, WINDOWS, make_params
 
 HEADS = [(8, 8), (8, 2), (8, 1)]

@@ -9,7 +9,7 @@ from hydracc.emit.hydra_section import hydra_section
 from hydracc.errors import PassError
 from hydracc.frontend.capture import SITE_META, capture
 from hydracc.frontend.model import build_model
-from hydracc.kernels.head_kinds import ELU, FULL, HEDGEHOG, PARAM_NAMES, STREAMING
+from hydracc.kernels.kinds import ELU, FULL, HEDGEHOG, PARAM_NAMES, STREAMING
 from hydracc.passes import (
     HEAD_ORDER_META,
     HybridCall,

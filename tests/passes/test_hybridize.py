@@ -7,7 +7,7 @@ from helpers import build_tiny_model, use_oracle
 from hydracc.errors import PassError
 from hydracc.frontend.capture import SDPA, SITE_META, capture
 from hydracc.frontend.model import build_model
-from hydracc.kernels.head_kinds import kind_by_name
+from hydracc.kernels.kinds import kind_by_name
 from hydracc.passes import PassContext, PassManager, hybrid_calls
 from hydracc.planning.budget import ratio_plan
 

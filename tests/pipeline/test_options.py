@@ -61,7 +61,7 @@ def test_help_lists_every_option_with_its_help_and_default() -> None:
 
 
 def test_kind_choices_come_from_the_kind_table() -> None:
-    from hydracc.kernels.head_kinds import KIND_NAMES
+    from hydracc.kernels.kinds import KIND_NAMES
 
     assert linear_kind_choices() == tuple(k for k in KIND_NAMES if k != "full")
     linear_kind = next(p for p in convert_command.params if p.name == "linear_kind")

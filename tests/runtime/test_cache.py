@@ -14,7 +14,7 @@ from helpers import ROOT, load_original
 import hydracc
 from hydracc.cli import main
 from hydracc.convert import convert
-from hydracc.kernels.reference import causal_linear_attention, causal_linear_attention_step
+from hydracc.kernels.kinds.elu import causal_linear_attention, causal_linear_attention_step
 from hydracc.runtime.cache import HybridCache
 
 
