@@ -60,7 +60,9 @@ def test_release_step_on_the_example_model(tmp_path) -> None:
     verify = json.loads((dist / "verify.json").read_text())
     assert verify["passed"] and verify["checks"]["ppl_increase"]["threshold"] == 1.0
     assert json.loads((dist / "onnx.json").read_text())["decoded_tokens"] > 0
-    assert (dist / "model" / "onnx" / "decode.onnx").is_file() and (dist / "model" / "README.md").is_file()
+    assert (dist / "model" / "onnx" / "decode.onnx").is_file()
+    card = (dist / "model" / "README.md").read_text()
+    assert "## Verification (`hydracc verify`)" in card and "passed" in card  # the gate's figures in the card
     # the same step with the workflow's own thresholds: this plan does not pass them, and nothing is exported
     (tmp_path / "strict").mkdir()
     thresholds = {k: v for k, v in _workflow_env().items() if k.startswith(("MAX_", "MIN_"))}

@@ -34,7 +34,7 @@ verify_args=()
 [[ -n "${MAX_PPL_INCREASE:-}" ]] && verify_args+=(--max-ppl-increase "$MAX_PPL_INCREASE")
 [[ -n "${MIN_RECALL_RATIO:-}" ]] && verify_args+=(--min-recall-ratio "$MIN_RECALL_RATIO")
 [[ -n "${MIN_AGREEMENT:-}" ]] && verify_args+=(--min-agreement "$MIN_AGREEMENT")
-hydracc verify "$MODEL" "$OUT/model" "${verify_args[@]}" --json -q > "$OUT/verify.json"
+hydracc verify "$MODEL" "$OUT/model" "${verify_args[@]}" --update-card --json -q > "$OUT/verify.json"
 
 # 4. ONNX graphs, checked with onnxruntime.
 hydracc export-onnx "$OUT/model" --json > "$OUT/onnx.json"

@@ -30,10 +30,14 @@ _DEFAULTS = Thresholds()
 @click.option("--samples", type=click.IntRange(1), default=VerifySettings.samples, show_default=True, help="Rows of text.")
 @click.option("--seq-len", type=click.IntRange(8), default=VerifySettings.seq_len, show_default=True, help="Tokens per row.")
 @click.option("--device", default=None, help="Torch device to run both models on (default: cuda when available, else cpu).")
+@click.option("--update-card", is_flag=True,
+              help="Write the figures into CONVERTED/README.md (its Verification section, replacing an earlier one), "
+                   "whether or not the gate passes; the card is replaced atomically.")
 @json_option("Print every figure and threshold as JSON on stdout.")
 @quiet_option("Print nothing but errors (and the --json report).")
 def verify_command(original: Path, converted: Path, max_ppl_increase: float, min_recall_ratio: float, min_agreement: float,
-                   calib: Path | None, samples: int, seq_len: int, device: str | None, as_json: bool, quiet: bool) -> None:
+                   calib: Path | None, samples: int, seq_len: int, device: str | None, update_card: bool, as_json: bool,
+                   quiet: bool) -> None:
     """Check the converted checkpoint CONVERTED against ORIGINAL, the checkpoint it was converted from,
     on the same fixed-seed data: perplexity, recall, and agreement of next-token predictions.
 
@@ -51,11 +55,21 @@ def verify_command(original: Path, converted: Path, max_ppl_increase: float, min
         thresholds = Thresholds(max_ppl_increase, min_recall_ratio, min_agreement)
         if device is not None:
             check_device(device)
+        if update_card:
+            from hydracc.evaluation.verify import card_path
+
+            card_path(converted)  # before running the models
         with reporter.err.status("running both models on the verification data"):
             report = verify(original, converted, thresholds=thresholds, calib=calib, device=device,
                             settings=VerifySettings(samples=samples, seq_len=seq_len))
         _print(reporter, report)
-        return {"status": "ok" if report.passed else "failed", **report.to_json()}
+        extra: dict[str, Any] = {}
+        if update_card:
+            from hydracc.evaluation.verify import update_card as write_card
+
+            extra["card"] = str(write_card(converted, report))
+            reporter.console.print(f"figures written into {extra['card']}")
+        return {"status": "ok" if report.passed else "failed", **report.to_json(), **extra}
 
     result = run_guarded(reporter, work)
     if as_json:

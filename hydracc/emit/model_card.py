@@ -135,9 +135,7 @@ def build_model_card(
     else:
         out.append("None: the converted heads have no learned parameters.")
     if verify:
-        out += ["", "## Verification (`hydracc verify`)", "", "| figure | value | threshold | ok |", "|---|---|---|---|"]
-        for name, row in sorted(verify.get("checks", {}).items()):
-            out.append(f"| {name} | {row.get('value')} | {row.get('threshold')} | {'yes' if row.get('ok') else 'no'} |")
+        out += ["", *verification_section(verify)]
     out += [
         "",
         "## How to load",
@@ -163,3 +161,35 @@ def build_model_card(
     if body.strip():
         out += ["", "## Original model card", "", body.strip()]
     return "\n".join(front + out) + "\n"
+
+
+VERIFY_HEADING = "## Verification (`hydracc verify`)"
+
+
+def verification_section(verify: dict[str, Any]) -> list[str]:
+    """The card's lines for a ``hydracc verify`` report (``VerifyReport.to_json()``)."""
+    out = [VERIFY_HEADING, ""]
+    if verify.get("data"):
+        out += [f"Against the original on {verify['data']} ({verify.get('device', '?')}): "
+                f"{'passed' if verify.get('passed') else 'failed'}.", ""]
+    out += ["| check | value | threshold | ok |", "|---|---|---|---|"]
+    for name, row in sorted(verify.get("checks", {}).items()):
+        value = row.get("value")
+        shown = "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+        ok = "not judged" if not row.get("judged", True) else "yes" if row.get("ok") else "no"
+        out.append(f"| {name} | {shown} | {row.get('threshold')} | {ok} |")
+    return out
+
+
+def with_verification(card: str, verify: dict[str, Any]) -> str:
+    """``card`` (a hydracc card) with its verification section replaced by ``verify``'s figures,
+    placed before "How to load"; the rest, the original model card included, is kept as it is."""
+    lines = card.split("\n")
+    if VERIFY_HEADING in lines:  # drop the old section, up to the next heading of the same level
+        start = lines.index(VERIFY_HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines = lines[:start] + lines[end:]
+        while start > 0 and start < len(lines) and lines[start - 1] == "" and lines[start] == "":
+            del lines[start]
+    at = lines.index("## How to load") if "## How to load" in lines else len(lines)
+    return "\n".join(lines[:at] + verification_section(verify) + [""] + lines[at:])

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -210,10 +211,38 @@ def verify(
     return report
 
 
+def card_path(converted: str | os.PathLike[str]) -> Path:
+    """The converted folder's model card, checked before any work: it must be hydracc's."""
+    root = Path(converted)
+    card = (root.parent if root.is_file() else root) / "README.md"
+    if not card.is_file() or "\n- \"hydracc\"\n" not in card.read_text(encoding="utf-8", errors="replace"):
+        raise VerifyError(f"{card} is not a model card hydracc wrote", hint="--update-card updates the card of a converted "
+                          "folder; convert again to get one, or drop --update-card")
+    return card
+
+
+def update_card(converted: str | os.PathLike[str], report: VerifyReport) -> Path:
+    """Write ``report``'s figures into the converted folder's card (replacing an earlier verification
+    section); the file is replaced atomically and keeps its mode."""
+    from hydracc.emit.model_card import with_verification
+
+    card = card_path(converted)
+    text = with_verification(card.read_text(encoding="utf-8"), report.to_json())
+    tmp = card.with_name(f".{card.name}.hydracc-tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.chmod(tmp, card.stat().st_mode & 0o777)
+        os.replace(tmp, card)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise VerifyError(f"cannot update {card}: {exc}") from exc
+    return card
+
+
 def default_thresholds() -> dict[str, float]:
     return asdict(Thresholds())
 
 
-__all__ = ["MIN_ORIGINAL_RECALL", "ProbeError", "Thresholds", "VerifyError", "VerifyReport", "VerifySettings", "check_pair",
-           "default_thresholds", "verify"]
+__all__ = ["MIN_ORIGINAL_RECALL", "ProbeError", "Thresholds", "VerifyError", "VerifyReport", "VerifySettings", "card_path",
+           "check_pair", "default_thresholds", "update_card", "verify"]
 

@@ -67,3 +67,36 @@ def test_other_vocabularies_need_their_tokens(tiny_checkpoint, tmp_path) -> None
 def test_thresholds_are_checked(bad) -> None:
     with pytest.raises(VerifyError):
         Thresholds(**bad)
+
+
+def test_update_card_writes_the_figures_once(conversions, tmp_path) -> None:
+    """--update-card puts the figures before "How to load", replaces them on a second run, keeps the
+    rest of the card and its mode; a folder without hydracc's card is refused before any model runs."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from hydracc.cli import main
+    from hydracc.evaluation.verify import update_card
+
+    conv = tmp_path / "full"
+    shutil.copytree(conversions / "full", conv)
+    card = conv / "README.md"
+    before = card.read_text()
+    mode = card.stat().st_mode
+    report = verify(EXAMPLE, conv, settings=FAST, device="cpu")
+    update_card(conv, report)
+    text = card.read_text()
+    assert text.count("## Verification (`hydracc verify`)") == 1 and "| agreement | 1 |" in text
+    assert text.index("## Verification") < text.index("## How to load")
+    report.checks["agreement"]["value"] = 0.5  # a second run replaces the section
+    update_card(conv, report)
+    again = card.read_text()
+    assert again.count("## Verification") == 1 and "| agreement | 0.5 |" in again and "| agreement | 1 |" not in again
+    start, end = again.index("## Verification"), again.index("## How to load")
+    assert again[:start] + again[end:] == before  # nothing else of the card changed
+    assert card.stat().st_mode == mode and not [p for p in conv.iterdir() if p.name.startswith(".")]
+    (conv / "README.md").write_text("my own card\n")
+    res = CliRunner().invoke(main, ["verify", str(EXAMPLE), str(conv), "--update-card", "--samples", "2"])
+    assert res.exit_code == 2 and "not a model card hydracc wrote" in res.output
+    assert (conv / "README.md").read_text() == "my own card\n"
