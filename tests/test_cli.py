@@ -275,14 +275,13 @@ def test_convert_with_distillation_json_and_resume_errors(tiny_checkpoint, tmp_p
         (["--distill", "--no-fusion"], "drop --no-fusion"),
         (["--linear-kind", "full"], "Invalid value for '--linear-kind'"),
         (["--linear-kind", "hedgehog", "--no-fusion"], "always come with fusion"),
-        (["--linear-kind", "gdn", "--onnx"], "does not support gdn heads"),
         (["--linear-kind", "streaming", "--distill"], "nothing to train"),
         pytest.param(["--distill", "--device", "cuda:0"], "no CUDA device",
                      marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
         (["--distill", "--device", "potato"], "--device 'potato'"),
     ],
     ids=["sink-without-streaming", "resume-without-distill", "distill-no-fusion", "full-kind", "learned-no-fusion",
-         "onnx-gdn", "distill-streaming", "no-cuda", "bad-device"],
+         "distill-streaming", "no-cuda", "bad-device"],
 )
 def test_bad_kind_and_distill_options(tiny_checkpoint, tmp_path, args, message) -> None:
     res = run("convert", tiny_checkpoint("llama-gqa"), "-o", tmp_path / "out", "--strategy", "even", *args)

@@ -9,12 +9,16 @@ Design decisions:
   custom op needs a translation. The causal structure is built into ``attend``, so the
   export's mask function returns no mask, and positions are an explicit input.
 - Cache tensors per layer, named ``past.L.keys``/``values`` (``[B, cached KV heads, P, D]``,
-  only when some head of the layer is full) and, per linear kind present, ``past.L.KIND.state``
-  (fp32, ``[B, heads of that kind, F, D]``) and ``past.L.KIND.norm`` (``[B, heads, F]``); outputs
-  are named ``present.L.*``. The names are ``HybridLayer.cache_names``.
-- Kinds exported: full, elu and hedgehog, with or without fusion. gdn (its chunked prefill
-  loops over a data-dependent number of chunks) and streaming (its window is trimmed by
-  position) are refused with a clear error rather than exported wrongly.
+  only when some head of the layer is full), per linear kind present ``past.L.KIND.state``
+  (fp32, ``[B, heads of that kind, F, Dv]``) and, but for gdn, ``past.L.KIND.norm``
+  (``[B, heads, F]``), and for streaming heads ``past.L.window.keys``/``values`` (``[B, KV
+  heads they read, sink + window - 1, D]``) with ``past.L.window.positions`` (``[sink + window -
+  1]`` int64, the ring's absolute positions); outputs are named ``present.L.*``. The names are
+  ``HybridLayer.cache_names``.
+- Every kind exports. gdn's prefill runs its chunked form with the loop over chunks as an ONNX
+  ``Scan`` (``kinds.gdn`` switches to it under ``torch.export``); streaming heads keep the
+  hybrid cache's fixed ring of window rows, written by index arithmetic from the
+  ``position_ids`` input, so the decode graph's window has a constant shape.
   Prefill takes ``input_ids``/``position_ids`` ``[B, T]``; decode also takes the past and
   one token per row. Batch, length and past length are dynamic.
 - Every export is checked with onnxruntime on fresh random inputs against the torch model;
@@ -37,7 +41,8 @@ from torch import nn
 
 from hydracc.emit.writer import OWNER_MARKER, check_destination, make_temp_folder, swap_into_place
 from hydracc.errors import HydraError, OutputError
-from hydracc.kernels.kinds import kind_by_code
+from hydracc.kernels.kinds import GDN, HEAD_KINDS, STREAMING, kind_by_code
+from hydracc.kernels.kinds.gdn import GDN_CHUNK
 from hydracc.runtime.cache import HybridCache, HybridLayer
 from hydracc.runtime.hydra_config import read_hydra_layers
 
@@ -121,7 +126,7 @@ def cache_layout(model: nn.Module) -> CacheLayout:
     return layout
 
 
-EXPORTABLE_KINDS = {"full", "elu", "hedgehog"}
+EXPORTABLE_KINDS = {kind.name for kind in HEAD_KINDS}
 
 
 class _Step(nn.Module):
@@ -141,6 +146,7 @@ class _Step(nn.Module):
             assert isinstance(layer, HybridLayer)
             layer.is_initialized = True
             layer.configure(lc.kinds, len(lc.kinds), self.kv_heads, lc.head_windows)
+            layer.first_position = position_ids[0, 0]  # streaming rings are written by position
             if self.with_past:
                 layer.set_cache_tensors([next(it) for _ in lc.tensors])
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
@@ -169,11 +175,21 @@ class ExportReport:
         }
 
 
-def _load_for_export(checkpoint: Path) -> tuple[nn.Module, CacheLayout]:
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+"""Weight and activation dtypes the export offers: onnxruntime's CPU kernels run both (linear
+heads' states stay fp32 either way)."""
+DEFAULT_ATOL = {"float32": 1e-4, "float16": 2e-2}
+"""The check's bound per dtype. float32: the largest |onnxruntime - torch| over every output
+(seen: ~4e-5 on the example model). float16: that difference divided by the output's largest
+magnitude, since fp16 rounding scales with it (seen: torch's own fp16 model is 0.7% off its fp32
+logits on the example model, and onnxruntime's fp16 graph as far again from torch's)."""
+
+
+def _load_for_export(checkpoint: Path, dtype: str = "float32") -> tuple[nn.Module, CacheLayout]:
     from hydracc.runtime.loader import load
 
     _register()
-    model = load(checkpoint, dtype=torch.float32)
+    model = load(checkpoint, dtype=DTYPES[dtype])
     layout = cache_layout(model)
     model.set_attn_implementation(EXPORT_ATTENTION)
     return model, layout
@@ -188,7 +204,9 @@ def _dims(layout: CacheLayout, with_past: bool) -> tuple[Any, ...]:
     shapes: list[dict] = []
     for lc in layout.layers:
         for name in lc.tensors:
-            shapes.append({0: batch, 2: past} if name in ("keys", "values") else {0: batch})
+            # keys/values grow with the past; states and streaming rings have fixed sizes (the ring's
+            # positions have no batch dim)
+            shapes.append({0: batch, 2: past} if name in ("keys", "values") else None if name == "window.positions" else {0: batch})
     return ({0: batch}, {0: batch}, tuple(shapes))
 
 
@@ -202,11 +220,12 @@ def _export_one(module: _Step, args: tuple, layout: CacheLayout, path: Path, ext
     quiet.setLevel(logging.ERROR)  # "torchvision is not installed" and similar notes are not for our users
     with warnings.catch_warnings(), _restore_level(quiet, level):
         warnings.simplefilter("ignore")
-        try:
-            program = torch.onnx.export(
-                module, args, dynamo=True, dynamic_shapes=_dims(layout, module.with_past), input_names=names_in,
-                output_names=["logits"] + layout.names("present"), verbose=False,
-            )
+        try:  # under no_grad: an autograd-wrapped scan (gdn's chunk loop) does not export
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    module, args, dynamo=True, dynamic_shapes=_dims(layout, module.with_past), input_names=names_in,
+                    output_names=["logits"] + layout.names("present"), verbose=False,
+                )
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
         program.save(path, external_data=external)
@@ -223,25 +242,45 @@ class _restore_level:
         self.logger.setLevel(self.level)
 
 
+def _max_diff(got: np.ndarray, want: torch.Tensor, relative: bool) -> float:
+    ref = want.double().numpy()
+    diff = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
+    return diff / max(float(np.abs(ref).max()), 1e-6) if relative and ref.size else diff
+
+
+def check_length(layout: CacheLayout) -> int:
+    """The check's prompt length: long enough that gdn heads span two chunks and streaming rings wrap."""
+    length = 11
+    for lc in layout.layers:
+        if GDN.code in lc.kinds:
+            length = max(length, GDN_CHUNK + 7)
+        stream = [h for h, c in enumerate(lc.kinds) if c == STREAMING.code]
+        if stream:
+            ring = max(lc.head_windows[2 * h] for h in stream) + max(lc.head_windows[2 * h + 1] for h in stream)
+            length = max(length, ring + 3)
+    return length
+
+
 def check_onnx(
     onnx_dir: Path, checkpoint: Path, *, atol: float = 1e-4, tokens: int = 8, seed: int = 0,
-    loaded: tuple[nn.Module, CacheLayout] | None = None,
+    loaded: tuple[nn.Module, CacheLayout] | None = None, dtype: str = "float32",
 ) -> tuple[float, float, int]:
     """Run both graphs with onnxruntime on fresh random inputs against hydracc's own model.
 
     Prefill: a random batch (3 rows) against the torch export wrapper, every output. Decode:
     ``tokens`` greedy steps through the decode graph (feeding its cache outputs back) against
     hydracc's runtime decoding with a ``HybridCache``; logits are compared at every step and the
-    chosen tokens must agree. Returns the largest differences and the tokens decoded; raises
-    ``ExportError`` above ``atol``.
+    chosen tokens must agree. Returns the largest differences (relative to each output's largest
+    magnitude for float16, see ``DEFAULT_ATOL``) and the tokens decoded; raises ``ExportError``
+    above ``atol``.
     """
     import onnxruntime as ort
 
-    model, layout = loaded if loaded is not None else _load_for_export(checkpoint)
+    model, layout = loaded if loaded is not None else _load_for_export(checkpoint, dtype)
     model.set_attn_implementation(EXPORT_ATTENTION)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(seed)
-    batch, length = 3, 11
+    batch, length = 3, check_length(layout)
     ids = torch.randint(0, vocab, (batch, length), generator=gen)
     pos = torch.arange(length).expand(batch, length).contiguous()
     opts = ort.SessionOptions()
@@ -254,7 +293,8 @@ def check_onnx(
     with torch.no_grad():
         expected = _Step(model, layout, with_past=False)(ids, pos)
     got = prefill.run(None, {"input_ids": ids.numpy(), "position_ids": pos.numpy()})
-    prefill_diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+    relative = dtype == "float16"
+    prefill_diff = max(_max_diff(g, e, relative) for g, e in zip(got, expected))
     if not prefill_diff <= atol:
         raise ExportError(f"prefill graph differs from the torch model by {prefill_diff:.3g} (--atol {atol:g})")
     # decode: onnxruntime's own cache against hydracc's runtime with a HybridCache
@@ -277,7 +317,7 @@ def check_onnx(
         out = decode.run(None, feeds)
         with torch.no_grad():
             ref = model(ref_next[:, None], past_key_values=cache, use_cache=True).logits
-        decode_diff = max(decode_diff, float(np.abs(out[0] - ref.numpy()).max()))
+        decode_diff = max(decode_diff, _max_diff(out[0], ref, relative))
         if not decode_diff <= atol:
             raise ExportError(f"decode graph differs from hydracc's decode by {decode_diff:.3g} at step {step} (--atol {atol:g})")
         past = out[1:]
@@ -286,18 +326,22 @@ def check_onnx(
 
 
 def export_onnx(
-    checkpoint: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, atol: float = 1e-4,
-    check_tokens: int = 8, force: bool = False,
+    checkpoint: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, atol: float | None = None,
+    check_tokens: int = 8, force: bool = False, dtype: str = "float32",
 ) -> ExportReport:
     """Export ``checkpoint`` (a converted folder) to ``out`` (default ``checkpoint/onnx``) and check it.
 
-    Writes ``prefill.onnx``, ``decode.onnx`` and ``export.json`` into a temporary folder next to
-    ``out``; renames it into place only when the onnxruntime check passed.
+    ``dtype``: ``"float32"`` or ``"float16"`` weights and activations; ``atol`` defaults to
+    ``DEFAULT_ATOL[dtype]``. Writes ``prefill.onnx``, ``decode.onnx`` and ``export.json`` into a
+    temporary folder next to ``out``; renames it into place only when the onnxruntime check passed.
     """
     import json
     import time
 
     start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown ONNX dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
+    atol = DEFAULT_ATOL[dtype] if atol is None else atol
     src = Path(checkpoint)
     if src.is_file():
         src = src.parent
@@ -306,7 +350,7 @@ def export_onnx(
         raise OutputError(f"output {dest} would replace the checkpoint {src}", hint="write the ONNX files to a new folder (default: CHECKPOINT/onnx)")
     dest = dest.expanduser().absolute()
     check_destination(dest, force)  # before any work: a file, someone else's folder, cwd/home/root
-    model, layout = _load_for_export(src)
+    model, layout = _load_for_export(src, dtype)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT // 2
     tmp = make_temp_folder(dest)
     try:
@@ -320,14 +364,15 @@ def export_onnx(
         decode = _Step(model, layout, with_past=True).eval()
         step_args = (ids[:, :1], torch.full((batch, 1), length), *past)
         _export_one(decode, step_args, layout, tmp / "decode.onnx", external)
-        prefill_diff, decode_diff, n = check_onnx(tmp, src, atol=atol, tokens=check_tokens, loaded=(model, layout))
+        prefill_diff, decode_diff, n = check_onnx(tmp, src, atol=atol, tokens=check_tokens, loaded=(model, layout), dtype=dtype)
         meta = {
-            "format": "hydracc-onnx", "version": 1, "dtype": "float32",
+            "format": "hydracc-onnx", "version": 1, "dtype": dtype,
             "inputs": {"prefill": ["input_ids", "position_ids"], "decode": ["input_ids", "position_ids"] + layout.names("past")},
             "outputs": ["logits"] + layout.names("present"),
             "layers": [{"layer": lc.layer, "cached_kv_heads": lc.cached_kv, "linear_heads": lc.linear_heads,
                         "head_dim": lc.head_dim} for lc in layout.layers],
-            "check": {"prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff, "decoded_tokens": n, "atol": atol},
+            "check": {"prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff, "decoded_tokens": n, "atol": atol,
+                      "bound": "relative to the largest magnitude" if dtype == "float16" else "absolute"},
         }
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / OWNER_MARKER).unlink()

@@ -15,9 +15,14 @@ Design decisions:
   the delta-rule matrix ``S`` for gdn; decoding with the cache equals recomputing the
   whole sequence (tests check it). With learned parameters, linear outputs get the layer's
   scale-normalized fusion, as in the op.
-- Streaming heads keep their own small cache of the KV heads they read: the first ``sink``
-  positions and the last ``window`` (the largest over the layer's streaming heads), trimmed
-  after every step, with the absolute position of each kept row.
+- Streaming heads keep their own small cache of the KV heads they read, a fixed ring of
+  ``sink + window - 1`` rows (the largest sink and window over the layer's streaming heads)
+  with the absolute position of each row: position ``p`` lives in row ``p`` while ``p < sink``,
+  else in row ``sink + (p - sink) % (window - 1)``; rows not yet written hold
+  ``EMPTY_POSITION``, which no query sees. A step attends over the ring followed by its new
+  rows (so the queries' positions are the last ones, as the decode op reads them), then writes
+  the new rows into their slots by index arithmetic: no device sync, constant shapes, and the
+  same code runs in the exported ONNX graphs (the first position can be a traced tensor).
 - ``get_seq_length`` counts tokens seen, not cached rows, so positions and masks are right
   even for a layer that caches nothing.
 - A one-token step on a device in ``DECODE_OP_DEVICES`` (CUDA) goes through the fused
@@ -31,7 +36,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,9 +70,10 @@ class HybridLayer(DynamicLayer):
         self.window_keys: Tensor | None = None
         self.window_values: Tensor | None = None
         self.window_pos: Tensor | None = None
-        self.window_positions: list[int] = []
-        """``window_pos`` on the host, so trimming needs no device sync."""
         self.sink = self.window = 0
+        self.first_position: Tensor | None = None
+        """Absolute position of the next step's first token, as a tensor (the ONNX export sets it from
+        its ``position_ids`` input); None: the tokens seen so far (``seen``)."""
         self._indices: dict[tuple[str, torch.device], Tensor] = {}
 
     def index(self, name: str, heads: list[int], device: torch.device) -> Tensor:
@@ -154,7 +159,6 @@ class HybridLayer(DynamicLayer):
             self.states[code] = tuple(next(it) for _ in STATE_PARTS[code])
         if self.stream_heads:
             self.window_keys, self.window_values, self.window_pos = next(it), next(it), next(it)
-            self.window_positions = [int(x) for x in self.window_pos.tolist()]
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -196,7 +200,6 @@ class HybridLayer(DynamicLayer):
 
     def reset(self) -> None:
         self.keys = self.values = self.window_keys = self.window_values = self.window_pos = None
-        self.window_positions = []
         self.states = {code: None for code in self.linear_groups}
         self.seen = 0
         self.is_initialized = False
@@ -362,35 +365,51 @@ class HybridStep:
             layer.values = torch.cat([layer.values, new_v], dim=-2)
 
     def _window_with_new_rows(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The streaming heads' kept rows plus the new tokens': keys, values, absolute positions."""
+        """The streaming heads' ring rows followed by the new tokens': keys, values, absolute positions."""
         layer = self.layer
         dev = self.new_keys.device
         idx = layer.index("stream_kv", layer.stream_kv, dev)
         new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
-        new_pos = torch.arange(self.past, self.past + self.new_keys.shape[2], device=dev)
-        layer.window_positions = layer.window_positions + list(range(self.past, self.past + self.new_keys.shape[2]))
+        new_pos = self._first_position() + torch.arange(self.new_keys.shape[2], device=dev)
         if layer.window_keys is None:
             return new_k, new_v, new_pos
         return (torch.cat([layer.window_keys, new_k], dim=-2), torch.cat([layer.window_values, new_v], dim=-2),
                 torch.cat([layer.window_pos, new_pos]))
 
-    def _keep_window(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
-        """Keep only the rows a later query may see: ``j < sink`` or ``j > next - window``.
+    def _first_position(self) -> int | Tensor:
+        first = self.layer.first_position
+        return self.past if first is None else first
 
-        Rows are in position order, so that is a prefix (the sink) and a suffix (the window),
-        found on the host copy of the positions: two slices, no device sync."""
+    def _keep_window(self, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Write the new rows (the last ``T`` of ``k``, ``v``, ``pos``) into their ring slots.
+
+        Slot ``s < sink`` holds position ``s``; ring slot ``r`` the latest position ``p >= sink``
+        with ``(p - sink) % ring == r``. Each slot takes the new row at that position when the
+        step brought one, else keeps its row (or stays empty on the first step)."""
         layer = self.layer
-        nxt = self.past + self.new_keys.shape[2]  # the next query's position
-        positions = layer.window_positions
-        head = bisect.bisect_left(positions, layer.sink)  # rows with j < sink
-        tail = max(head, bisect.bisect_right(positions, nxt - layer.window))  # first row with j > nxt - window
-        if head == 0 and tail == 0:
-            layer.window_keys, layer.window_values, layer.window_pos = k, v, pos
+        t = self.new_keys.shape[2]
+        old = k.shape[2] - t  # rows of the ring before this step (0 on the first step)
+        ring = layer.window - 1
+        slots = torch.arange(layer.sink + ring, device=k.device)
+        first = self._first_position()
+        last = first + t - 1
+        if ring > 0:
+            r = slots - layer.sink
+            latest = layer.sink + r + ring * torch.div(last - layer.sink - r, ring, rounding_mode="floor")
+            p = torch.where(slots < layer.sink, slots, latest)
         else:
-            layer.window_keys = torch.cat([k[:, :, :head], k[:, :, tail:]], dim=2)
-            layer.window_values = torch.cat([v[:, :, :head], v[:, :, tail:]], dim=2)
-            layer.window_pos = torch.cat([pos[:head], pos[tail:]])
-        layer.window_positions = positions[:head] + positions[tail:]
+            p = slots
+        fresh = (p >= first) & (p <= last) & ((slots < layer.sink) | (p >= layer.sink))
+        keep = slots if old else torch.zeros_like(slots)
+        src = torch.where(fresh, old + p - first, keep)
+        layer.window_keys = k.index_select(2, src)
+        layer.window_values = v.index_select(2, src)
+        empty = torch.full_like(slots, EMPTY_POSITION)
+        layer.window_pos = torch.where(fresh, p, pos.index_select(0, slots) if old else empty)
+
+
+EMPTY_POSITION = 2**31 - 1
+"""Position of a streaming ring row not written yet: after every query (``j <= p`` fails), so masked."""
 
 
 class HybridCache(Cache):

@@ -55,7 +55,7 @@ def test_cli_fails_above_atol_and_writes_nothing(tiny_checkpoint, tmp_path) -> N
     assert not (tmp_path / "conv" / "onnx").exists()
     assert not [p for p in (tmp_path / "conv").iterdir() if p.name.startswith(".")]
     res = CliRunner().invoke(main, ["convert", str(tiny_checkpoint("llama-gqa")), "-o", str(tmp_path / "c2"), "--strategy", "even",
-                                    "--onnx", "--json", "-q"])
+                                    "--linear-kind", "gdn", "--calib-samples", "2", "--seq-len", "16", "--onnx", "--json", "-q"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["onnx"]["decoded_tokens"] == 8 and (tmp_path / "c2" / "onnx" / "decode.onnx").exists()
 
@@ -102,14 +102,93 @@ def test_force_never_removes_what_hydracc_did_not_write(tiny_checkpoint, tmp_pat
     assert not [p for p in (tmp_path / "conv").iterdir() if p.name.startswith(".")]
 
 
-def test_hedgehog_with_fusion_exports_and_gdn_is_refused(tiny_checkpoint, tmp_path) -> None:
+def test_hedgehog_with_fusion_exports(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("llama-gqa")
     convert(src, tmp_path / "hh", full_ratio=0.5, strategy="even", linear_kind="hedgehog", seq_len=16, calib_samples=2)
     report = export_onnx(tmp_path / "hh", atol=1e-4, check_tokens=4)
     assert report.prefill_max_diff <= 1e-4 and report.decode_max_diff <= 1e-4
     meta = json.loads((report.path / "export.json").read_text())
     assert "past.0.hedgehog.state" in meta["inputs"]["decode"]
+
+
+def _ops(path) -> set[str]:
+    def walk(graph):
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                if attr.g.node:
+                    yield from walk(attr.g)
+    return {n.op_type for n in walk(onnx.load(str(path)).graph)}
+
+
+def test_gdn_exports_with_a_scan_over_tokens(tiny_checkpoint, tmp_path) -> None:
+    """gdn's recurrence becomes an ONNX Scan, so the prefill graph takes any length: a prompt of
+    another length than the check's is compared here too."""
+    src = tiny_checkpoint("llama-gqa")
     convert(src, tmp_path / "gdn", full_ratio=0.5, strategy="even", linear_kind="gdn", seq_len=16, calib_samples=2)
-    with pytest.raises(ExportError, match="gdn heads"):
-        export_onnx(tmp_path / "gdn")
-    assert not (tmp_path / "gdn" / "onnx").exists()
+    report = export_onnx(tmp_path / "gdn", atol=1e-4, check_tokens=4)
+    assert report.prefill_max_diff <= 1e-4 and report.decode_max_diff <= 1e-4
+    assert "Scan" in _ops(report.path / "prefill.onnx")
+    meta = json.loads((report.path / "export.json").read_text())
+    assert "past.0.gdn.state" in meta["inputs"]["decode"] and "past.0.gdn.norm" not in meta["inputs"]["decode"]
+    import onnxruntime as ort
+    import torch
+
+    import hydracc
+
+    sess = ort.InferenceSession(str(report.path / "prefill.onnx"), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 64, (1, 131), generator=torch.Generator().manual_seed(1))
+    got = sess.run(["logits"], {"input_ids": ids.numpy(), "position_ids": torch.arange(131)[None].numpy()})[0]
+    with torch.no_grad():
+        want = hydracc.load(tmp_path / "gdn")(ids).logits.numpy()
+    assert np.abs(got - want).max() < 1e-4
+
+
+def _plan_file(src, tmp_path, kinds: list[list[str]], sink: int, window: int):
+    plan = tmp_path / "plan.json"
+    res = CliRunner().invoke(main, ["convert", str(src), "--plan", "--strategy", "even", "--plan-out", str(plan), "-q"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(plan.read_text())
+    for layer, names in zip(doc["layers"], kinds):
+        layer["heads"] = [{"kind": k, "params": {"sink": sink, "window": window} if k == "streaming" else {}} for k in names]
+    plan.write_text(json.dumps(doc))
+    return plan
+
+
+def test_streaming_exports_with_a_fixed_ring(tiny_checkpoint, tmp_path) -> None:
+    """The window is a ring of sink + window - 1 rows with positions: a constant-shape decode input;
+    the check's prompt is longer than the ring, so it wraps in prefill and again while decoding."""
+    src = tiny_checkpoint("llama-gqa")
+    kinds = [["streaming", "streaming", "full", "elu"], ["elu", "streaming", "streaming", "streaming"]]
+    convert(src, tmp_path / "st", plan_file=_plan_file(src, tmp_path, kinds, sink=2, window=5))
+    report = export_onnx(tmp_path / "st", atol=1e-4, check_tokens=9)
+    assert report.prefill_max_diff <= 1e-4 and report.decode_max_diff <= 1e-4
+    graph = onnx.load(str(report.path / "decode.onnx")).graph
+    shapes = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert shapes["past.0.window.positions"] == [2 + 5 - 1]
+    assert shapes["past.1.window.keys"][1:] == [2, 2 + 5 - 1, 8]  # both KV heads, 6 rows, head dim
+    assert all(n.domain in ("", "ai.onnx") for n in graph.node)
+
+
+def test_every_kind_in_one_model_exports(tiny_checkpoint, tmp_path) -> None:
+    src = tiny_checkpoint("llama-gqa")
+    kinds = [["full", "full", "gdn", "streaming"], ["hedgehog", "elu", "gdn", "streaming"]]
+    convert(src, tmp_path / "mix", plan_file=_plan_file(src, tmp_path, kinds, sink=1, window=4))
+    report = export_onnx(tmp_path / "mix", atol=1e-4, check_tokens=5)
+    assert report.prefill_max_diff <= 1e-4 and report.decode_max_diff <= 1e-4
+
+
+def test_float16_export(tiny_checkpoint, tmp_path) -> None:
+    """fp16 weights and activations (states fp32) run in onnxruntime's CPU kernels within the fp16 bound."""
+    src = tiny_checkpoint("llama-gqa")
+    kinds = [["full", "elu", "gdn", "streaming"], ["full", "full", "hedgehog", "elu"]]
+    convert(src, tmp_path / "mix", plan_file=_plan_file(src, tmp_path, kinds, sink=1, window=4))
+    res = CliRunner().invoke(main, ["export-onnx", str(tmp_path / "mix"), "--dtype", "float16", "--check-tokens", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["atol"] == 2e-2 and report["prefill_max_abs_diff"] <= 2e-2 and report["decode_max_abs_diff"] <= 2e-2
+    meta = json.loads((tmp_path / "mix" / "onnx" / "export.json").read_text())
+    assert meta["dtype"] == "float16"
+    graph = onnx.load(str(tmp_path / "mix" / "onnx" / "decode.onnx")).graph
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert types["past.0.keys"] == onnx.TensorProto.FLOAT16 and types["past.0.elu.state"] == onnx.TensorProto.FLOAT

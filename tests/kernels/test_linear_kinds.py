@@ -161,6 +161,21 @@ def test_gdn_chunked_matches_recurrent(t: int, chunk: int, with_state: bool):
     torch.testing.assert_close(state, rec_state, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("t", [1, 7, 65])
+def test_gdn_export_form_matches_recurrent(t: int):
+    """The form ``torch.export`` (ONNX) takes: the recurrence as a ``scan`` over tokens."""
+    from hydracc.kernels.kinds.gdn import _gdn_inputs, _gdn_scan_core
+
+    q, k, v = qkv(2, 3, 3, t, t, dv=8, seed=t)
+    p = param_dict(make_params(3, 16, seed=t), slice(None))
+    s0 = rand(2, 3, 16, 8, seed=t + 1)
+    rec, rec_state = gated_delta_rule_recurrent(q, k, v, p["gdn_gate_weight"], p["gdn_gate_bias"], s0)
+    qn, kn, vf, log_alpha, beta = _gdn_inputs(q, k, v, p["gdn_gate_weight"], p["gdn_gate_bias"])
+    out, state = _gdn_scan_core(qn, kn, vf, log_alpha, beta, s0.clone())
+    torch.testing.assert_close(out, rec, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(state, rec_state, atol=ATOL, rtol=RTOL)
+
+
 def test_gdn_bottom_right_alignment():
     q, k, v = qkv(2, 2, 2, 40, 40, seed=10)
     p = param_dict(make_params(2, 16, seed=10), slice(None))

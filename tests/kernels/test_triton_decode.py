@@ -224,6 +224,40 @@ def test_triton_decode_strided_inputs():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
+def test_triton_decode_ring_window():
+    """The hybrid cache's ring: window rows out of position order, unwritten rows at EMPTY_POSITION,
+    the new token's row last. The kernel masks by position, as the reference does."""
+    from hydracc.runtime.cache import EMPTY_POSITION
+
+    dec = triton_decode()
+    g = torch.Generator().manual_seed(5)
+    kinds, windows = MIXED, MIXED_WINDOWS
+    lay = decode_layout(tuple(kinds), 8, 2)
+    q = torch.randn(2, 8, 1, 16, generator=g)
+    k_new, v_new = torch.randn(2, 2, 1, 16, generator=g), torch.randn(2, 2, 1, 16, generator=g)
+    keys = torch.randn(2, len(lay.cached_kv), 11, 16, generator=g)
+    values = torch.randn(2, len(lay.cached_kv), 11, 16, generator=g)
+    wpos = torch.tensor([0, 1, 9, 6, EMPTY_POSITION, 7, 8, 10])
+    wk = torch.randn(2, len(lay.stream_kv), len(wpos), 16, generator=g)
+    wv = torch.randn(2, len(lay.stream_kv), len(wpos), 16, generator=g)
+    ps = make_params(8, 16)
+    states = []
+    for code, heads in lay.linear:
+        f = 32 if code == H else 16
+        states.append(torch.rand(2, len(heads), f, 16, generator=g))
+        if code != G:
+            states.append(torch.rand(2, len(heads), f, generator=g) + 1)
+    initial = [s.clone() for s in states]
+    ref_states = [s.clone() for s in states]
+    want = hybrid_decode_reference(q, k_new, v_new, keys, values, ref_states, wk, wv, wpos, kinds, SCALE, ps, windows)
+    got = dec(q, k_new, v_new, keys, values, states, wk, wv, wpos, kinds, SCALE, ps, windows)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    shuffled = torch.tensor([4, 2, 0, 6, 1, 3, 5, 7])  # the same rows in another order: the same result
+    again = dec(q, k_new, v_new, keys, values, [s.clone() for s in initial], wk[:, :, shuffled], wv[:, :, shuffled],
+                wpos[shuffled], kinds, SCALE, ps, windows)
+    torch.testing.assert_close(again, want, atol=2e-5, rtol=2e-5)
+
+
 def test_decode_validation():
     g = torch.Generator().manual_seed(4)
     q, k_new, v_new = (torch.randn(1, n, 1, 16, generator=g) for n in (4, 2, 2))

@@ -227,6 +227,38 @@ def test_every_kind_decodes_like_recomputing(tiny_checkpoint, tmp_path, kinds, f
             assert layer.window_keys.shape[2] == 1 + 3 - 1
 
 
+@pytest.mark.parametrize(("sink", "window", "chunks"), [(2, 4, [1, 1, 3, 1, 6, 1, 1]), (0, 1, [2, 1, 1]), (3, 2, [5, 1, 1, 1])])
+def test_streaming_ring_keeps_the_rows_a_query_sees(tiny_checkpoint, tmp_path, sink, window, chunks) -> None:
+    """The ring has sink + window - 1 rows from the first step (a first chunk shorter than the sink
+    included); each holds the position its slot rule says, or EMPTY_POSITION; decoding equals recomputing."""
+    from hydracc.runtime.cache import EMPTY_POSITION
+
+    src = tiny_checkpoint("llama-gqa")
+    kinds = [["streaming", "full", "streaming", "elu"], ["streaming"] * 4]
+    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, False, window=window, sink=sink))
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(sum(chunks))
+    cache = HybridCache(model.config)
+    pieces, seen = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            pieces.append(model(ids[:, seen : seen + n], past_key_values=cache, use_cache=True).logits)
+            seen += n
+            for layer in cache.layers:
+                ring = window - 1
+                want: list[int | None] = [None] * (sink + ring)
+                for p in range(seen):
+                    if p < sink:
+                        want[p] = p
+                    elif ring:
+                        want[sink + (p - sink) % ring] = p
+                got = layer.window_pos.tolist()
+                assert got == [EMPTY_POSITION if w is None else w for w in want], (seen, got)
+                assert layer.window_keys.shape[2] == sink + ring
+        full = model(ids).logits
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+
+
 def test_streaming_with_a_window_covering_the_sequence_equals_full(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("llama-gqa")
     convert(src, tmp_path / "full", full_ratio=1.0, strategy="even")

@@ -5,7 +5,9 @@
 own raw (post-RoPE) key. Parameters: ``gdn_gate_weight [Hq, D, 2]``, ``gdn_gate_bias [Hq, 2]``;
 starting values: zero weight, a decay bias matched to the head's mean attention distance.
 Decode state per head: ``S [D, Dv]`` (fp32). The hybrid layer runs the chunked (WY) form,
-exact up to fp32 rounding and fast enough to backpropagate through.
+exact up to fp32 rounding and fast enough to backpropagate through. Under ``torch.export``
+(ONNX) the recurrence runs as a ``scan`` over tokens (ONNX ``Scan``): the chunked form's
+triangular solve has no ONNX operator, and a scan keeps the sequence length dynamic.
 """
 
 from __future__ import annotations
@@ -122,6 +124,26 @@ def _gdn_chunked_core(
     return out, state
 
 
+def _gdn_scan_core(
+    qn: Tensor, kn: Tensor, v: Tensor, log_alpha: Tensor, beta: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:func:`_gdn_recurrent_core` with the loop over tokens as a ``scan``, for ``torch.export``:
+    its length follows the symbolic sequence length (ONNX ``Scan``), and the body is the
+    recurrence itself in plain operators (the chunked form's triangular solve has no ONNX op)."""
+    from torch._higher_order_ops.scan import scan
+
+    def one_token(s: Tensor, xs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        q_t, k_t, v_t, a_t, b_t = xs  # [B, H, D], [B, H, D], [B, H, Dv], [B, H], [B, H]
+        read = (k_t[..., None, :] @ s).squeeze(-2)  # k_t^T S_{t-1}
+        a, b = a_t[..., None, None], b_t[..., None, None]
+        s = a * (s - b * k_t[..., :, None] * read[..., None, :]) + b * k_t[..., :, None] * v_t[..., None, :]
+        return s, (q_t[..., None, :] @ s).squeeze(-2)
+
+    xs = (qn.movedim(2, 0), kn.movedim(2, 0), v.movedim(2, 0), log_alpha.exp().movedim(2, 0), beta.movedim(2, 0))
+    state, outs = scan(one_token, state, xs)
+    return outs.movedim(0, 2), state
+
+
 def gated_delta_rule_recurrent(
     q: Tensor,
     k: Tensor,
@@ -161,7 +183,12 @@ def gated_delta_rule(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     qn, kn, vf, log_alpha, beta = _gdn_inputs(q, k, v, gate_weight, gate_bias)
     state = _gdn_state(initial_state, *k.shape[:2], k.shape[-1], v.shape[-1], vf)
-    out, state = _gdn_chunked_core(qn, kn, vf, log_alpha, beta, state, chunk_size)
+    if not torch.compiler.is_exporting():
+        out, state = _gdn_chunked_core(qn, kn, vf, log_alpha, beta, state, chunk_size)
+    elif isinstance(qn.shape[2], int) and qn.shape[2] == 1:  # an exported decode step: one token
+        out, state = _gdn_recurrent_core(qn, kn, vf, log_alpha, beta, state)
+    else:  # an exported prefill: a scan over a symbolic number of tokens
+        out, state = _gdn_scan_core(qn, kn, vf, log_alpha, beta, state)
     return out[:, :, out.shape[2] - q.shape[2] :].to(q.dtype), state
 
 
