@@ -1,7 +1,7 @@
 """The safetensors header reader under fuzzing: random files and valid files with bytes flipped.
 
 ``open_checkpoint`` (and reading every tensor) either works or raises ``CheckpointError``
-(exit code 2), and answers within a second; nothing is unpickled, nothing else escapes.
+(exit code 2), and answers within a second of CPU time; nothing is unpickled, nothing else escapes.
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ def _open_and_read(data: bytes) -> None:
         folder = Path(d)
         (folder / "config.json").write_text(json.dumps(CONFIG))
         (folder / "model.safetensors").write_bytes(data)
-        start = time.perf_counter()
+        start = time.process_time()  # this process's CPU time: another process's load cannot fail it
         try:
             with open_checkpoint(folder) as ck:
                 for name in ck.names():
                     ck.get(name)
         except CheckpointError:
             pass
-        assert time.perf_counter() - start < 1.0
+        assert time.process_time() - start < 1.0
 
 
 @settings(max_examples=150, deadline=None)

@@ -80,12 +80,12 @@ def test_not_utf8_deep_nesting_and_endless_files(tmp_path: Path) -> None:
 
 
 def _check_fast(fn) -> None:
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: another process's load cannot fail it
     try:
         fn()
     except PlanError:
         pass
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
