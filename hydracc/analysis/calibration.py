@@ -59,6 +59,16 @@ class Calibration:
         return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len}
 
 
+def local_rows(calibration: Calibration) -> Calibration:
+    """This process's calibration rows under torch.distributed (``distributed.my_rows``); all of them alone."""
+    from hydracc import distributed
+
+    if distributed.world_size() == 1:
+        return calibration
+    rows = distributed.my_rows(calibration.samples)
+    return Calibration(np.ascontiguousarray(calibration.tokens[rows]), calibration.source)
+
+
 def _rows_from_stream(stream: np.ndarray, samples: int, seq_len: int, where: str) -> np.ndarray:
     rows = len(stream) // seq_len
     if rows < 1:

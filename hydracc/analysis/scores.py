@@ -1,47 +1,55 @@
 """Analyze stage: run calibration data through the captured graph and score every head.
 
 Design decisions:
-- The captured, not yet rewritten, graph runs under an ``fx.Interpreter`` that stops at
-  each attention site (the SDPA node marked by capture) and hands its q, k, v to the
-  scorer; nothing else of the model is re-implemented, so any family capture accepts can
-  be analyzed. The graph is captured at the calibration shape ``[batch, seq_len]``.
-- Per query head, from its attention probabilities on the calibration batch:
-  ``retrieval`` (attention mass on positions right after an earlier occurrence of the
-  current token, minus what a uniform head would put there: the induction / copy
-  pattern of the Retrieval Head literature; 1 for a perfect copier, about 0 for uniform),
-  ``distance`` (mean attended distance in tokens), ``sink`` (mass on the first token),
-  ``entropy`` (normalized by ``log(position + 1)``, so 1 is uniform), and
-  ``linear_error`` (relative L2 error of the linear kind's output on the same q, k, v).
-- ``sensitivity``: KL(original || variant) of the next-token distribution, mean over all
-  calibration positions, with one unit made linear and everything else unchanged. The
-  unit is the KV group under grouped-query attention (only whole groups free cache),
-  the head otherwise; every head of a group carries the group's value. One graph run per
-  unit and calibration batch, recomputing only the part of the graph after the changed site
-  (the values before it come from the baseline run); one batch's logits are held at a time.
+- The captured, not yet rewritten, graph runs one layer at a time (``layerwise``: weights read
+  from the checkpoint when their layer runs), stopping at each attention site (the SDPA node
+  marked by capture) to score its heads; nothing of the model is re-implemented, so any
+  family capture accepts can be analyzed. The graph is captured at ``[batch, seq_len]``.
+- Per query head, from its attention probabilities on the calibration rows: ``retrieval``
+  (attention mass on positions right after an earlier occurrence of the current token, minus
+  what a uniform head would put there: the induction / copy pattern of the Retrieval Head
+  literature; 1 for a perfect copier, about 0 for uniform), ``distance`` (mean attended
+  distance in tokens), ``sink`` (mass on the first token), ``entropy`` (normalized by
+  ``log(position + 1)``, so 1 is uniform), and ``linear_error`` (relative L2 error of the
+  linear kind's output on the same q, k, v).
+- Per unit (the KV group under grouped-query attention, since only whole groups free cache;
+  the head otherwise), with the unit made linear and everything else unchanged
+  (``sensitivity.py``): ``sensitivity``, the KL of the next-token distribution, mean over
+  calibration positions, and ``recall``, the change of the cross-entropy at positions whose
+  next token is predictable by copying. ``method``: ``exact`` re-runs the layers after each
+  unit (cost grows with layers x units); ``estimate`` takes one backward sweep per loss
+  (linear in depth); ``auto`` (default) ranks by the estimates and re-measures exactly the
+  ``exact_k`` units nearest the budget's cut line (``cut``), all of them when there are no more.
+  Every head of a unit carries the unit's values.
 - Per-head sums are added up in float64 across batches; the same inputs and batch size give
-  the same scores, and another batch size changes them only by float rounding (the model's
-  own matmuls round differently per batch shape). Attention probabilities are computed one
-  head at a time, so memory is ``[batch, T, T]`` per head.
+  the same scores. Attention probabilities are computed one head at a time (memory
+  ``[batch, T, T]``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx
 
-from hydracc.analysis.calibration import Calibration
-from hydracc.frontend.capture import SITE_META, AttentionSite, CapturedModel, reachable_nodes
+from hydracc import distributed
+from hydracc.analysis.calibration import Calibration, local_rows
+from hydracc.analysis.layerwise import Runner, Segment, compute_dtype, forward_sweep, split_by_layer
+from hydracc.analysis.sensitivity import BatchInfo, estimate, expand_kv, measure, recall_positions
+from hydracc.frontend.capture import SITE_META, AttentionSite, CapturedModel
 from hydracc.kernels.kinds import kind_by_name
 from hydracc.kernels.naive import run_kind
 
-SCORE_NAMES = ("retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity")
+SCORE_NAMES = ("retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity", "recall")
+METHODS = ("auto", "estimate", "exact")
+EXACT_K = 8
+"""Units re-measured exactly around the cut line by ``method="auto"``."""
 
 
 @dataclass
@@ -52,6 +60,7 @@ class HeadScores:
     entropy: float = 0.0
     linear_error: float = 0.0
     sensitivity: float = 0.0
+    recall: float = 0.0
 
     def to_json(self, digits: int = 6) -> dict[str, float]:
         return {k: round(float(v), digits) for k, v in asdict(self).items()}
@@ -65,7 +74,12 @@ class LayerScores:
     num_kv_heads: int
     heads: list[HeadScores]
     unit_sensitivity: list[float]
-    """KL per unit: per KV group under GQA, per head otherwise."""
+    """The KL that ranks units, per unit: per KV group under GQA, per head otherwise."""
+    unit_recall: list[float] = field(default_factory=list)
+    """Change of the cross-entropy at recall positions, per unit (exact where measured)."""
+    unit_kl_estimate: list[float | None] = field(default_factory=list)
+    unit_kl_exact: list[float | None] = field(default_factory=list)
+    unit_recall_estimate: list[float | None] = field(default_factory=list)
 
     @property
     def grouped(self) -> bool:
@@ -99,6 +113,10 @@ class Analysis:
                     "num_heads": ls.num_heads,
                     "num_kv_heads": ls.num_kv_heads,
                     "unit_sensitivity": [round(x, 6) for x in ls.unit_sensitivity],
+                    "unit_recall": [round(x, 6) for x in ls.unit_recall],
+                    "unit_kl_estimate": [None if x is None else round(x, 6) for x in ls.unit_kl_estimate],
+                    "unit_kl_exact": [None if x is None else round(x, 6) for x in ls.unit_kl_exact],
+                    "unit_recall_estimate": [None if x is None else round(x, 6) for x in ls.unit_recall_estimate],
                     "heads": [h.to_json() for h in ls.heads],
                 }
                 for ls in self.layers
@@ -118,58 +136,6 @@ class SiteInterpreter(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             return self.hook(n.meta[SITE_META], n.target, args, kwargs)
         return super().run_node(n)
-
-
-class _RecordingInterpreter(SiteInterpreter):
-    """A ``SiteInterpreter`` that also keeps the values of the nodes in ``keep``."""
-
-    def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor], keep: set[fx.Node]) -> None:
-        super().__init__(gm, hook)
-        self.keep = keep
-        self.saved: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n in self.keep:
-            self.saved[n] = value
-        return value
-
-
-class _ResumingInterpreter(SiteInterpreter):
-    """Recomputes only ``downstream`` nodes; every other node takes its value from ``saved``."""
-
-    def __init__(self, gm: fx.GraphModule, hook: Callable[[int, Any, tuple, dict], torch.Tensor],
-                 downstream: set[fx.Node], saved: dict[fx.Node, Any]) -> None:
-        super().__init__(gm, hook)
-        self.downstream = downstream
-        self.saved = saved
-
-    def run_node(self, n: fx.Node) -> Any:
-        if n.op == "placeholder" or n in self.downstream:
-            return super().run_node(n)
-        return self.saved.get(n)  # None for nodes no recomputed node reads
-
-
-def _prefix_plan(gm: fx.GraphModule) -> tuple[dict[int, set[fx.Node]], dict[int, set[fx.Node]]] | None:
-    """Per site: the nodes that depend on it, and the other nodes those read. ``None`` if unsafe.
-
-    Reusing the values computed before a site is only safe when no op writes into its inputs.
-    """
-    nodes = list(gm.graph.nodes)
-    for n in nodes:
-        target = n.target
-        if n.op == "call_function" and isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable:
-            return None
-    downstream: dict[int, set[fx.Node]] = {}
-    frontier: dict[int, set[fx.Node]] = {}
-    for n in nodes:
-        layer = n.meta.get(SITE_META) if n.op == "call_function" else None
-        if layer is None:
-            continue
-        down = reachable_nodes([n], lambda m: m.users)
-        downstream[layer] = down
-        frontier[layer] = {a for m in down for a in m.all_input_nodes if a not in down and a.op != "placeholder"}
-    return downstream, frontier
 
 
 def site_qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,14 +161,6 @@ def calibration_batches(calibration: Calibration, batch: int) -> Iterator[tuple[
 def graph_logits(out: Any) -> torch.Tensor:
     """The logits from a captured graph's output (a tensor or a tuple starting with it)."""
     return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _qkv(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = site_qkv(args, kwargs)
-    if k.shape[1] != q.shape[1]:  # SDPA called with enable_gqa: expand here
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return q, k, v
 
 
 def retrieval_targets(tokens: torch.Tensor) -> torch.Tensor:
@@ -253,6 +211,16 @@ class _Accumulator:
         self.err_num[sl] += ((lo - so).double() ** 2).sum((0, 2, 3)).numpy()
         self.err_den[sl] += (so.double() ** 2).sum((0, 2, 3)).numpy()
 
+    def reduce(self) -> None:
+        """Add every process's sums together (torch.distributed; a no-op alone)."""
+        arrays = {f"sum.{k}": v for k, v in self.sums.items()}
+        arrays.update({f"count.{k}": np.array([v]) for k, v in self.counts.items()})
+        arrays.update({"err_num": self.err_num, "err_den": self.err_den})
+        total = distributed.sum_arrays(arrays)
+        self.sums = {k: total[f"sum.{k}"] for k in self.sums}
+        self.counts = {k: float(total[f"count.{k}"][0]) for k in self.counts}
+        self.err_num, self.err_den = total["err_num"], total["err_den"]
+
     def scores(self) -> list[HeadScores]:
         mean = {k: self.sums[k] / max(self.counts[k], 1.0) for k in self.sums}
         err = np.sqrt(self.err_num / np.maximum(self.err_den, 1e-30))
@@ -285,24 +253,33 @@ def units_of(site: AttentionSite) -> list[list[int]]:
 
 def analyze(
     captured: CapturedModel,
-    weights: dict[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
     calibration: Calibration,
     *,
     linear_kind: str = "elu",
     kind_params: dict[str, int] | None = None,
     sensitivity: bool = True,
-    reuse_prefix: bool = True,
+    method: str = "auto",
+    cut: int | None = None,
+    exact_k: int = EXACT_K,
+    fisher_samples: int = 2,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
     """Score every head of every attention site of ``captured`` on ``calibration``.
 
-    ``captured`` must have been captured at ``[batch, calibration.seq_len]``; ``weights``
-    maps the model's parameter names to tensors (all on one device). The calibration rows
-    are processed ``batch`` at a time; a short last batch is padded with repeated rows
-    that are not counted. With ``reuse_prefix`` a sensitivity run recomputes only what
-    depends on the changed site, reading everything before it from the baseline run (kept:
-    the values those later nodes read, about one residual stream per layer).
+    ``captured`` must have been captured at ``[batch, calibration.seq_len]``. ``weights`` maps the
+    model's parameter names to tensors, or reads one by name (read when its layer runs, so memory
+    follows a layer). The rows run ``batch`` at a time; a short last batch is padded with repeated
+    rows that are not counted. ``sensitivity=False`` skips the per-unit measures. ``method``,
+    ``cut`` (units the plan will keep full; default a quarter) and ``exact_k``: see the module
+    docstring. ``device``: where to compute (default: the weights' device, else the CPU);
+    ``dtype``: default float32 on the CPU, else the weights' floating dtype.
     """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     kind = kind_by_name(linear_kind)
     if kind.keeps_kv:
         raise ValueError(f"linear_kind must be a kind that frees the KV cache, got {linear_kind!r}")
@@ -320,83 +297,130 @@ def analyze(
     batch, seq_len = captured.input_shape
     if calibration.seq_len != seq_len:
         raise ValueError(f"graph captured for length {seq_len}, calibration rows have {calibration.seq_len}")
-    device = next(iter(weights.values())).device
-    gm = captured.graph_on(device)
+    if isinstance(weights, Mapping):
+        table = weights
+        read: Callable[[str], torch.Tensor] = table.__getitem__
+        dtypes = [t.dtype for t in table.values()]
+        dev = torch.device(device) if device is not None else next(iter(table.values())).device
+    else:
+        read, dtypes = weights, []
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+    runner = Runner(split_by_layer(captured, captured.graph_on(dev)), captured, read, dev,
+                    dtype or compute_dtype(dev, dtypes))
     sites = {s.layer: s for s in captured.sites}
+    scales = {layer: s.scale for layer, s in sites.items()}
     acc = {layer: _Accumulator(s.num_heads) for layer, s in sites.items()}
     units = {layer: units_of(s) for layer, s in sites.items()}
-    kl_sums = {layer: np.zeros(len(u)) for layer, u in units.items()}
-    n_rows = calibration.samples
-    n_batches = math.ceil(n_rows / batch)
-    variants = [(layer, u) for layer in sorted(units) for u in range(len(units[layer]))] if sensitivity else []
-    total, done = n_batches * (1 + len(variants)), 0
-    positions = 0
-    prefix = _prefix_plan(gm) if reuse_prefix and variants else None
-    keep = set().union(*prefix[1].values()) if prefix is not None else set()
+    mine = local_rows(calibration)  # under torch.distributed: this process's rows; the sums are added up below
+    batches = [BatchInfo(ids, real, recall_positions(ids[:real])) for ids, real in calibration_batches(mine, batch)]
+    n_layers = len(runner.graph.layers)
+    total_units = sum(len(u) for u in units.values())
+    exact_all = method == "exact" or (method == "auto" and total_units <= exact_k)
+    steps = [n_layers + 1]  # forward sweep: prefix and layers
+    if sensitivity and not exact_all:
+        steps.append(n_layers + 1)  # backward sweep: suffix and layers
+    if sensitivity and method != "estimate":
+        steps.append((n_layers + 1) * math.ceil((total_units if exact_all else min(exact_k, total_units)) / 16))
+    total, done = sum(steps), 0
 
-    def report() -> None:
+    def step(_: Segment | None = None) -> None:
+        nonlocal done
+        done = min(done + 1, total)
         if progress is not None:
             progress(done, total)
 
-    report()
-    with torch.no_grad():
-        for ids, real in calibration_batches(calibration, batch):
-            ids = ids.to(device)
-            targets = retrieval_targets(ids[:real]).cpu()
-            inputs = captured.graph_inputs(weights, ids)
+    if progress is not None:
+        progress(0, total)
+    current: list[int] = [0]
 
-            def score_hook(layer: int, target: Any, args: tuple, kwargs: dict, _real=real, _targets=targets) -> torch.Tensor:
-                out = target(*args, **kwargs)
-                q, k, v = _qkv(args, kwargs)
-                site = sites[layer]
-                q, k, v = q[:_real], k[:_real], v[:_real]
-                lin = run_scored(q.float(), k.float(), v.float(), site.scale)
-                for h in range(q.shape[1]):  # one head at a time: memory is [B, T, T], not [B, H, T, T]
-                    probs = _causal_probs(q[:, h : h + 1], k[:, h : h + 1], site.scale)
-                    acc[layer].add(probs.cpu(), _targets, out[:_real, h : h + 1].cpu(), lin[:, h : h + 1].cpu(), first=h)
-                return out
+    def score_hook(layer: int, target: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        out = target(*args, **kwargs)
+        info = batches[current[0] % len(batches)]
+        real = info.real
+        q, k, v = expand_kv(*site_qkv(args, kwargs))
+        q, k, v = q[:real].float(), k[:real].float(), v[:real].float()
+        lin = run_scored(q, k, v, scales[layer])
+        targets = retrieval_targets(info.ids[:real].to(q.device)).cpu()
+        for h in range(q.shape[1]):  # one head at a time: memory is [B, T, T], not [B, H, T, T]
+            probs = _causal_probs(q[:, h : h + 1], k[:, h : h + 1], scales[layer])
+            acc[layer].add(probs.cpu(), targets, out[:real, h : h + 1].float().cpu(), lin[:, h : h + 1].cpu(), first=h)
+        current[0] += 1
+        return out
 
-            recorder = _RecordingInterpreter(gm, score_hook, keep)
-            base = graph_logits(recorder.run(*inputs))[:real]
-            base_logp = F.log_softmax(base.float(), dim=-1)
-            positions += base_logp.shape[0] * base_logp.shape[1]
-            done += 1
-            report()
-            for layer, u in variants:
-                heads = units[layer][u]
-
-                def variant_hook(site_layer: int, target: Any, args: tuple, kwargs: dict, _layer=layer, _heads=heads) -> torch.Tensor:
-                    out = target(*args, **kwargs)
-                    if site_layer != _layer:
-                        return out
-                    q, k, v = _qkv(args, kwargs)
-                    idx = torch.tensor(_heads, device=q.device)
-                    lin = run_scored(q.index_select(1, idx).float(), k.index_select(1, idx).float(),
-                                     v.index_select(1, idx).float(), sites[site_layer].scale)
-                    return out.index_copy(1, idx, lin.to(out.dtype))
-
-                if prefix is not None:
-                    runner: SiteInterpreter = _ResumingInterpreter(gm, variant_hook, prefix[0][layer], recorder.saved)
-                else:
-                    runner = SiteInterpreter(gm, variant_hook)
-                logits = graph_logits(runner.run(*inputs))[:real]
-                logp = F.log_softmax(logits.float(), dim=-1)
-                kl = (torch.special.xlogy(base_logp.exp(), base_logp.exp()) - base_logp.exp() * logp.clamp_min(-1e30)).sum(-1)
-                kl_sums[layer][u] += float(kl.double().sum())
-                done += 1
-                report()
-
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+    sweep = forward_sweep(runner, [b.ids for b in batches], score_hook, keep=bool(sensitivity), on_segment=step)
+    seconds["forward"] = time.perf_counter() - clock
+    kl_est: dict[int, np.ndarray] = {}
+    rec_est: dict[int, np.ndarray] = {}
+    exact_kl: dict[tuple[int, int], float] = {}
+    exact_recall: dict[tuple[int, int], float] = {}
+    n_recall = int(distributed.sum_arrays({"n": np.array([sum(int(b.recall.sum()) for b in batches)])})["n"][0])
+    for a in acc.values():
+        a.reduce()
+    if sensitivity:
+        order = [(layer, u) for layer in sorted(units) for u in range(len(units[layer]))]
+        if not exact_all:
+            clock = time.perf_counter()
+            est = estimate(runner, sweep, batches, units, scales, run_scored, fisher_samples=fisher_samples, seed=seed,
+                           progress=step)
+            seconds["estimate"] = time.perf_counter() - clock
+            kl_est, rec_est = est.kl, est.recall
+            ranked = sorted(order, key=lambda lu: (-kl_est[lu[0]][lu[1]], lu))
+            at = round(0.25 * total_units) if cut is None else max(0, min(int(cut), total_units))
+            lo = max(0, min(at - exact_k // 2, total_units - exact_k))
+            measured = ranked[lo : lo + exact_k] if method == "auto" else []
+        else:
+            ranked, measured = order, order
+        if measured:
+            clock = time.perf_counter()
+            found = measure(runner, sweep, batches, [[(layer, units[layer][u])] for layer, u in measured], scales,
+                            run_scored, progress=step)
+            for lu, ex in zip(measured, found):
+                exact_kl[lu], exact_recall[lu] = ex.kl, ex.recall
+            seconds["exact"] = time.perf_counter() - clock
+        rank_kl = _rank_values(ranked, measured, kl_est, exact_kl, exact_all)
+    del sweep
     layers = []
     for layer in sorted(sites):
         site = sites[layer]
         heads = acc[layer].scores()
-        unit_kl = [float(x / max(positions, 1)) for x in kl_sums[layer]] if sensitivity else [0.0] * len(units[layer])
+        n = len(units[layer])
+        unit_kl = [rank_kl[(layer, u)] for u in range(n)] if sensitivity else [0.0] * n
+        unit_recall = [exact_recall.get((layer, u), float(rec_est[layer][u]) if layer in rec_est else 0.0)
+                       for u in range(n)] if sensitivity else [0.0] * n
         for u, members in enumerate(units[layer]):
             for h in members:
                 heads[h].sensitivity = unit_kl[u]
-        layers.append(LayerScores(layer, site.module, site.num_heads, site.num_kv_heads, heads, unit_kl))
+                heads[h].recall = unit_recall[u]
+        layers.append(LayerScores(
+            layer, site.module, site.num_heads, site.num_kv_heads, heads, unit_kl, unit_recall,
+            [float(kl_est[layer][u]) if layer in kl_est else None for u in range(n)],
+            [exact_kl.get((layer, u)) for u in range(n)],
+            [float(rec_est[layer][u]) if layer in rec_est else None for u in range(n)],
+        ))
     grouped = any(s.num_kv_heads < s.num_heads for s in sites.values())
-    extra = {"scored_as": scored.name, **window} if scored is not kind or window else {}
+    extra: dict[str, Any] = {"scored_as": scored.name, **window} if scored is not kind or window else {}
+    if sensitivity:
+        extra["sensitivity"] = {
+            "method": "exact" if exact_all else method, "exact_units": len(exact_kl), "total_units": total_units,
+            "recall_positions": n_recall, "device": str(dev), "dtype": str(runner.dtype).removeprefix("torch."),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()}, "weight_reads": runner.weight_reads,
+            "peak_layer_bytes": runner.peak_segment_bytes,
+            **({"fisher_samples": fisher_samples, "cut": cut} if not exact_all else {}),
+        }
     return Analysis(layers, calibration.describe(), kind.name, "kv_group" if grouped else "head", extra)
 
 
+def _rank_values(ranked: list[tuple[int, int]], window: list[tuple[int, int]], estimate: dict[int, np.ndarray],
+                 exact: dict[tuple[int, int], float], exact_all: bool) -> dict[tuple[int, int], float]:
+    """The value that ranks each unit: its exact KL when every unit was measured; else its estimate,
+    with the measured window's slots handed out again in the order of their exact values (the
+    estimates place a unit in or out of the window, the exact values order the window)."""
+    if exact_all:
+        return dict(exact)
+    values = {lu: float(estimate[lu[0]][lu[1]]) for lu in ranked}
+    slots = sorted((values[lu] for lu in window), reverse=True)
+    for lu, value in zip(sorted(window, key=lambda lu: (-exact[lu], lu)), slots):
+        values[lu] = value
+    return values

@@ -19,11 +19,11 @@ from hydracc.cli.common import (
 )
 from hydracc.cli.convert import option_params
 
-_CALIBRATION = ("calib", "calib_samples", "seq_len")
+_CALIBRATION = ("calib", "calib_samples", "seq_len", "sensitivity", "exact_k", "device")
 
 
 def _calibration_options(fn: Any) -> Any:
-    """The calibration flags, exactly as ``convert`` declares them (from ``ConvertOptions``)."""
+    """The calibration and measurement flags, exactly as ``convert`` declares them (from ``ConvertOptions``)."""
     fn.__click_params__ = [*getattr(fn, "__click_params__", []),
                            *reversed([p for p in option_params() if p.name in _CALIBRATION])]
     return fn
@@ -36,8 +36,8 @@ def _calibration_options(fn: Any) -> Any:
               help="Kind the linear_error and sensitivity scores measure (hedgehog and gdn, untrained here, are scored as elu).")
 @json_option("Print the scores as JSON on stdout; the table goes to stderr.")
 @quiet_option("No progress bar or table.")
-def analyze_command(path: Path, calib: Path | None, calib_samples: int, seq_len: int, linear_kind: str, as_json: bool,
-                    quiet: bool) -> None:
+def analyze_command(path: Path, calib: Path | None, calib_samples: int, seq_len: int, sensitivity: str, exact_k: int,
+                    device: str | None, linear_kind: str, as_json: bool, quiet: bool) -> None:
     """Score every attention head of the checkpoint at PATH on calibration data.
 
     \b
@@ -49,19 +49,25 @@ def analyze_command(path: Path, calib: Path | None, calib_samples: int, seq_len:
     lin_err      relative output error of the linear kind on the same q, k, v
     sensitivity  KL of the model's next-token distribution when this KV group (GQA) or
                  head alone is made linear, mean over calibration tokens
+    recall       change of the cross-entropy at positions whose next token is predictable
+                 by copying, when the unit alone is made linear
+    (--sensitivity auto re-measures exactly the --exact-k units around a quarter of the units.)
     """
     reporter = Reporter(as_json, quiet)
 
     def work() -> dict[str, Any]:
         from hydracc.pipeline import stages
+        from hydracc.pipeline.options import check_device
 
-        insp = stages.inspect_checkpoint(path, capture_shape=stages.calibration_shape(calib_samples, seq_len))
+        check_device(device)
+        insp = stages.inspect_checkpoint(path, calibration=(calib_samples, seq_len), dtype=stages.capture_dtype(device))
         hooks = rich_hooks(reporter)
         try:
             calibration = stages.calibration_for(insp, calib, samples=calib_samples, seq_len=seq_len)
             hooks.begin("analyze")
             try:
-                analysis = stages.analyze_heads(insp, calibration, linear_kind=linear_kind, progress=hooks.analyzed)
+                analysis = stages.analyze_heads(insp, calibration, linear_kind=linear_kind, method=sensitivity, exact_k=exact_k,
+                                                device=device, progress=hooks.analyzed)
             finally:
                 hooks.end("analyze")
         finally:

@@ -90,8 +90,16 @@ def convert_command(as_json: bool, quiet: bool, **fields: Any) -> None:
     --distill-samples calibration rows; it saves its state to OUTPUT.hydracc-distill/ every
     --save-every steps, and --resume continues an interrupted run. The same seed and inputs
     give the same weights.
+
+    
+    Several processes: `torchrun --nproc-per-node N -m hydracc convert ...` splits the
+    calibration rows of the analysis and of --distill across N processes (gloo on CPUs,
+    NCCL on GPUs, one GPU each); rank 0 alone prints and writes.
     """
-    reporter = Reporter(as_json, quiet)
+    from hydracc.distributed import env_is_main
+
+    main = env_is_main()
+    reporter = Reporter(as_json and main, quiet or not main)
 
     def work() -> dict[str, Any]:
         from hydracc.pipeline.run import run_conversion

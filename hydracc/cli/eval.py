@@ -18,7 +18,7 @@ from hydracc.cli.common import Reporter, json_option, progress_bar, quiet_option
               help="Which evaluation to run.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Perplexity on this data (convert's --calib formats) instead of the built-in held-out text.")
-@click.option("--device", default=None, help="Torch device to run on (default: cpu).")
+@click.option("--device", default=None, help="Torch device to run on (default: cuda when available, else cpu).")
 @json_option("Print the scores as JSON on stdout.")
 @quiet_option("No progress bar or table.")
 def eval_command(model_path: Path, task: str, calib: Path | None, device: str | None, as_json: bool, quiet: bool) -> None:
@@ -35,6 +35,7 @@ def eval_command(model_path: Path, task: str, calib: Path | None, device: str | 
     reporter = Reporter(as_json, quiet)
 
     def work() -> dict[str, Any]:
+        from hydracc.device import default_device
         from hydracc.evaluation.evaluate import TASKS, EvalSettings, count_batches, evaluate
         from hydracc.pipeline.options import check_device
 
@@ -44,7 +45,7 @@ def eval_command(model_path: Path, task: str, calib: Path | None, device: str | 
         with progress_bar(reporter, "eval") as progress:
             bar = progress.add_task("eval", total=count_batches(tasks, settings))
             result = evaluate(model_path, tasks, settings, advance=lambda: progress.advance(bar), calib=calib,
-                              device=device or "cpu")
+                              device=str(default_device(device)))
         print_scores(reporter.console, result)
         return {"status": "ok", **result.to_json()}
 

@@ -18,7 +18,7 @@ from hydracc.errors import HydraError
 @click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy; otherwise sample at this temperature.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
-@click.option("--device", default=None, help="Torch device to run on (default: cpu).")
+@click.option("--device", default=None, help="Torch device to run on (default: cuda when available, else cpu).")
 @json_option("Print the continuation and the numbers as JSON on stdout.")
 def generate_command(model_path: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
                      device: str | None, as_json: bool) -> None:
@@ -36,6 +36,7 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         import torch
         from transformers import AutoTokenizer
 
+        from hydracc.device import default_device
         from hydracc.frontend.checkpoint import read_config
         from hydracc.pipeline.options import check_device
         from hydracc.runtime.cache import HybridCache
@@ -56,8 +57,9 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
             raise HydraError(f"--prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is more than "
                              f"the model's {limit} positions", hint="shorten the prompt or ask for fewer new tokens")
-        model = load(root, device=device or "cpu")
-        ids = ids.to(device or "cpu")
+        dev = default_device(device)
+        model = load(root, device=dev)
+        ids = ids.to(dev)
         cache = HybridCache(model.config)
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature > 0 else {"do_sample": False}

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hydracc.device import default_device
 from hydracc.errors import HydraError
 from hydracc.evaluation.probes import ProbeError, TokenSpace, heldout_ids, recall_probe, token_space
 
@@ -147,7 +148,7 @@ def verify(
 
     t = thresholds or Thresholds()
     s = settings or VerifySettings()
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = default_device(device)
     orig_ck, conv_ck = check_pair(original, converted)
     vocab = int(orig_ck.config.get("vocab_size") or 0)
     limit = orig_ck.config.get("max_position_embeddings") or orig_ck.config.get("n_positions")

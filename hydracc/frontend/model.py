@@ -116,11 +116,13 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def build_model(config: dict[str, Any], *, attn_implementation: str = "sdpa", on_meta: bool = True) -> nn.Module:
+def build_model(config: dict[str, Any], *, attn_implementation: str = "sdpa", on_meta: bool = True,
+                dtype: Any = None) -> nn.Module:
     """The transformers causal-LM model for ``config``, in eval mode.
 
     With ``on_meta`` the parameters live on the meta device (no memory, no data); the
-    caller streams real weights in where it needs them.
+    caller streams real weights in where it needs them. ``dtype``: the floating dtype to
+    build in (default: the config's), which is the dtype a captured graph computes in.
     """
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +132,8 @@ def build_model(config: dict[str, Any], *, attn_implementation: str = "sdpa", on
         with ctx, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(
-                cfg, attn_implementation=attn_implementation, trust_remote_code=False
+                cfg, attn_implementation=attn_implementation, trust_remote_code=False,
+                **({"dtype": dtype} if dtype is not None else {}),
             )
     except ValueError as exc:
         raise UnsupportedModelError(

@@ -90,6 +90,12 @@ class ConvertOptions:
                                    flags=("--kv-budget",), type=float, optional=True, min=0.0, max=1.0)
     score: str = _opt("sensitivity", "Score that ranks units for --strategy heads (sensitivity = output KL when the unit is "
                       "made linear).", flags=("--score",), choices=("sensitivity", "retrieval", "linear_error"))
+    sensitivity: str = _opt("auto", "How the sensitivity score is measured: auto (estimates from one backward sweep per "
+                            "loss, then exact re-measurement of the --exact-k units nearest the budget's cut line; cost "
+                            "linear in depth), estimate (estimates only), exact (re-run the layers after every unit; cost "
+                            "grows with layers x units).", flags=("--sensitivity",), choices=("auto", "estimate", "exact"))
+    exact_k: int = _opt(8, "With --sensitivity auto: units re-measured exactly around the cut line (all of them when the "
+                        "model has no more).", flags=("--exact-k",), type=int, min=0)
     min_full_per_layer: int = _opt(0, "Keep at least this many units full in every layer.", flags=("--min-full-per-layer",),
                                    type=int, min=0)
     max_full_per_layer: int | None = _opt(None, "Keep at most this many units full in any layer.",
@@ -132,7 +138,8 @@ class ConvertOptions:
                            flags=("--save-every",), type=int, min=1)
     resume: bool = _opt(False, "--distill: continue an interrupted run from its saved state (same inputs and options).",
                         flags=("--resume",), type=bool)
-    device: str | None = _opt(None, "--distill: train on this torch device (default: cuda when available, else cpu).",
+    device: str | None = _opt(None, "Torch device for the analysis and --distill (default: cuda when available, else cpu); "
+                              "GPUs compute in the checkpoint's dtype, the CPU in float32.",
                               flags=("--device",), optional=True, show_default=False)
     # rewrite and emit
     user_passes: tuple[Any, ...] = _opt((), "Run a registered pass (after hybridize, before permute-heads). Repeatable.",
@@ -289,6 +296,8 @@ class ConvertOptions:
         settings = self.distill_settings()
         if settings is not None:
             _check_device(settings, n)
+        elif self.device is not None:
+            check_device(self.device, n("device"))
         return file_plan
 
 

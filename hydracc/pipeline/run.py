@@ -12,6 +12,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydracc import distributed
 from hydracc.errors import HydraError, OutputError, Terminated
 from hydracc.pipeline.options import ConvertOptions, OptionError, Style
 
@@ -82,15 +84,22 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
     hooks = progress if progress is not None else ProgressHooks()
     o = options
     file_plan = o.check(style)
+    distributed.init()  # under torchrun: join the other processes (a no-op alone)
+    device = o.device if o.device is not None or distributed.world_size() == 1 else str(distributed.local_device())
     settings = o.distill_settings()
+    if settings is not None and settings.device is None and device is not None:
+        settings = dataclasses.replace(settings, device=device)
     budget = o.budget()
     want_fusion = True if o.distill else o.fusion
     needs_analysis = o.plan_file is None and o.strategy == "heads"
     may_learn = bool(want_fusion) or kind_by_name(o.linear_kind).learned or (
         file_plan is not None and stages.needs_learned_params(file_plan))
     samples = max(o.calib_samples, o.distill_samples if o.distill else 0)
-    shape = stages.calibration_shape(samples, o.seq_len) if needs_analysis or may_learn else (2, 16)
-    insp = stages.inspect_checkpoint(o.path, capture_shape=shape)
+    dtype = stages.capture_dtype(device)
+    if needs_analysis or may_learn:
+        insp = stages.inspect_checkpoint(o.path, calibration=(samples, o.seq_len), dtype=dtype)
+    else:
+        insp = stages.inspect_checkpoint(o.path, dtype=dtype)
     insp.checkpoint.allow_nonfinite = o.allow_nonfinite
     try:
         analysis = None
@@ -98,6 +107,8 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
             calibration = stages.calibration_for(insp, o.calib, samples=o.calib_samples, seq_len=o.seq_len)
             with _stage(hooks, "analyze"):
                 analysis = stages.analyze_heads(insp, calibration, linear_kind=o.linear_kind, kind_params=o.kind_params,
+                                                method=o.sensitivity, exact_k=o.exact_k, device=device,
+                                                cut=stages.budget_cut(insp, budget) if budget is not None else None,
                                                 progress=hooks.analyzed)
         plan = stages.make_plan(insp, plan_file=o.plan_file, budget=budget, strategy=o.strategy, analysis=analysis,
                                 score=o.score, keep_full=o.keep_full, force_linear=o.force_linear, linear_kind=o.linear_kind,
@@ -107,9 +118,10 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
             raise OptionError(f"{no_fusion}: the plan has hedgehog or gdn heads, which always come with fusion")
         cost = cache_cost(plan, insp.captured.sites, insp.element_bytes)
         result = stages.ConversionResult(insp, plan, cost, analysis=analysis, dry_run=o.dry_run)
-        if o.plan_out is not None:
+        main = distributed.is_main()  # under torchrun rank 0 alone writes; the others help analyze and train
+        if o.plan_out is not None and main:
             _write_text_atomic(o.plan_out, plan.dumps())
-        if o.plan_png is not None:
+        if o.plan_png is not None and main:
             from hydracc.planning.plot import draw_plan
 
             draw_plan(plan, o.plan_png, score=o.score if o.strategy == "heads" else "sensitivity")
@@ -122,7 +134,7 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
                 try:
                     with _stage(hooks, "distill" if settings is not None else "initialise"):
                         result.learned = stages.learn_params(insp, plan, rows, settings=settings, out=output, resume=o.resume,
-                                                             progress=hooks.distilled)
+                                                             progress=hooks.distilled, device=device)
                 except KeyboardInterrupt as exc:
                     state = state_dir_for(output)
                     saved = (f"; the training state is saved in {state}: rerun with "
@@ -130,6 +142,8 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
                     what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
                     raise (Terminated if isinstance(exc, Terminated) else Interrupted)(
                         f"{what}; nothing was written to {output}{saved}") from exc
+            if not main:
+                return result
             result.rewrite = stages.rewrite(insp, plan, user_passes=o.user_passes, permute=o.permute)
             total = sum(insp.checkpoint.info(name).nbytes for name in insp.weight_names.values())
             with _stage(hooks, "write", total):

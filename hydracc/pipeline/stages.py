@@ -34,7 +34,9 @@ from hydracc.analysis.calibration import (
     default_calibration,
     load_calibration,
 )
-from hydracc.analysis.scores import Analysis, analyze
+from hydracc.analysis.layerwise import compute_dtype
+from hydracc.analysis.scores import EXACT_K, Analysis, analyze
+from hydracc.device import default_device
 from hydracc.distill.train import DistillResult, DistillSettings, distill, initial_values, state_dir_for
 from hydracc.emit.hydra_section import hydra_section
 from hydracc.emit.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
@@ -69,6 +71,8 @@ class Inspection:
     """Model weight name -> checkpoint tensor name (see ``model.match_weights``)."""
     tied: dict[str, str] = field(default_factory=dict)
     """Model weight name -> the weight it shares storage with (``lm_head.weight`` -> embeddings)."""
+    dtype: torch.dtype | None = None
+    """The floating dtype the graph was captured in (``None``: the checkpoint's); weights are read in it."""
 
     @property
     def dropped(self) -> list[str]:
@@ -76,9 +80,22 @@ class Inspection:
         kept = set(self.weight_names.values())
         return [name for name in self.checkpoint.names() if name not in kept]
 
+    def read_weight(self, name: str) -> torch.Tensor:
+        """One weight the model needs, by its model name, read from the checkpoint now in the
+        checkpoint's dtype (tied weights read their source); what the layer-by-layer analysis
+        reads as each layer runs (it casts to the graph's dtype itself)."""
+        if name in self.weight_names:
+            return self.checkpoint.get(self.weight_names[name])
+        if name in self.tied and self.tied[name] in self.weight_names:
+            return self.checkpoint.get(self.weight_names[self.tied[name]])
+        raise KeyError(f"the checkpoint has no weight for {name}")
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t
+
     def load_weights(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """Every weight the model needs, read into memory under the model's names."""
-        weights = {name: self.checkpoint.get(ck_name).to(device) for name, ck_name in self.weight_names.items()}
+        weights = {name: self._cast(self.checkpoint.get(ck_name)).to(device) for name, ck_name in self.weight_names.items()}
         for name, source in self.tied.items():
             if name not in weights and source in weights:
                 weights[name] = weights[source]
@@ -156,13 +173,24 @@ class ConversionResult:
         return report
 
 
-def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int, int] = (2, 16)) -> Inspection:
+def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int, int] = (2, 16),
+                       calibration: tuple[int, int] | None = None, dtype: torch.dtype | None = None) -> Inspection:
     """Load stage + capture stage: open, validate against the config, capture, find sites.
 
     ``capture_shape`` is the ``[batch, seq_len]`` the graph is exported at; analysis runs
-    calibration batches of exactly that shape through it.
+    calibration batches of exactly that shape through it. ``calibration=(samples, seq_len)``
+    picks it instead (``calibration_shape``, with the model's vocabulary). ``dtype``: the
+    floating dtype the graph computes in (default: the checkpoint's; the conversion passes
+    float32 when it computes on the CPU).
     """
     ck = open_checkpoint(path)
+    if calibration is not None:
+        vocab = ck.config.get("vocab_size")
+        try:
+            capture_shape = calibration_shape(*calibration, vocab_size=vocab if isinstance(vocab, int) and vocab > 0 else None)
+        except BaseException:
+            ck.close()
+            raise
     limit = ck.config.get("max_position_embeddings") or ck.config.get("n_positions")
     if isinstance(limit, int) and capture_shape[1] > limit:
         ck.close()
@@ -171,7 +199,7 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int
             hint=f"use --seq-len {limit} or less",
         )
     try:
-        model = build_model(ck.config)
+        model = build_model(ck.config, dtype=dtype)
         names = match_weights(model, ck)
         captured = capture(model, batch=capture_shape[0], seq_len=capture_shape[1])
         require_sites(captured)
@@ -179,18 +207,24 @@ def inspect_checkpoint(path: str | os.PathLike[str], *, capture_shape: tuple[int
     except BaseException:
         ck.close()
         raise
-    return Inspection(ck, captured, names, expected_weights(model)[1])
+    return Inspection(ck, captured, names, expected_weights(model)[1], dtype)
 
 
 CALIBRATION_BATCH = 8
-"""Calibration rows per graph run (the batch the graph is captured at when analyzing)."""
+"""Most calibration rows per graph run (the batch the graph is captured at when analyzing)."""
+LOGITS_BYTES = 128 * 2**20
+"""Largest fp32 logits tensor of one graph run: rows per batch shrink for large vocabularies."""
 
 
-def calibration_shape(samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN) -> tuple[int, int]:
-    """The ``capture_shape`` to inspect a checkpoint at so that it can be analyzed."""
+def calibration_shape(samples: int = DEFAULT_SAMPLES, seq_len: int = DEFAULT_SEQ_LEN, vocab_size: int | None = None) -> tuple[int, int]:
+    """The ``capture_shape`` to inspect a checkpoint at so that it can be analyzed: up to
+    ``CALIBRATION_BATCH`` rows, fewer when their logits would pass ``LOGITS_BYTES``."""
     if samples < 1 or seq_len < 2:
         raise HydraError(f"calibration needs --calib-samples >= 1 and --seq-len >= 2, got {samples} and {seq_len}")
-    return (min(samples, CALIBRATION_BATCH), seq_len)
+    rows = CALIBRATION_BATCH
+    if vocab_size:
+        rows = max(1, min(rows, LOGITS_BYTES // (seq_len * int(vocab_size) * 4)))
+    return (min(samples, rows), seq_len)
 
 
 def calibration_for(
@@ -213,16 +247,41 @@ def analyze_heads(
     *,
     linear_kind: str = "elu",
     kind_params: dict[str, int] | None = None,
+    method: str = "auto",
+    cut: int | None = None,
+    exact_k: int = EXACT_K,
+    device: str | torch.device | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Analysis:
-    """Analyze stage: score every head on ``calibration`` (reads all weights into memory)."""
+    """Analyze stage: score every head on ``calibration``, one layer at a time (weights are read
+    from the checkpoint as their layer runs). ``device``: default CUDA when available, else CPU."""
     if inspection.captured.input_shape[1] != calibration.seq_len:
         raise HydraError(
             f"the graph was captured for length {inspection.captured.input_shape[1]} but calibration rows have "
             f"{calibration.seq_len} tokens; inspect with capture_shape=calibration_shape(...)"
         )
-    weights = inspection.load_weights()
-    return analyze(inspection.captured, weights, calibration, linear_kind=linear_kind, kind_params=kind_params, progress=progress)
+    dev = torch.device(device) if device is not None else default_device()
+    dtypes = [d for d in inspection.checkpoint.dtypes() if d.is_floating_point]
+    dtype = inspection.dtype or compute_dtype(torch.device("cuda"), dtypes)  # the graph's: it asserts its dtypes
+    return analyze(inspection.captured, inspection.read_weight, calibration, linear_kind=linear_kind,
+                   kind_params=kind_params, method=method, cut=cut, exact_k=exact_k, device=dev,
+                   dtype=dtype, progress=progress)
+
+
+def capture_dtype(device: str | torch.device | None) -> torch.dtype | None:
+    """The dtype to capture in for computing on ``device``: float32 on the CPU (where bf16/fp16
+    arithmetic is slow and coarse), else the checkpoint's own (``None``)."""
+    dev = torch.device(device) if device is not None else default_device()
+    return torch.float32 if dev.type == "cpu" else None
+
+
+def budget_cut(inspection: Inspection, budget: Budget) -> int:
+    """About how many units ``budget`` keeps full: where the analysis re-measures exactly."""
+    from hydracc.analysis.scores import units_of
+
+    total = sum(len(units_of(s)) for s in inspection.captured.sites)
+    fraction = budget.full_ratio if budget.full_ratio is not None else budget.kv_budget
+    return round(float(fraction or 0.0) * total)
 
 
 def make_plan(
@@ -315,6 +374,7 @@ def learn_params(
     out: str | os.PathLike[str] | None = None,
     resume: bool = False,
     progress: Callable[[str, int, int, float], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> DistillResult | None:
     """Distill stage: values for the parameters ``plan`` adds (``None`` if it adds none).
 
@@ -322,7 +382,8 @@ def learn_params(
     it first; its values are keyed by the checkpoint names the rewrite records. Without
     ``settings`` the parameters keep their measured initial values (no training). With ``out``,
     training state is saved beside it (``OUT.hydracc-distill``) for ``resume``. The graph must
-    have been captured at the calibration shape.
+    have been captured at the calibration shape. Weights are read one layer at a time; the
+    measured initial values are computed on ``device`` (training: on ``settings.device``).
     """
     if not needs_learned_params(plan):
         if settings is not None:
@@ -335,14 +396,17 @@ def learn_params(
         )
     if any(n.target is HYBRID_OP for n in inspection.captured.graph_module.graph.nodes):
         raise HydraError("learn_params needs the original graph: call it before rewrite")
-    weights = inspection.load_weights(settings.torch_device() if settings is not None else "cpu")
+    dtypes = [d for d in inspection.checkpoint.dtypes() if d.is_floating_point]
+    dtype = inspection.dtype or compute_dtype(torch.device("cuda"), dtypes)  # the graph's: it asserts its dtypes
     if settings is None:
-        return DistillResult(initial_values(inspection.captured, weights, plan, calibration), None)
+        device = default_device() if device is None else torch.device(device)
+        return DistillResult(initial_values(inspection.captured, inspection.read_weight, plan, calibration,
+                                            device=device, dtype=dtype), None)
     fingerprint = json.dumps(inspection.checkpoint.sha256(), sort_keys=True)
     return distill(
-        inspection.captured, weights, plan, calibration, settings,
+        inspection.captured, inspection.read_weight, plan, calibration, settings,
         state_dir=state_dir_for(out) if out is not None else None, fingerprint=fingerprint, resume=resume,
-        progress=progress,
+        progress=progress, dtype=dtype,
     )
 
 

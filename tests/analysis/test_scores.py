@@ -95,6 +95,12 @@ def test_retrieval_targets_mark_the_token_after_an_earlier_occurrence() -> None:
     assert not t[:3].any()
 
 
+def _stable(report: dict) -> dict:
+    """An analysis JSON without its timings (the only part that differs between equal runs)."""
+    report.get("sensitivity", {}).pop("seconds", None)
+    return report
+
+
 def _peaky_checkpoint(tmp_path, heads: int, kv: int):
     model = build_tiny_model("llama", heads, kv, layers=2, hidden=32, seed=3)
     with torch.no_grad():  # sharper attention, so that making a head linear visibly changes the output
@@ -133,7 +139,7 @@ def test_analysis_is_deterministic_and_independent_of_batch_size(tmp_path) -> No
     runs = []
     for batch in (4, 2, 4):
         insp = inspect_checkpoint(src, capture_shape=(batch, 16))
-        runs.append(analyze(insp.captured, insp.load_weights(), cal).to_json())
+        runs.append(_stable(analyze(insp.captured, insp.load_weights(), cal).to_json()))
     assert runs[0] == runs[2]
     a, b = runs[0]["layers"], runs[1]["layers"]
     for la, lb in zip(a, b):
@@ -144,6 +150,8 @@ def test_analysis_is_deterministic_and_independent_of_batch_size(tmp_path) -> No
 
 def test_calibration_shape_and_length_mismatch(tmp_path) -> None:
     assert calibration_shape(20, 64) == (8, 64) and calibration_shape(3, 64) == (3, 64)
+    assert calibration_shape(16, 256, vocab_size=151_936) == (1, 256)  # one row's logits are 155 MB already
+    assert calibration_shape(16, 256, vocab_size=32_000) == (4, 256)
     src = _peaky_checkpoint(tmp_path, 4, 2)
     insp = inspect_checkpoint(src, capture_shape=(2, 16))
     with pytest.raises(ValueError, match="length"):
@@ -151,10 +159,76 @@ def test_calibration_shape_and_length_mismatch(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2-mha"])
-def test_prefix_reuse_gives_the_same_sensitivities(tiny_checkpoint, name) -> None:
+def test_lazy_reads_give_the_same_scores_as_weights_in_memory(tiny_checkpoint, name) -> None:
+    """Reading each weight from the checkpoint when its layer runs changes nothing."""
     cal = default_calibration(vocab_size=64, samples=3, seq_len=16)
     insp = inspect_checkpoint(tiny_checkpoint(name), capture_shape=(3, 16))
-    weights = insp.load_weights()
-    reused = analyze(insp.captured, weights, cal, reuse_prefix=True).to_json()
-    rerun = analyze(insp.captured, weights, cal, reuse_prefix=False).to_json()
-    assert reused == rerun
+    in_memory = _stable(analyze(insp.captured, insp.load_weights(), cal).to_json())
+    lazy = _stable(analyze(insp.captured, insp.read_weight, cal).to_json())
+    assert lazy == in_memory
+
+
+def _deep_checkpoint(tmp_path):
+    """4 layers x 4 heads (MHA): 16 units, more than the exact window."""
+    model = build_tiny_model("llama", 4, 4, layers=4, hidden=32, seed=3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(25)
+            layer.self_attn.k_proj.weight.mul_(25)
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _units(result, field: str) -> np.ndarray:
+    return np.array([x for ls in result.layers for x in getattr(ls, field)], dtype=float)
+
+
+def _rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_estimates_rank_units_like_the_exact_measure(tmp_path) -> None:
+    """One backward sweep per loss (Fisher draws for the KL) orders units as re-running every one does."""
+    src = _deep_checkpoint(tmp_path)
+    cal = default_calibration(vocab_size=64, samples=8, seq_len=32)
+    insp = inspect_checkpoint(src, capture_shape=(4, 32))
+    exact = analyze(insp.captured, insp.read_weight, cal, method="exact")
+    est = analyze(insp.captured, insp.read_weight, cal, method="estimate", fisher_samples=8)
+    assert est.extra["sensitivity"]["exact_units"] == 0 and exact.extra["sensitivity"]["exact_units"] == 16
+    kl_est, kl_exact = _units(est, "unit_kl_estimate"), _units(exact, "unit_sensitivity")
+    assert _rank_corr(kl_est, kl_exact) > 0.8, (kl_est, kl_exact)
+    # the estimate is a second-order form: the right size, not a different quantity
+    assert 0.3 < kl_est.sum() / kl_exact.sum() < 3.0
+    assert _rank_corr(_units(est, "unit_recall_estimate"), _units(exact, "unit_recall")) > 0.3
+
+
+def test_auto_re_measures_the_window_around_the_cut_exactly(tmp_path) -> None:
+    src = _deep_checkpoint(tmp_path)
+    cal = default_calibration(vocab_size=64, samples=8, seq_len=32)
+    insp = inspect_checkpoint(src, capture_shape=(4, 32))
+    exact = analyze(insp.captured, insp.read_weight, cal, method="exact")
+    auto = analyze(insp.captured, insp.read_weight, cal, method="auto", cut=6, exact_k=4, fisher_samples=8)
+    est = _units(auto, "unit_kl_estimate")
+    measured = [i for i, x in enumerate(x for ls in auto.layers for x in ls.unit_kl_exact) if x is not None]
+    assert len(measured) == 4 and auto.extra["sensitivity"]["exact_units"] == 4
+    ranked = list(np.argsort(-est, kind="stable"))
+    assert sorted(measured) == sorted(ranked[4:8])  # ranks 4..7: the window around the cut at 6
+    truth = _units(exact, "unit_sensitivity")
+    for i in measured:
+        assert [x for ls in auto.layers for x in ls.unit_kl_exact][i] == pytest.approx(truth[i], rel=1e-5)
+    rank = _units(auto, "unit_sensitivity")
+    # outside the window the estimates rank; inside, the exact values order the same slots
+    assert sorted(rank[measured]) == sorted(est[measured])
+    assert list(np.argsort(-rank[measured])) == list(np.argsort(-truth[measured]))
+    for i in set(range(16)) - set(measured):
+        assert rank[i] == est[i]
+
+
+def test_recall_positions_mark_a_pair_seen_before() -> None:
+    from hydracc.analysis.sensitivity import recall_positions
+
+    tokens = torch.tensor([[5, 7, 9, 5, 7, 2, 5, 9]])
+    pos = recall_positions(tokens)[0].tolist()
+    # position 3 (5, next 7): the pair (5, 7) was at 0; position 6 (5, next 9) was never seen
+    assert pos == [False, False, False, True, False, False, False, False]

@@ -107,7 +107,8 @@ def test_init_params_hooks_give_the_distillation_starting_values() -> None:
     rec = SimpleNamespace(q=q, k=k, out=torch.randn(2, hq, t, d, generator=torch.Generator().manual_seed(3)))
     want = train.layer_initial_params(lp, site, rec, seed=5)
     rows = {name: torch.zeros(shape) for name, shape in param_shapes(hq, d).items()}
-    distance = train._mean_distance(q, k.repeat_interleave(hq // hkv, dim=1), site.scale)
+    _, distance_sum, count = train._head_sums(rec, hq // hkv, site.scale)
+    distance = distance_sum / count
     for h, name in enumerate(names):
         kind = kind_by_code([k.code for k in HEAD_KINDS if k.name == name][0])
         if kind.init_params is not None:

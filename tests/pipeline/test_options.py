@@ -44,6 +44,7 @@ def test_flag_spellings_are_unchanged() -> None:
         "--resume", "--device", "--pass", "--plugin", "--permute", "--no-permute", "--force", "--max-shard-size", "--onnx",
         "--atol", "--json", "-q", "--quiet",
         "--base-model", "--allow-nonfinite",  # added with the release gate (model card, non-finite weights)
+        "--sensitivity", "--exact-k",  # added with the linear-cost analysis
     }
 
 
