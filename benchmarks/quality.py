@@ -1,23 +1,27 @@
-"""Conversion quality on the shipped example model: scored plans against layer-wise and random ones.
+"""Conversion quality: every planning strategy and objective against layer-wise, random and the best plan of all.
 
-Usage: python benchmarks/quality.py [--model examples/tiny-llama] [--workdir DIR] [--json FILE] [--exhaustive]
+Usage: python benchmarks/quality.py [--model examples/tiny-llama] [--calib FILE] [--recall FILE.npz]
+       [--tasks ppl,mqar,passkey] [--budgets 0.25,0.125] [--exhaustive] [--workdir DIR] [--json FILE]
 
-For each KV budget (25% and 12.5% of the original cache; the unit is the KV group), converts
-the model with
-  - ``heads``: the scored plan (units ranked by output KL when made linear),
-  - ``heads-retrieval``: the scored plan ranked by the retrieval (copy) score instead,
+For each KV budget (default 25% and 12.5% of the original cache; the unit is the KV group) it
+converts the model through ``hydracc.convert.convert`` (the one conversion the CLI runs) with
+  - ``heads, recall first``: the default plan (``--objective recall``),
+  - ``heads, KL``: ``--objective kl`` (output KL over all positions),
+  - ``heads, retrieval score``: ``--score retrieval`` (attention-pattern copy score),
   - ``layers``: whole layers kept full (the layer-wise hybrid baseline),
-  - ``random``: three seeded random plans (the mean is reported, and each seed in the JSON),
-plus all heads linear (budget 0), then runs ``hydracc eval``'s default suite on each and on the
-original. No distillation (that comes with the linear-kinds issue). Prints a Markdown table.
-``--exhaustive`` also converts and scores every plan at 25% (all ways to keep a quarter of the
-KV groups full; 28 for the example model) and prints where each strategy's plan ranks.
-Everything is deterministic: the same model gives the same table.
+  - ``random``: three seeded random plans (the mean is reported, each seed in the JSON),
+plus all heads linear, then scores each with ``hydracc eval`` (``--tasks``; ``--recall`` adds the
+model's own recall probes, which then are the "recall" column; otherwise it is built-in MQAR).
+``--exhaustive`` also converts and scores every plan at each budget (all ways to keep that share
+of the KV groups full) and reports where each strategy's plan ranks and its share of the best
+recall. ``--calib`` is passed to every planned conversion. Deterministic: the same inputs give
+the same table.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -28,145 +32,154 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def convert_with(model: Path, out: Path, analysis, strategy: str, kv_budget: float, score: str = "sensitivity", seed: int = 0):
-    from hydracc.convert import inspect_checkpoint, make_plan
-    from hydracc.planning.budget import Budget
-
-    insp = inspect_checkpoint(model)
-    try:
-        plan = make_plan(insp, budget=Budget(kv_budget=kv_budget), strategy=strategy, analysis=analysis, score=score, seed=seed)
-    finally:
-        insp.checkpoint.close()
-    convert_by_plan(model, out, plan)
-    return plan
-
-
-def convert_by_plan(model: Path, out: Path, plan) -> None:
-    """Convert ``model`` into ``out`` by ``plan`` (through ``hydracc.convert.convert``, like the CLI's --plan-file)."""
-    from hydracc.convert import convert
-
-    plan_file = out.with_name(out.name + ".plan.json")
-    plan_file.write_text(plan.dumps())
-    convert(model, out, plan_file=plan_file, force=True)
-
-
-def exhaustive(model: Path, work: Path, kv_budget: float) -> list[dict]:
-    """Convert and score every plan keeping ``kv_budget`` of the KV groups full."""
-    import itertools
-
-    from hydracc.convert import inspect_checkpoint, make_plan
-    from hydracc.evaluation.evaluate import evaluate
-    from hydracc.planning.budget import Budget
-
-    insp = inspect_checkpoint(model)
-    units = [(s.layer, g, s.num_heads // s.num_kv_heads) for s in insp.captured.sites for g in range(s.num_kv_heads)]
-    insp.checkpoint.close()
-    out: list[dict] = []
-    for combo in itertools.combinations(units, round(kv_budget * len(units))):
-        keep = [f"{layer}.{g * size}" for layer, g, size in combo]
-        insp = inspect_checkpoint(model)
-        try:
-            plan = make_plan(insp, budget=Budget(kv_budget=kv_budget), strategy="even", keep_full=keep)
-        finally:
-            insp.checkpoint.close()
-        path = work / ("every-" + "_".join(keep))
-        convert_by_plan(model, path, plan)
-        out.append({"layout": full_layout(plan), **summary(evaluate(path).scores)})
-        print(json.dumps(out[-1]), file=sys.stderr)
-    return out
-
-
-def summary(scores: dict) -> dict:
-    return {
-        "ppl": scores["ppl"]["ppl"],
-        "mqar": scores["mqar"]["accuracy"],
-        "mqar_first": scores["mqar"]["first_query_accuracy"],
-        "passkey": scores["passkey"]["accuracy"],
-    }
+PLANS = (("heads, recall first", dict(strategy="heads", objective="recall")),
+         ("heads, KL", dict(strategy="heads", objective="kl")),
+         ("heads, retrieval score", dict(strategy="heads", score="retrieval")),
+         ("layers", dict(strategy="layers")))
 
 
 def full_layout(plan) -> str:
     return " ".join("".join("F" if k == "full" else "." for k in lp.kinds[:: lp.num_heads // lp.num_kv_heads]) for lp in plan.layers)
 
 
+def summary(scores: dict) -> dict:
+    out = {"ppl": scores["ppl"]["ppl"]} if "ppl" in scores else {}
+    if "recall" in scores:
+        out["recall"] = scores["recall"]["accuracy"]
+        out["recall_by_set"] = scores["recall"]["by_set"]
+    elif "mqar" in scores:
+        out["recall"] = scores["mqar"]["accuracy"]
+    if "mqar" in scores:
+        out["mqar"] = scores["mqar"]["accuracy"]
+    if "passkey" in scores:
+        out["passkey"] = scores["passkey"]["accuracy"]
+    return out
+
+
+class Bench:
+    def __init__(self, model: Path, work: Path, tasks: tuple[str, ...], calib: Path | None, recall: Path | None) -> None:
+        self.model, self.work, self.calib, self.recall = model, work, calib, recall
+        self.tasks = tasks + (("recall",) if recall is not None else ())
+
+    def score(self, path: Path) -> dict:
+        from hydracc.evaluation.evaluate import evaluate
+
+        return summary(evaluate(path, self.tasks, recall=self.recall).scores)
+
+    def convert(self, name: str, **options) -> tuple[dict, object]:
+        from hydracc.convert import convert
+
+        out = self.work / name
+        extra = {"calib": self.calib} if self.calib is not None and options.get("strategy", "heads") == "heads" else {}
+        start = time.time()
+        result = convert(self.model, out, force=True, **extra, **options)
+        seconds = time.time() - start
+        row = {"layout": full_layout(result.plan), "convert_seconds": round(seconds, 1), **self.score(out)}
+        budget = result.plan.budget
+        for key in ("objective", "objective_fell_back_to_kl", "full_decided_by", "stability"):
+            if key in budget:
+                row[key] = budget[key]
+        return row, result
+
+    def every_plan(self, kv: float) -> list[dict]:
+        """Convert and score every plan keeping ``kv`` of the KV groups full (through ``--plan-file``)."""
+        from hydracc.convert import convert, inspect_checkpoint, make_plan
+        from hydracc.planning.budget import Budget
+
+        insp = inspect_checkpoint(self.model)
+        units = [(s.layer, g, s.num_heads // s.num_kv_heads) for s in insp.captured.sites for g in range(s.num_kv_heads)]
+        insp.checkpoint.close()
+        rows: list[dict] = []
+        for combo in itertools.combinations(units, round(kv * len(units))):
+            keep = [f"{layer}.{g * size}" for layer, g, size in combo]
+            insp = inspect_checkpoint(self.model)
+            try:
+                plan = make_plan(insp, budget=Budget(kv_budget=kv), strategy="even", keep_full=keep)
+            finally:
+                insp.checkpoint.close()
+            out = self.work / ("every-" + "_".join(keep))
+            plan_file = out.with_name(out.name + ".plan.json")
+            plan_file.write_text(plan.dumps())
+            convert(self.model, out, plan_file=plan_file, force=True)
+            rows.append({"layout": full_layout(plan), **self.score(out)})
+            print(json.dumps(rows[-1]), file=sys.stderr)
+        return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "tiny-llama")
+    ap.add_argument("--calib", type=Path, default=None, help="calibration data for the planned conversions (--calib)")
+    ap.add_argument("--recall", type=Path, default=None, help="the model's own recall probes (hydracc eval --recall)")
+    ap.add_argument("--tasks", default="ppl,mqar,passkey", help="hydracc eval tasks, comma-separated")
+    ap.add_argument("--budgets", default="0.25,0.125", help="KV budgets, comma-separated")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write every number here")
-    ap.add_argument("--exhaustive", action="store_true", help="also score every plan at 25%% (the ceiling)")
+    ap.add_argument("--exhaustive", action="store_true", help="also score every plan at each budget (the ceiling)")
     args = ap.parse_args(argv)
 
     import transformers
 
-    from hydracc.convert import analyze_heads, calibration_for, calibration_shape, inspect_checkpoint
-    from hydracc.evaluation.evaluate import evaluate
-
     torch.set_num_threads(2)
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="hydracc-quality-")
     work = args.workdir or Path(tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args.model, work, tuple(t for t in args.tasks.split(",") if t), args.calib, args.recall)
+    budgets = [float(b) for b in args.budgets.split(",")]
     start = time.time()
-    insp = inspect_checkpoint(args.model, capture_shape=calibration_shape())
-    analysis = analyze_heads(insp, calibration_for(insp))
-    insp.checkpoint.close()
-    print(f"analysis done in {time.time() - start:.0f} s", file=sys.stderr)
-
-    rows: list[dict] = []
-    original = summary(evaluate(args.model).scores)
-    rows.append({"plan": "original (all full)", "kv": 1.0, "layout": "FF FF FF FF", **original})
-    for kv in (0.25, 0.125):
-        for label, strategy, score in (("heads (by KL)", "heads", "sensitivity"), ("heads (by retrieval)", "heads", "retrieval"),
-                                       ("layers", "layers", "sensitivity")):
-            out = work / f"{strategy}-{score}-{kv}"
-            plan = convert_with(args.model, out, analysis, strategy, kv, score)
-            rows.append({"plan": label, "kv": kv, "layout": full_layout(plan), **summary(evaluate(out).scores)})
+    rows: list[dict] = [{"plan": "original (all full)", "kv": 1.0, "layout": "", **bench.score(args.model)}]
+    original = rows[0]
+    every: dict[str, list[dict]] = {}
+    for kv in budgets:
+        for label, options in PLANS:
+            row, _ = bench.convert(f"{label.replace(' ', '').replace(',', '-')}-{kv}", kv_budget=kv, **options)
+            rows.append({"plan": label, "kv": kv, **row})
             print(json.dumps(rows[-1]), file=sys.stderr)
         seeds = []
         for seed in (0, 1, 2):
-            out = work / f"random-{seed}-{kv}"
-            plan = convert_with(args.model, out, analysis, "random", kv, seed=seed)
-            seeds.append({"seed": seed, "layout": full_layout(plan), **summary(evaluate(out).scores)})
-        mean = {k: round(sum(s[k] for s in seeds) / len(seeds), 4) for k in ("ppl", "mqar", "mqar_first", "passkey")}
-        rows.append({"plan": "random (mean of 3 seeds)", "kv": kv, "layout": " / ".join(s["layout"] for s in seeds), **mean, "seeds": seeds})
+            row, _ = bench.convert(f"random-{seed}-{kv}", kv_budget=kv, strategy="random", seed=seed)
+            seeds.append({"seed": seed, **row})
+        keys = [k for k in ("ppl", "recall", "mqar", "passkey") if k in seeds[0]]
+        mean = {k: round(sum(s[k] for s in seeds) / len(seeds), 4) for k in keys}
+        rows.append({"plan": "random (mean of 3 seeds)", "kv": kv, "layout": " / ".join(s["layout"] for s in seeds),
+                     **mean, "seeds": seeds})
         print(json.dumps(rows[-1]), file=sys.stderr)
-    out = work / "all-linear"
-    plan = convert_with(args.model, out, analysis, "even", 0.0)
-    rows.append({"plan": "all linear (elu)", "kv": 0.0, "layout": full_layout(plan), **summary(evaluate(out).scores)})
+        if args.exhaustive:
+            every[str(kv)] = bench.every_plan(kv)
+            best = max(every[str(kv)], key=lambda r: (r["recall"], -r.get("ppl", 0.0)))
+            rows.append({"plan": f"best of all {len(every[str(kv)])} plans (by recall)", "kv": kv, **best})
+    row, _ = bench.convert("all-linear", kv_budget=0.0, strategy="even")
+    rows.append({"plan": "all linear (elu)", "kv": 0.0, **row})
 
-    print(f"model: {args.model.name}; machine: {platform.machine()}, {torch.get_num_threads()} threads; "
-          f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"{time.time() - start:.0f} s in all")
+    print(f"model: {args.model.name}; calib: {args.calib or 'built-in'}; recall column: "
+          f"{args.recall.name if args.recall else 'built-in MQAR'}; machine: {platform.machine()}, "
+          f"{torch.get_num_threads()} threads; python {platform.python_version()}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; {time.time() - start:.0f} s in all")
     print()
-    print("| plan | KV cache kept | full KV groups (layer by layer) | ppl | MQAR | MQAR first query | passkey | MQAR vs original | passkey vs original |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    cols = [k for k in ("ppl", "recall", "mqar", "passkey") if k in original and not (k == "mqar" and args.recall is None)]
+    print("| plan | KV cache kept | full KV groups (layer by layer) | decided by | stability | " + " | ".join(cols)
+          + " | recall vs original |")
+    print("|---|---|---|---|---|" + "---|" * len(cols) + "---|")
     for r in rows:
-        rel_m = r["mqar"] / original["mqar"] if original["mqar"] else float("nan")
-        rel_p = r["passkey"] / original["passkey"] if original["passkey"] else float("nan")
-        print(f"| {r['plan']} | {r['kv']:.1%} | {r['layout']} | {r['ppl']:.3f} | {r['mqar']:.1%} | {r['mqar_first']:.1%} | "
-              f"{r['passkey']:.1%} | {rel_m:.0%} | {rel_p:.0%} |")
-    every: list[dict] = []
-    if args.exhaustive:
-        every = exhaustive(args.model, work, 0.25)
-        ranked = sorted(every, key=lambda r: (-r["mqar"], r["ppl"]))
+        rel = r["recall"] / original["recall"] if original.get("recall") else float("nan")
+        decided = "; ".join(f"{k}: {', '.join(v)}" for k, v in (r.get("full_decided_by") or {}).items())
+        if r.get("objective_fell_back_to_kl"):
+            decided = "fell back to KL"
+        sure = f"{r['stability']['agree']:.0%}" if r.get("stability") else ""
+        cells = " | ".join(f"{r[k]:.3f}" if k == "ppl" else f"{r[k]:.1%}" for k in cols)
+        print(f"| {r['plan']} | {r['kv']:.1%} | {r['layout']} | {decided} | {sure} | {cells} | {rel:.0%} |")
+    for kv, plans in every.items():
+        ranked = sorted(plans, key=lambda r: (-r["recall"], r.get("ppl", 0.0)))
+        best = ranked[0]["recall"]
         print()
-        print(f"Every plan at 25% ({len(every)} plans), best five by MQAR then perplexity:")
-        print()
-        print("| rank | full KV groups | ppl | MQAR | passkey |")
-        print("|---|---|---|---|---|")
-        for i, r in enumerate(ranked[:5], start=1):
-            print(f"| {i} | {r['layout']} | {r['ppl']:.3f} | {r['mqar']:.1%} | {r['passkey']:.1%} |")
-        print()
+        print(f"At {float(kv):.1%}: {len(plans)} plans; best recall {best:.1%} ({ranked[0]['layout']})")
         for r in rows:
-            if r["kv"] == 0.25 and r["plan"] != "random (mean of 3 seeds)":
+            if str(r["kv"]) == kv and r["plan"] in dict(PLANS):
                 rank = next((i for i, e in enumerate(ranked, start=1) if e["layout"] == r["layout"]), None)
-                print(f"- {r['plan']}: rank {rank} of {len(ranked)} by MQAR")
-        best_ppl = min(every, key=lambda r: r["ppl"])
-        print(f"- lowest perplexity of all: {best_ppl['layout']} ({best_ppl['ppl']:.3f}); "
-              f"passkey above 0 in {sum(1 for r in every if r['passkey'] > 0)} of {len(every)} plans")
+                share = r["recall"] / best if best else float("nan")
+                print(f"- {r['plan']}: rank {rank} of {len(ranked)} by recall, {share:.0%} of the best")
     if args.json is not None:
-        args.json.write_text(json.dumps({"rows": rows, "every_plan_at_25": every, "analysis": analysis.to_json()}, indent=1) + "\n")
+        args.json.write_text(json.dumps({"rows": rows, "every_plan": every}, indent=1) + "\n")
     if tmp is not None:
         tmp.cleanup()
     return 0

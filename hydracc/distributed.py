@@ -78,6 +78,15 @@ def my_rows(n: int) -> list[int]:
     return list(range(rank(), n, world_size()))
 
 
+def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
+    """Per-row values of this rank's rows (``my_rows(n)``, along axis 0) placed among all ``n`` rows."""
+    if world_size() == 1:
+        return np.asarray(local, dtype=np.float64)
+    full = np.zeros((n, *np.shape(local)[1:]), dtype=np.float64)
+    full[my_rows(n)] = local
+    return sum_arrays({"rows": full})["rows"]
+
+
 def sum_arrays(arrays: dict[Any, np.ndarray]) -> dict[Any, np.ndarray]:
     """``arrays`` added up over the ranks (float64), in a fixed key order."""
     if world_size() == 1:

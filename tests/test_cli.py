@@ -205,7 +205,10 @@ def test_analyze_json_scores_every_head(tiny_checkpoint) -> None:
     assert report["unit"] == "kv_group" and report["calibration"]["samples"] == 3
     layer = report["layers"][0]
     assert len(layer["heads"]) == 4 and len(layer["unit_sensitivity"]) == 2
-    assert set(layer["heads"][0]) == {"retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity", "recall"}
+    assert set(layer["heads"][0]) == {"retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity", "recall",
+                                      "priority"}
+    assert sorted(p for layer in report["layers"] for p in layer["unit_priority"]) == list(range(4))
+    assert report["objective"]["name"] == "recall" and 0 <= report["objective"]["stability"]["agree"] <= 1
 
 
 def test_plan_with_scores_png_and_strategies(tiny_checkpoint, tmp_path) -> None:

@@ -13,9 +13,11 @@ Design decisions:
 - The built-in default depends on the model: for byte-level models (the shipped example)
   a fixed-seed mix of training-split text, MQAR and passkey sequences from
   ``hydracc.evaluation.tasks`` (never the held-out text ``hydracc eval`` scores on); for any other
-  vocabulary, synthetic sequences of random tokens with repeated spans and key-value
-  recall, which exercise copying heads without knowing the tokenizer. The description
-  says which was used, and recommends ``--calib`` with in-domain text for real models.
+  vocabulary, the same mix in the model's own tokens: training-split text through its
+  ``tokenizer.json`` and the recall and passkey probes of ``evaluation.probes`` (ordinary ids,
+  special tokens left out), or, without a tokenizer, repeated spans of ordinary ids in place
+  of text. The description says which was used, and recommends ``--calib`` with in-domain
+  text for real models.
 """
 
 from __future__ import annotations
@@ -148,8 +150,12 @@ def load_calibration(
     return Calibration(np.ascontiguousarray(tokens), str(p))
 
 
-def default_calibration(*, vocab_size: int, samples: int, seq_len: int, seed: int = DEFAULT_SEED) -> Calibration:
-    """The built-in calibration set for a model with ``vocab_size`` tokens (see module docstring)."""
+def default_calibration(*, vocab_size: int, samples: int, seq_len: int, seed: int = DEFAULT_SEED,
+                        space: Any = None) -> Calibration:
+    """The built-in calibration set for a model with ``vocab_size`` tokens (see module docstring).
+
+    ``space``: the model's ``evaluation.probes.TokenSpace`` (its tokenizer and ordinary ids); built
+    from ``vocab_size`` alone (ids only) when not given."""
     rng = np.random.default_rng(seed)
     rows: list[np.ndarray] = []
     if vocab_size == VOCAB_SIZE:
@@ -166,20 +172,38 @@ def default_calibration(*, vocab_size: int, samples: int, seq_len: int, seed: in
                 rows.append(corpus.train[start : start + seq_len])
         source = "built-in: standard-library text (training split), MQAR and passkey sequences (byte level)"
     else:
+        from hydracc.evaluation.probes import ProbeError, TokenSpace, passkey_probe, recall_probe
+
+        space = space if space is not None else TokenSpace(vocab_size)
+        text = None
+        if space.tokenizer is not None:  # training-split text in the model's own tokens
+            corpus = stdlib_corpus().train
+            text = space.encode(bytes(corpus[: 8 * samples * seq_len].astype(np.uint8)).decode("utf-8", errors="ignore"))
+            if len(text) <= seq_len:
+                text = None
+        pairs = max(1, min(16, seq_len // 16))
         for i in range(samples):
-            x = rng.integers(0, vocab_size, size=seq_len)
-            if i % 2 == 0:  # a random span, then the same span again: copying / induction
+            kind = i % 4
+            row = None
+            try:
+                if kind == 1:
+                    row = recall_probe(space, pairs, seq_len, rng)[0]
+                elif kind == 3:
+                    row = passkey_probe(space, seq_len, rng)[0]
+            except ProbeError:  # a vocabulary or a row too small for the probe: text or copying instead
+                row = None
+            if row is None and text is not None:
+                start = int(rng.integers(0, len(text) - seq_len))
+                row = text[start : start + seq_len]
+            if row is None:  # ids only: a random span of ordinary ids, then the same span again (copying)
+                pool = space.pool if space.pool is not None and len(space.pool) else (
+                    np.arange(vocab_size // 4, max(vocab_size // 4 + 1, 3 * vocab_size // 4)))
+                row = rng.choice(pool, size=seq_len)
                 span = max(1, seq_len // 2)
-                x[seq_len - span :] = x[:span]
-            else:  # key-value pairs, then queries of some keys, each followed by its value
-                pairs = max(1, seq_len // 8)
-                keys = rng.choice(vocab_size, size=pairs, replace=pairs > vocab_size)
-                vals = rng.integers(0, vocab_size, size=pairs)
-                ctx = np.stack([keys, vals], 1).reshape(-1)
-                order = rng.permutation(pairs)
-                q = np.stack([keys[order], vals[order]], 1).reshape(-1)
-                x[: len(ctx)] = ctx
-                x[seq_len - len(q) :] = q
-            rows.append(x)
-        source = "built-in: synthetic random tokens with repeated spans and key-value recall (use --calib for in-domain text)"
+                row[seq_len - span :] = row[:span]
+            rows.append(np.asarray(row, dtype=np.int64))
+        what = "standard-library text through the checkpoint's tokenizer.json" if text is not None else (
+            "repeated spans of ordinary ids")
+        source = (f"built-in: {what}, key-value recall and passkey probes in the model's own tokens (use --calib for "
+                  "in-domain text)")
     return Calibration(np.stack(rows).astype(np.int64), source)

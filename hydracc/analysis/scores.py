@@ -40,11 +40,22 @@ from torch import fx
 
 from hydracc import distributed
 from hydracc.analysis.calibration import Calibration, local_rows
+from hydracc.analysis.initial import initial_layer_params
 from hydracc.analysis.layerwise import Runner, Segment, compute_dtype, forward_sweep, split_by_layer
-from hydracc.analysis.sensitivity import BatchInfo, estimate, expand_kv, measure, recall_positions
+from hydracc.analysis.sensitivity import (
+    FAR,
+    BatchInfo,
+    estimate,
+    expand_kv,
+    measure,
+    recall_accuracy,
+    recall_positions,
+    row_weights,
+    window_recall,
+)
 from hydracc.frontend.capture import SITE_META, AttentionSite, CapturedModel
-from hydracc.kernels.kinds import kind_by_name
-from hydracc.kernels.naive import run_kind
+from hydracc.kernels.kinds import FUSION_PARAM, kind_by_name
+from hydracc.kernels.naive import fuse_linear_output, run_kind
 
 SCORE_NAMES = ("retrieval", "distance", "sink", "entropy", "linear_error", "sensitivity", "recall")
 METHODS = ("auto", "estimate", "exact")
@@ -61,6 +72,8 @@ class HeadScores:
     linear_error: float = 0.0
     sensitivity: float = 0.0
     recall: float = 0.0
+    priority: float = 0.0
+    """The unit's place in the keep-first order the analysis settled on (0 = first)."""
 
     def to_json(self, digits: int = 6) -> dict[str, float]:
         return {k: round(float(v), digits) for k, v in asdict(self).items()}
@@ -80,6 +93,10 @@ class LayerScores:
     unit_kl_estimate: list[float | None] = field(default_factory=list)
     unit_kl_exact: list[float | None] = field(default_factory=list)
     unit_recall_estimate: list[float | None] = field(default_factory=list)
+    unit_priority: list[int] = field(default_factory=list)
+    """Per unit, its place in the keep-first order (objective ranking, joint re-measurement)."""
+    unit_decided_by: list[str] = field(default_factory=list)
+    """Per unit, what placed it: ``recall``, ``kl`` or ``joint`` (the re-measurement at the cut line)."""
 
     @property
     def grouped(self) -> bool:
@@ -117,6 +134,8 @@ class Analysis:
                     "unit_kl_estimate": [None if x is None else round(x, 6) for x in ls.unit_kl_estimate],
                     "unit_kl_exact": [None if x is None else round(x, 6) for x in ls.unit_kl_exact],
                     "unit_recall_estimate": [None if x is None else round(x, 6) for x in ls.unit_recall_estimate],
+                    "unit_priority": ls.unit_priority,
+                    "unit_decided_by": ls.unit_decided_by,
                     "heads": [h.to_json() for h in ls.heads],
                 }
                 for ls in self.layers
@@ -175,7 +194,7 @@ class _Accumulator:
     """Per-head sums over calibration samples (float64)."""
 
     def __init__(self, heads: int) -> None:
-        self.sums = {name: np.zeros(heads) for name in ("retrieval", "distance", "sink", "entropy")}
+        self.sums = {name: np.zeros(heads) for name in ("retrieval", "distance", "sink", "entropy", "rms")}
         self.counts = {name: 0.0 for name in self.sums}
         self.err_num = np.zeros(heads)
         self.err_den = np.zeros(heads)
@@ -194,6 +213,9 @@ class _Accumulator:
         self.sums["sink"][sl] += probs[..., 0].sum((0, 2)).double().numpy()
         if first == 0:
             self.counts["sink"] += b * t
+        self.sums["rms"][sl] += sdpa_out.float().pow(2).mean(-1).sqrt().double().sum((0, 2)).numpy()
+        if first == 0:
+            self.counts["rms"] += b * t
         ent = -(probs * probs.clamp_min(1e-30).log()).sum(-1)  # [B, H, T]
         norm = (pos + 1).log()
         self.sums["entropy"][sl] += (ent[..., 1:] / norm[1:]).sum((0, 2)).double().numpy()
@@ -220,6 +242,14 @@ class _Accumulator:
         self.sums = {k: total[f"sum.{k}"] for k in self.sums}
         self.counts = {k: float(total[f"count.{k}"][0]) for k in self.counts}
         self.err_num, self.err_den = total["err_num"], total["err_den"]
+
+    def rms(self) -> np.ndarray:
+        """Per head, the mean RMS of the original output (the fusion scale it starts from)."""
+        return self.sums["rms"] / max(self.counts["rms"], 1.0)
+
+    def distance(self) -> np.ndarray:
+        """Per head, the mean attended distance."""
+        return self.sums["distance"] / max(self.counts["distance"], 1.0)
 
     def scores(self) -> list[HeadScores]:
         mean = {k: self.sums[k] / max(self.counts[k], 1.0) for k in self.sums}
@@ -258,8 +288,10 @@ def analyze(
     *,
     linear_kind: str = "elu",
     kind_params: dict[str, int] | None = None,
+    fusion: bool = False,
     sensitivity: bool = True,
     method: str = "auto",
+    objective: str = "recall",
     cut: int | None = None,
     exact_k: int = EXACT_K,
     fisher_samples: int = 2,
@@ -273,26 +305,42 @@ def analyze(
     ``captured`` must have been captured at ``[batch, calibration.seq_len]``. ``weights`` maps the
     model's parameter names to tensors, or reads one by name (read when its layer runs, so memory
     follows a layer). The rows run ``batch`` at a time; a short last batch is padded with repeated
-    rows that are not counted. ``sensitivity=False`` skips the per-unit measures. ``method``,
-    ``cut`` (units the plan will keep full; default a quarter) and ``exact_k``: see the module
-    docstring. ``device``: where to compute (default: the weights' device, else the CPU);
+    rows that are not counted. Units are scored as ``linear_kind`` heads would run once converted:
+    hedgehog and gdn at their measured starting values (``analysis.initial``), with
+    scale-normalized fusion when ``fusion`` (always for learned kinds), streaming with its window.
+    ``sensitivity=False`` skips the per-unit measures. ``method``, ``objective``, ``cut`` (units
+    the plan will keep full; default a quarter) and ``exact_k``: see the module docstring and
+    ``select.py``. ``device``: where to compute (default: the weights' device, else the CPU);
     ``dtype``: default float32 on the CPU, else the weights' floating dtype.
     """
+    from hydracc.analysis import select
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if objective not in select.OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(select.OBJECTIVES)}, got {objective!r}")
     kind = kind_by_name(linear_kind)
     if kind.keeps_kv:
         raise ValueError(f"linear_kind must be a kind that frees the KV cache, got {linear_kind!r}")
-    # learned kinds are untrained at analysis time: score them as the parameter-free elu kind
-    scored = kind_by_name("elu") if kind.learned else kind
+    fused = fusion or kind.learned
     window = {k: int(v) for k, v in (kind_params or {}).items() if k in ("sink", "window")}
-    if scored.name == "streaming":
+    if kind.name == "streaming":
         from hydracc.planning.plan import STREAMING_DEFAULTS
 
         window = {**STREAMING_DEFAULTS, **window}
+    layer_params: dict[int, dict[str, torch.Tensor]] = {}
+    """Per layer, the starting ``head_params`` (every head of ``kind``), once the forward sweep measured them."""
 
-    def run_scored(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return run_kind(scored.code, q, k, v, scale, **window)
+    def run_scored(layer: int, heads: list[int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        params = layer_params.get(layer)
+        rows = None
+        if params is not None:
+            idx = torch.tensor(heads)
+            rows = {name: t.index_select(0, idx).to(q.device) for name, t in params.items()}
+        out = run_kind(kind.code, q, k, v, scales[layer], rows, **window)
+        if fused and rows is not None:
+            out = fuse_linear_output(out, rows[FUSION_PARAM])
+        return out
 
     batch, seq_len = captured.input_shape
     if calibration.seq_len != seq_len:
@@ -312,15 +360,20 @@ def analyze(
     acc = {layer: _Accumulator(s.num_heads) for layer, s in sites.items()}
     units = {layer: units_of(s) for layer, s in sites.items()}
     mine = local_rows(calibration)  # under torch.distributed: this process's rows; the sums are added up below
-    batches = [BatchInfo(ids, real, recall_positions(ids[:real])) for ids, real in calibration_batches(mine, batch)]
+    batches = [BatchInfo(ids, real, recall_positions(ids[:real], far=FAR)) for ids, real in calibration_batches(mine, batch)]
     n_layers = len(runner.graph.layers)
-    total_units = sum(len(u) for u in units.values())
+    order = [(layer, u) for layer in sorted(units) for u in range(len(units[layer]))]
+    total_units = len(order)
     exact_all = method == "exact" or (method == "auto" and total_units <= exact_k)
-    steps = [n_layers + 1]  # forward sweep: prefix and layers
-    if sensitivity and not exact_all:
-        steps.append(n_layers + 1)  # backward sweep: suffix and layers
-    if sensitivity and method != "estimate":
-        steps.append((n_layers + 1) * math.ceil((total_units if exact_all else min(exact_k, total_units)) / 16))
+    at = round(0.25 * total_units) if cut is None else max(0, min(int(cut), total_units))
+    k = min(exact_k, total_units) if method != "estimate" else 0
+    lo = max(0, min(at - k // 2, total_units - k))
+    keep = max(0, min(at - lo, k))
+    joint_runs = sum(k - j for j in range(k - keep)) if k else 0
+    steps = [n_layers + 2 + bool(sensitivity)]  # forward sweep: prefix and layers; windowed pass; recall accuracy
+    if sensitivity:
+        steps.append((n_layers + 1) * math.ceil(total_units / 16) if exact_all else n_layers + 1)
+        steps.append((n_layers + 1) * sum(math.ceil((k - j) / 16) for j in range(k - keep)))
     total, done = sum(steps), 0
 
     def step(_: Segment | None = None) -> None:
@@ -339,88 +392,125 @@ def analyze(
         real = info.real
         q, k, v = expand_kv(*site_qkv(args, kwargs))
         q, k, v = q[:real].float(), k[:real].float(), v[:real].float()
-        lin = run_scored(q, k, v, scales[layer])
+        lin = run_kind(kind.code, q, k, v, scales[layer], None, **window) if not kind.learned else None
         targets = retrieval_targets(info.ids[:real].to(q.device)).cpu()
         for h in range(q.shape[1]):  # one head at a time: memory is [B, T, T], not [B, H, T, T]
             probs = _causal_probs(q[:, h : h + 1], k[:, h : h + 1], scales[layer])
-            acc[layer].add(probs.cpu(), targets, out[:real, h : h + 1].float().cpu(), lin[:, h : h + 1].cpu(), first=h)
+            acc[layer].add(probs.cpu(), targets, out[:real, h : h + 1].float().cpu(),
+                           (lin[:, h : h + 1] if lin is not None else out[:real, h : h + 1]).float().cpu(), first=h)
         current[0] += 1
         return out
 
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     sweep = forward_sweep(runner, [b.ids for b in batches], score_hook, keep=bool(sensitivity), on_segment=step)
+    for a in acc.values():
+        a.reduce()
+    if kind.learned or fused:  # the starting values the converted heads will have
+        for layer, site in sites.items():
+            stats = acc[layer]
+            layer_params[layer] = initial_layer_params([kind.name] * site.num_heads, site.head_dim, site.scale,
+                                                       torch.from_numpy(stats.rms()), torch.from_numpy(stats.distance()),
+                                                       layer, seed)
     seconds["forward"] = time.perf_counter() - clock
     kl_est: dict[int, np.ndarray] = {}
     rec_est: dict[int, np.ndarray] = {}
     exact_kl: dict[tuple[int, int], float] = {}
     exact_recall: dict[tuple[int, int], float] = {}
-    n_recall = int(distributed.sum_arrays({"n": np.array([sum(int(b.recall.sum()) for b in batches)])})["n"][0])
-    for a in acc.values():
-        a.reduce()
+    by_pairs = int(distributed.sum_arrays({"n": np.array([sum(int(b.recall.sum()) for b in batches)])})["n"][0])
+    if sensitivity:  # positions that need far context in any format: the model against itself with a local window
+        window_recall(runner, sweep, batches, scales)
+        step()
+    right, n_recall = recall_accuracy(runner, sweep, batches) if sensitivity else (0, 0)
+    step()
+    objective_info: dict[str, Any] = {}
+    priority: dict[tuple[int, int], int] = {}
+    decided: dict[tuple[int, int], str] = {}
     if sensitivity:
-        order = [(layer, u) for layer in sorted(units) for u in range(len(units[layer]))]
-        if not exact_all:
-            clock = time.perf_counter()
-            est = estimate(runner, sweep, batches, units, scales, run_scored, fisher_samples=fisher_samples, seed=seed,
-                           progress=step)
-            seconds["estimate"] = time.perf_counter() - clock
-            kl_est, rec_est = est.kl, est.recall
-            ranked = sorted(order, key=lambda lu: (-kl_est[lu[0]][lu[1]], lu))
-            at = round(0.25 * total_units) if cut is None else max(0, min(int(cut), total_units))
-            lo = max(0, min(at - exact_k // 2, total_units - exact_k))
-            measured = ranked[lo : lo + exact_k] if method == "auto" else []
-        else:
-            ranked, measured = order, order
-        if measured:
-            clock = time.perf_counter()
-            found = measure(runner, sweep, batches, [[(layer, units[layer][u])] for layer, u in measured], scales,
-                            run_scored, progress=step)
-            for lu, ex in zip(measured, found):
+        clock = time.perf_counter()
+        n_rows = calibration.samples
+        positions, recall_counts = row_weights(batches, n_rows)
+        rows = select.Rows(positions, recall_counts, {}, {})
+        if exact_all:
+            found = measure(runner, sweep, batches, [[(layer, units[layer][u])] for layer, u in order], run_scored,
+                            progress=step)
+            for lu, ex in zip(order, found):
                 exact_kl[lu], exact_recall[lu] = ex.kl, ex.recall
+                rows.unit_kl[lu], rows.unit_recall[lu] = ex.kl_rows, ex.ce_rows
+            kl_of, recall_of = dict(exact_kl), dict(exact_recall)
             seconds["exact"] = time.perf_counter() - clock
-        rank_kl = _rank_values(ranked, measured, kl_est, exact_kl, exact_all)
+        else:
+            est = estimate(runner, sweep, batches, units, run_scored, fisher_samples=fisher_samples, seed=seed, progress=step)
+            kl_est, rec_est = est.kl, est.recall
+            kl_of = {(layer, u): float(kl_est[layer][u]) for layer, u in order}
+            recall_of = {(layer, u): float(rec_est[layer][u]) for layer, u in order}
+            for layer, u in order:
+                rows.unit_kl[(layer, u)] = est.kl_rows[layer][:, u]
+                rows.unit_recall[(layer, u)] = est.recall_rows[layer][:, u]
+            seconds["estimate"] = time.perf_counter() - clock
+        accuracy = right / n_recall if n_recall else 0.0
+        ranking = select.rank(order, kl_of, recall_of, objective, accuracy, n_recall)
+        joint = None
+        window_units = ranking.order[lo : lo + k]
+        if k and method != "estimate":
+            clock = time.perf_counter()
+            use_recall = ranking.objective == "recall" and ranking.fell_back is None
+
+            def joint_loss(configs: list[list[tuple[int, int]]], _sweep: Any = sweep) -> list[float]:
+                found = measure(runner, _sweep, batches,
+                                [[(layer, units[layer][u]) for layer, u in sorted(c)] for c in configs], run_scored,
+                                progress=step)
+                for c, ex in zip(configs, found):
+                    rows.configurations[tuple(sorted(c))] = (ex.kl_rows, ex.ce_rows)
+                return [(ex.recall, ex.kl) if use_recall else (ex.kl, ex.kl) for ex in found]
+
+            joint = select.eliminate(window_units, ranking.order[lo + k :], keep, joint_loss)
+            seconds["joint"] = time.perf_counter() - clock
+        final, decided = select.priority(ranking, window_units, joint)
+        priority = {lu: i for i, lu in enumerate(final)}
+        sure = select.stability(ranking, final, at, rows, window=window_units if joint is not None else (),
+                                elimination=joint, use_recall=ranking.objective == "recall" and ranking.fell_back is None,
+                                accuracy=accuracy, seed=seed)
+        objective_info = {
+            "name": ranking.objective, "fell_back_to_kl": ranking.fell_back, "original_recall_accuracy": round(accuracy, 6),
+            "recall_positions": n_recall, "recall_positions_by_pairs": by_pairs, "cut": at, "stability": sure.to_json(),
+            "joint": None if joint is None else {
+                "window": [f"{layer}.{u}" for layer, u in window_units], "kept": [f"{layer}.{u}" for layer, u in joint.kept],
+                "removed": [f"{layer}.{u}" for layer, u in joint.removed], "configurations": joint.runs,
+                "loss_when_removed": {f"{layer}.{u}": [round(v, 6) for v in c] for (layer, u), c in joint.costs.items()},
+            },
+        }
     del sweep
     layers = []
     for layer in sorted(sites):
         site = sites[layer]
         heads = acc[layer].scores()
         n = len(units[layer])
-        unit_kl = [rank_kl[(layer, u)] for u in range(n)] if sensitivity else [0.0] * n
-        unit_recall = [exact_recall.get((layer, u), float(rec_est[layer][u]) if layer in rec_est else 0.0)
-                       for u in range(n)] if sensitivity else [0.0] * n
+        unit_kl = [kl_of[(layer, u)] for u in range(n)] if sensitivity else [0.0] * n
+        unit_recall = [recall_of[(layer, u)] for u in range(n)] if sensitivity else [0.0] * n
         for u, members in enumerate(units[layer]):
             for h in members:
                 heads[h].sensitivity = unit_kl[u]
                 heads[h].recall = unit_recall[u]
+                heads[h].priority = float(priority.get((layer, u), 0))
         layers.append(LayerScores(
             layer, site.module, site.num_heads, site.num_kv_heads, heads, unit_kl, unit_recall,
             [float(kl_est[layer][u]) if layer in kl_est else None for u in range(n)],
             [exact_kl.get((layer, u)) for u in range(n)],
             [float(rec_est[layer][u]) if layer in rec_est else None for u in range(n)],
+            [priority.get((layer, u), u) for u in range(n)],
+            [decided.get((layer, u), "") for u in range(n)],
         ))
     grouped = any(s.num_kv_heads < s.num_heads for s in sites.values())
-    extra: dict[str, Any] = {"scored_as": scored.name, **window} if scored is not kind or window else {}
+    extra: dict[str, Any] = {"scored_as": kind.name, **window, **({"fusion": True} if fused else {})}
     if sensitivity:
         extra["sensitivity"] = {
             "method": "exact" if exact_all else method, "exact_units": len(exact_kl), "total_units": total_units,
+            "joint_configurations": joint_runs if method != "estimate" else 0,
             "recall_positions": n_recall, "device": str(dev), "dtype": str(runner.dtype).removeprefix("torch."),
             "seconds": {k: round(v, 2) for k, v in seconds.items()}, "weight_reads": runner.weight_reads,
             "peak_layer_bytes": runner.peak_segment_bytes,
-            **({"fisher_samples": fisher_samples, "cut": cut} if not exact_all else {}),
+            **({"fisher_samples": fisher_samples} if not exact_all else {}),
         }
+        extra["objective"] = objective_info
     return Analysis(layers, calibration.describe(), kind.name, "kv_group" if grouped else "head", extra)
-
-
-def _rank_values(ranked: list[tuple[int, int]], window: list[tuple[int, int]], estimate: dict[int, np.ndarray],
-                 exact: dict[tuple[int, int], float], exact_all: bool) -> dict[tuple[int, int], float]:
-    """The value that ranks each unit: its exact KL when every unit was measured; else its estimate,
-    with the measured window's slots handed out again in the order of their exact values (the
-    estimates place a unit in or out of the window, the exact values order the window)."""
-    if exact_all:
-        return dict(exact)
-    values = {lu: float(estimate[lu[0]][lu[1]]) for lu in ranked}
-    slots = sorted((values[lu] for lu in window), reverse=True)
-    for lu, value in zip(sorted(window, key=lambda lu: (-exact[lu], lu)), slots):
-        values[lu] = value
-    return values

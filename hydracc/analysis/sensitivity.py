@@ -5,8 +5,12 @@ Design decisions:
   scored kind, on the original q, k, v) with everything else unchanged. Two measures:
   ``kl``, the mean over calibration positions of KL(original || variant) of the next-token
   distribution, and ``recall``, the change of the mean cross-entropy of the true next token at
-  recall positions (``recall_positions``: the current and the next token occurred together
-  earlier in the row, so the next one is predictable by copying).
+  recall positions: where the next token is predictable only by copying from earlier context,
+  found two ways. ``recall_positions``: the current and the next token occurred together
+  earlier in the row (induction, MQAR). ``window_recall``: the model itself, run once more
+  with every head limited to its last ``FAR`` tokens (plus a 4-token sink), gives the true next
+  token at least 4x less probability than with its whole context: a value recalled across a
+  gap, whatever the format around it (``<get> k <out> v``). One extra forward pass.
 - Estimates, linear in depth (attribution patching): with ``d`` the unit's output change at
   its site and ``g`` a loss's gradient at the site output, ``recall ~ sum g.d`` (first order:
   the cross-entropy's gradient is not zero at the original model) and ``kl ~ 1/2 E[(sum_t
@@ -27,31 +31,49 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from hydracc import distributed
 from hydracc.analysis.head import compare, draw
-from hydracc.analysis.layerwise import Runner, Sweep, load_head, release, suffix_hidden
+from hydracc.analysis.layerwise import Runner, Sweep, forward_sweep, load_head, release, suffix_hidden
 
-RunScored = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-"""``run(q, k, v, scale) -> out``: the scored kind on heads' q, k, v (GQA expanded), fp32."""
+RunScored = Callable[[int, list[int], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``run(layer, heads, q, k, v) -> out``: what those query heads of ``layer`` compute once converted
+(the scored kind, with its starting parameters and fusion where the plan has them), on their
+q, k, v (GQA expanded, fp32)."""
 
 EXACT_GROUP = 16
 """Candidates re-measured together (their hidden states are held at once)."""
 
 
-def recall_positions(tokens: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` bool: position ``t < T-1`` whose next token is predictable by copying, i.e. the
-    pair ``(tokens[t], tokens[t+1])`` occurred at some earlier ``s < t``."""
+FAR = 32
+"""Recall reaches further back than this: the window of the local model ``window_recall`` compares against."""
+GAIN = 1.3862943611198906
+"""ln 4: the far context makes the true next token at least 4x more likely (``window_recall``)."""
+
+
+def recall_positions(tokens: torch.Tensor, far: int = 0) -> torch.Tensor:
+    """``[B, T]`` bool: positions ``t < T-1`` whose next token is predictable by copying, i.e. the
+    pair ``(tokens[t], tokens[t+1])`` occurred at some earlier ``s < t`` (induction, MQAR's
+    ``k v ... k v``), and, with ``far``, not since ``t - far`` (copied from beyond a local window:
+    a pair repeated nearby is predictable without recall). ``window_recall`` adds the positions
+    that need far context in any format."""
     b, t = tokens.shape
     out = torch.zeros(b, t, dtype=torch.bool, device=tokens.device)
     if t < 3:
         return out
     pairs = tokens[:, :-1].long() * (int(tokens.max()) + 1) + tokens[:, 1:].long()  # [B, T-1]
-    earlier = torch.ones(t - 1, t - 1, dtype=torch.bool, device=tokens.device).tril(-1)
-    out[:, :-1] = ((pairs[:, :, None] == pairs[:, None, :]) & earlier).any(-1)
+    index = torch.arange(t - 1, device=tokens.device)
+    earlier = index[None, :] < index[:, None]  # [t, s]: s < t
+    same = (pairs[:, :, None] == pairs[:, None, :]) & earlier
+    if far:
+        near = index[None, :] > index[:, None] - far  # s within the last ``far`` positions
+        out[:, :-1] = same.any(-1) & ~(same & near).any(-1)
+    else:
+        out[:, :-1] = same.any(-1)
     return out
 
 
@@ -79,6 +101,18 @@ class Estimates:
     kl: dict[int, np.ndarray]
     recall: dict[int, np.ndarray]
     recall_positions: int
+    kl_rows: dict[int, np.ndarray] | None = None
+    """Per layer, ``[rows, units]``: each calibration row's sum of the KL estimate (all rows, all processes)."""
+    recall_rows: dict[int, np.ndarray] | None = None
+    """Per layer, ``[rows, units]``: each row's sum of the recall estimate."""
+
+
+def row_weights(batches: Sequence[BatchInfo], n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per calibration row (all processes): its positions and its recall positions, the
+    denominators that turn per-row sums into means over any resample of rows."""
+    positions = np.concatenate([np.full(b.real, b.ids.shape[1], dtype=np.float64) for b in batches]) if batches else np.zeros(0)
+    recall = np.concatenate([b.recall.sum(1).double().numpy() for b in batches]) if batches else np.zeros(0)
+    return distributed.gather_rows(positions, n_rows), distributed.gather_rows(recall, n_rows)
 
 
 def _site_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -99,7 +133,6 @@ def estimate(
     sweep: Sweep,
     batches: Sequence[BatchInfo],
     units: dict[int, list[list[int]]],
-    scales: dict[int, float],
     run_scored: RunScored,
     *,
     fisher_samples: int = 2,
@@ -109,8 +142,9 @@ def estimate(
     """One backward sweep per loss (``fisher_samples`` draws for the KL, one for recall)."""
     g = runner.graph
     names = [f"fisher{i}" for i in range(fisher_samples)] + ["recall"]
-    kl = {layer: np.zeros(len(u)) for layer, u in units.items()}
-    recall = {layer: np.zeros(len(u)) for layer, u in units.items()}
+    kl = {layer: np.zeros((sum(b.real for b in batches), len(u))) for layer, u in units.items()}  # per row
+    recall = {layer: np.zeros((sum(b.real for b in batches), len(u))) for layer, u in units.items()}
+    first_row = np.cumsum([0] + [b.real for b in batches])
     # grads[b][loss][key]: the loss's gradient at a value key, for the segment that produced it
     grads: list[dict[str, dict[str, torch.Tensor]]] = [{n: {} for n in names} for _ in batches]
     n_recall = 0
@@ -154,7 +188,8 @@ def estimate(
                 out = target(*args, **kwargs)
                 q, k, v = expand_kv(*_site_args(args, kwargs))
                 with torch.no_grad():
-                    lin = run_scored(q.detach().float(), k.detach().float(), v.detach().float(), scales[site_layer])
+                    lin = run_scored(site_layer, list(range(q.shape[1])), q.detach().float(), k.detach().float(),
+                                     v.detach().float())
                     _site["delta"] = (lin - out.detach().float())
                 _site["out"] = out
                 return out
@@ -172,10 +207,11 @@ def estimate(
                     if g_site is not None:
                         per_head = (g_site[: info.real].float() * site["delta"][: info.real]).sum((2, 3)).double()  # [rows, H]
                         per_unit = torch.stack([per_head[:, u].sum(1) for u in units[layer]], 1).cpu().numpy()  # [rows, U]
+                        rows = slice(first_row[bi], first_row[bi + 1])
                         if name == "recall":
-                            recall[layer] += per_unit.sum(0)
+                            recall[layer][rows] += per_unit
                         else:
-                            kl[layer] += 0.5 * (per_unit**2).sum(0)
+                            kl[layer][rows] += 0.5 * per_unit**2 / max(fisher_samples, 1)
                     new[name] = {k: gr for k, gr in zip(keys, got[1:]) if gr is not None}
             for name in names:  # this segment's outputs are consumed; its inputs' gradients replace them
                 for k in seg.outputs:
@@ -187,13 +223,41 @@ def estimate(
         release(runner.device)
         if progress is not None:
             progress()
-    positions = sum(info.real * info.ids.shape[1] for info in batches)
-    total = distributed.sum_arrays({**{("kl", k): v for k, v in kl.items()}, **{("recall", k): v for k, v in recall.items()},
-                                    ("n", "positions"): np.array([positions]), ("n", "recall"): np.array([n_recall])})
-    positions, n_recall = int(total[("n", "positions")][0]), int(total[("n", "recall")][0])
-    kl = {k: total[("kl", k)] / (max(fisher_samples, 1) * max(positions, 1)) for k in kl}
-    recall = {k: total[("recall", k)] / max(n_recall, 1) for k in recall}
-    return Estimates(kl, recall, n_recall)
+    n_rows = int(distributed.sum_arrays({"n": np.array([first_row[-1]], dtype=np.float64)})["n"][0])
+    kl_rows = {k: distributed.gather_rows(v, n_rows) for k, v in kl.items()}
+    recall_rows = {k: distributed.gather_rows(v, n_rows) for k, v in recall.items()}
+    positions, recall_counts = row_weights(batches, n_rows)
+    n_recall = int(recall_counts.sum())
+    kl = {k: v.sum(0) / max(positions.sum(), 1) for k, v in kl_rows.items()}
+    recall = {k: v.sum(0) / max(n_recall, 1) for k, v in recall_rows.items()}
+    return Estimates(kl, recall, n_recall, kl_rows, recall_rows)
+
+
+def recall_accuracy(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo]) -> tuple[int, int]:
+    """How many recall positions the original model predicts (argmax), and how many there are (all processes)."""
+    g = runner.graph
+    weights, head = load_head(runner)
+    right = total = 0
+    with torch.no_grad():
+        for info, env in zip(batches, sweep.boundaries[g.suffix.index]):
+            mask = info.recall.reshape(-1)
+            if not mask.any():
+                continue
+            h = suffix_hidden(runner, weights, env)[: info.real]
+            flat = h.reshape(-1, h.shape[-1])[mask.to(h.device)]
+            nxt = torch.cat([info.ids[: info.real, 1:], info.ids[: info.real, :1]], 1).reshape(-1)[mask].to(flat.device)
+            best = torch.full((flat.shape[0],), float("-inf"), device=flat.device)
+            arg = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+            for v0, _v1, (z,) in head.chunks([flat]):
+                value, index = z.float().max(-1)
+                better = value > best
+                best, arg = torch.where(better, value, best), torch.where(better, index + v0, arg)
+            right += int((arg == nxt).sum())
+            total += int(mask.sum())
+    del weights, head
+    release(runner.device)
+    counts = distributed.sum_arrays({"n": np.array([right, total], dtype=np.float64)})["n"]
+    return int(counts[0]), int(counts[1])
 
 
 @dataclass
@@ -201,6 +265,10 @@ class Exact:
     kl: float
     recall: float
     """Change of the mean cross-entropy at recall positions (0 when there are none)."""
+    kl_rows: np.ndarray | None = None
+    """Per calibration row (all processes): the sum of the KL over its positions."""
+    ce_rows: np.ndarray | None = None
+    """Per row: the sum of the cross-entropy change over its recall positions."""
 
 
 def measure(
@@ -208,7 +276,6 @@ def measure(
     sweep: Sweep,
     batches: Sequence[BatchInfo],
     candidates: Sequence[Sequence[tuple[int, Sequence[int]]]],
-    scales: dict[int, float],
     run_scored: RunScored,
     *,
     progress: Callable[[], None] | None = None,
@@ -216,16 +283,20 @@ def measure(
     """Exact ``kl`` and ``recall`` for each candidate: a list of ``(layer, heads)`` made linear together."""
     results: list[Exact] = []
     for start in range(0, len(candidates), EXACT_GROUP):
-        results += _measure_group(runner, sweep, batches, candidates[start : start + EXACT_GROUP], scales, run_scored,
-                                  progress)
+        results += _measure_group(runner, sweep, batches, candidates[start : start + EXACT_GROUP], run_scored, progress)
     return results
 
 
 def _measure_group(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo],
-                   candidates: Sequence[Sequence[tuple[int, Sequence[int]]]], scales: dict[int, float],
-                   run_scored: RunScored, progress: Callable[[], None] | None) -> list[Exact]:
+                   candidates: Sequence[Sequence[tuple[int, Sequence[int]]]], run_scored: RunScored,
+                   progress: Callable[[], None] | None) -> list[Exact]:
     g = runner.graph
-    heads = [{layer: list(h) for layer, h in cand} for cand in candidates]
+    heads: list[dict[int, list[int]]] = []
+    for cand in candidates:  # a configuration may make several units of one layer linear
+        per_layer: dict[int, list[int]] = {}
+        for layer, h in cand:
+            per_layer.setdefault(layer, []).extend(int(x) for x in h)
+        heads.append({layer: sorted(set(h)) for layer, h in per_layer.items()})
     first = [g.layer(min(c)).index for c in heads]
     states: list[list[dict] | None] = [None] * len(candidates)
     with torch.no_grad():
@@ -245,8 +316,8 @@ def _measure_group(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo],
                         return out
                     q, k, v = expand_kv(*_site_args(args, kwargs))
                     idx = torch.tensor(_heads, device=q.device)
-                    lin = run_scored(q.index_select(1, idx).float(), k.index_select(1, idx).float(),
-                                     v.index_select(1, idx).float(), scales[site_layer])
+                    lin = run_scored(site_layer, list(_heads), q.index_select(1, idx).float(), k.index_select(1, idx).float(),
+                                     v.index_select(1, idx).float())
                     return out.index_copy(1, idx, lin.to(out.dtype))
 
                 for env in states[c]:
@@ -258,9 +329,8 @@ def _measure_group(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo],
             if progress is not None:
                 progress()
         weights, head = load_head(runner)
-        kl = np.zeros(len(candidates))
-        ce = np.zeros(len(candidates))
-        positions = n_recall = 0
+        kl_parts: list[np.ndarray] = []  # per batch, [candidates, rows]
+        ce_parts: list[np.ndarray] = []
         for bi, info in enumerate(batches):
             def flat(env: dict, _real=info.real, _weights=weights) -> torch.Tensor:
                 h = suffix_hidden(runner, _weights, {k: env[k] for k in g.suffix.value_keys})[:_real]
@@ -271,16 +341,54 @@ def _measure_group(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo],
             mask = info.recall.to(base.device).reshape(-1)
             nxt = torch.cat([info.ids[: info.real, 1:], info.ids[: info.real, :1]], 1).to(base.device).reshape(-1)
             cmp = compare(head, base, variants, nxt)
-            kl += cmp.kl.double().sum(-1).cpu().numpy()
-            ce += ((cmp.ce[1:] - cmp.ce[:1]) * mask).double().sum(-1).cpu().numpy()
-            positions += base.shape[0]
-            n_recall += int(mask.sum())
+            n_var = len(variants)
+            kl_parts.append(cmp.kl.double().reshape(n_var, info.real, -1).sum(-1).cpu().numpy())
+            ce_parts.append(((cmp.ce[1:] - cmp.ce[:1]) * mask).double().reshape(n_var, info.real, -1).sum(-1).cpu().numpy())
             del base, variants, cmp
         del weights, head
         release(runner.device)
         if progress is not None:
             progress()
-    total = distributed.sum_arrays({"kl": kl, "ce": ce, "n": np.array([positions, n_recall], dtype=np.float64)})
-    kl, ce = total["kl"], total["ce"]
-    positions, n_recall = int(total["n"][0]), int(total["n"][1])
-    return [Exact(kl[c] / max(positions, 1), ce[c] / n_recall if n_recall else 0.0) for c in range(len(candidates))]
+    local = sum(b.real for b in batches)
+    n_rows = int(distributed.sum_arrays({"n": np.array([local], dtype=np.float64)})["n"][0])
+    kl_rows = distributed.gather_rows(np.concatenate(kl_parts, 1).T if kl_parts else np.zeros((0, len(candidates))), n_rows)
+    ce_rows = distributed.gather_rows(np.concatenate(ce_parts, 1).T if ce_parts else np.zeros((0, len(candidates))), n_rows)
+    positions, recall_counts = row_weights(batches, n_rows)
+    n_recall = recall_counts.sum()
+    return [Exact(kl_rows[:, c].sum() / max(positions.sum(), 1), ce_rows[:, c].sum() / n_recall if n_recall else 0.0,
+                  kl_rows[:, c], ce_rows[:, c]) for c in range(len(candidates))]
+
+
+def window_recall(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo], scales: dict[int, float],
+                  far: int = FAR, gain: float = GAIN) -> int:
+    """Add to each batch's ``recall`` the positions whose true next token the original predicts with at
+    least ``exp(gain)`` times more probability than the same model with every head limited to a
+    4-token sink and its last ``far`` tokens (see the module docstring); returns how many it added."""
+    from hydracc.kernels.kinds import kind_by_name
+    from hydracc.kernels.naive import run_kind
+
+    code = kind_by_name("streaming").code
+    g = runner.graph
+
+    def local(site_layer: int, target: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        q, k, v = expand_kv(*_site_args(args, kwargs))
+        out = run_kind(code, q.float(), k.float(), v.float(), scales[site_layer], None, sink=4, window=far)
+        return out.to(q.dtype)
+
+    narrow = forward_sweep(runner, [b.ids for b in batches], local, keep=False)
+    weights, head = load_head(runner)
+    added = 0
+    with torch.no_grad():
+        for info, base_env, env in zip(batches, sweep.boundaries[g.suffix.index], narrow.envs):
+            base = suffix_hidden(runner, weights, base_env)[: info.real]
+            flat = base.reshape(-1, base.shape[-1])
+            near = suffix_hidden(runner, weights, env)[: info.real].reshape(-1, base.shape[-1])
+            nxt = torch.cat([info.ids[: info.real, 1:], info.ids[: info.real, :1]], 1).reshape(-1).to(flat.device)
+            ce = compare(head, flat, [near], nxt).ce
+            mask = (ce[1] - ce[0] >= gain).reshape(info.real, -1).cpu()
+            mask[:, -1] = False  # the last position has no next token in the row
+            added += int((mask & ~info.recall).sum())
+            info.recall = info.recall | mask
+    del weights, head, narrow
+    release(runner.device)
+    return added

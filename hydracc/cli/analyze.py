@@ -19,7 +19,7 @@ from hydracc.cli.common import (
 )
 from hydracc.cli.convert import option_params
 
-_CALIBRATION = ("calib", "calib_samples", "seq_len", "sensitivity", "exact_k", "device")
+_CALIBRATION = ("calib", "calib_samples", "seq_len", "sensitivity", "exact_k", "objective", "device")
 
 
 def _calibration_options(fn: Any) -> Any:
@@ -33,11 +33,12 @@ def _calibration_options(fn: Any) -> Any:
 @click.argument("path", type=click.Path(path_type=Path))
 @_calibration_options
 @click.option("--linear-kind", type=linear_kind_type(), default="elu", show_default=True,
-              help="Kind the linear_error and sensitivity scores measure (hedgehog and gdn, untrained here, are scored as elu).")
+              help="Kind the linear_error and sensitivity scores measure (hedgehog and gdn at their starting values, with "
+                   "fusion).")
 @json_option("Print the scores as JSON on stdout; the table goes to stderr.")
 @quiet_option("No progress bar or table.")
 def analyze_command(path: Path, calib: Path | None, calib_samples: int, seq_len: int, sensitivity: str, exact_k: int,
-                    device: str | None, linear_kind: str, as_json: bool, quiet: bool) -> None:
+                    objective: str, device: str | None, linear_kind: str, as_json: bool, quiet: bool) -> None:
     """Score every attention head of the checkpoint at PATH on calibration data.
 
     \b
@@ -67,7 +68,7 @@ def analyze_command(path: Path, calib: Path | None, calib_samples: int, seq_len:
             hooks.begin("analyze")
             try:
                 analysis = stages.analyze_heads(insp, calibration, linear_kind=linear_kind, method=sensitivity, exact_k=exact_k,
-                                                device=device, progress=hooks.analyzed)
+                                                objective=objective, device=device, progress=hooks.analyzed)
             finally:
                 hooks.end("analyze")
         finally:

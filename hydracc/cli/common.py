@@ -243,17 +243,25 @@ def plan_table(plan: Any) -> Table:
 def scores_table(analysis: Any, plan: Any | None) -> Table:
     title = "Head scores" + (" and decisions" if plan is not None else "") + f" (unit: {analysis.unit.replace('_', ' ')})"
     table = Table(title=title, title_justify="left")
-    cols = ["layer", "head", "unit", "retrieval", "distance", "sink", "entropy", "lin_err", "sensitivity"]
+    ranked = any(ls.unit_priority for ls in analysis.layers)
+    cols = ["layer", "head", "unit", "retrieval", "distance", "sink", "entropy", "lin_err", "KL", "recall"]
+    if ranked:
+        cols += ["rank", "by"]
     if plan is not None:
         cols.append("kind")
     for col in cols:
-        table.add_column(col, justify="left" if col == "kind" else "right")
+        table.add_column(col, justify="left" if col in ("kind", "by") else "right")
     for ls in analysis.layers:
         group = ls.num_heads // ls.num_kv_heads if ls.grouped else 1
         kinds = plan.layer(ls.layer).kinds if plan is not None else None
         for h, sc in enumerate(ls.heads):
             row = [str(ls.layer), str(h), f"g{h // group}" if ls.grouped else "-", f"{sc.retrieval:.3f}", f"{sc.distance:.1f}",
-                   f"{sc.sink:.3f}", f"{sc.entropy:.3f}", f"{sc.linear_error:.3f}", f"{sc.sensitivity:.2e}"]
+                   f"{sc.sink:.3f}", f"{sc.entropy:.3f}", f"{sc.linear_error:.3f}", f"{sc.sensitivity:.2e}",
+                   f"{sc.recall:.2e}"]
+            if ranked:
+                u = h // group
+                row += [str(ls.unit_priority[u] + 1) if u < len(ls.unit_priority) else "-",
+                        ls.unit_decided_by[u] if u < len(ls.unit_decided_by) else ""]
             if kinds is not None:
                 row.append("[bold]FULL[/]" if kinds[h] == "full" else kinds[h])
             table.add_row(*row, end_section=h == ls.num_heads - 1)
@@ -263,3 +271,11 @@ def scores_table(analysis: Any, plan: Any | None) -> Table:
 def print_calibration(con: Console, analysis: Any) -> None:
     cal = analysis.calibration
     con.print(f"calibration: {cal['source']} ({cal['samples']} x {cal['seq_len']} tokens)")
+    obj = analysis.extra.get("objective") or {}
+    if obj:
+        acc = f"the original predicts {obj['original_recall_accuracy']:.1%} of {obj['recall_positions']} recall positions"
+        con.print(f"objective: {obj['name']} ({acc}); KL = output KL over all tokens, recall = cross-entropy change at "
+                  "recall positions; rank = keep-first order, by = the score that placed the unit (joint: re-measured "
+                  "together at the cut line)")
+        if obj.get("fell_back_to_kl"):
+            con.print(f"[yellow]warning:[/] ranked by KL instead of recall: {obj['fell_back_to_kl']}")

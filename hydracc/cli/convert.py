@@ -122,6 +122,10 @@ def print_onnx(reporter: Reporter, report: Any) -> None:
     )
 
 
+STABLE = 0.8
+"""Below this share of agreeing resamples, ``--plan`` warns that the decision is unsure."""
+
+
 def print_result(reporter: Reporter, result: Any, options: ConvertOptions) -> None:
     con = reporter.console
     insp, cost = result.inspection, result.cost
@@ -141,6 +145,18 @@ def print_result(reporter: Reporter, result: Any, options: ConvertOptions) -> No
         asked = f"--full-ratio {b['full_ratio']}" if b.get("full_ratio") is not None else f"--kv-budget {b.get('kv_budget')}"
         con.print(f"budget ({asked}): {b['full_units']} of {b['total_units']} {result.plan.unit.replace('_', ' ')}s full, "
                   f"{b['kv_fraction_used']:.1%} of the KV cache; strategy {how}")
+    if b.get("full_decided_by"):
+        con.print("full units decided by " + "; ".join(f"{k}: {', '.join(v)}" for k, v in b["full_decided_by"].items()))
+    sure = b.get("stability")
+    if sure:
+        m = sure.get("margin") or {}
+        edge = (f"; at the cut {m['kept']} (kept) {m.get('kept_value', '')} vs {m['dropped']} (dropped) "
+                f"{m.get('dropped_value', '')} by {m['score']}") if m else ""
+        con.print(f"stability: {sure['agree']:.0%} of {sure['resamples']} bootstrap resamples of the calibration rows keep "
+                  f"the same full units{edge}")
+        if sure["resamples"] and sure["agree"] < STABLE:
+            con.print(f"[yellow]warning:[/] under {STABLE:.0%} of resamples agree: the plan depends on which calibration "
+                      "rows were drawn; give more or more representative rows (--calib, --calib-samples)")
     con.print(
         f"KV cache per token: {human_bytes(cost.kv_bytes_per_token_before)} before -> "
         f"{human_bytes(cost.kv_bytes_per_token_after)} after ({cost.ratio:.1%}); "
@@ -159,7 +175,14 @@ def print_result(reporter: Reporter, result: Any, options: ConvertOptions) -> No
         if learned.settings is None:
             con.print("added parameters: measured initial values (no --distill)")
         for key, (first, last) in sorted(learned.losses.items()):
-            con.print(f"  distill {key}: loss {first:.4f} -> {last:.4f}")
+            what = "held-out loss, start -> best" if key.startswith("held_out") else "loss"
+            con.print(f"  distill {key}: {what} {first:.4f} -> {last:.4f}")
+        held = learned.held_out
+        if held:
+            steps = ", ".join(f"{v:.4f}" for _, v in held.get("end_to_end", []))
+            con.print(f"  held-out KL per token on {held['rows']} rows never trained on: start "
+                      f"{held.get('initial', float('nan')):.4f}, after attention transfer {held['attention_transfer']:.4f}"
+                      + (f", end to end {steps}" if steps else "") + f"; kept: {held['kept']} ({held['kept_kl']:.4f})")
     if options.dry_run:
         con.print("dry run (--plan): nothing else was written")
     elif result.output is not None:

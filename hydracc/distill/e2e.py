@@ -13,6 +13,8 @@ Design decisions:
   as their layer runs, twice per step.
 - Under torch.distributed each process takes its share of the step's rows; the KL sums and the
   gradients are added up over processes by the caller.
+- ``held_out_kl``: the same forward without autograd on rows training never draws, to judge
+  (and keep the best of) the values each stage produces.
 """
 
 from __future__ import annotations
@@ -128,3 +130,29 @@ def kl_step(runner: Runner, plan: Plan, params: dict[str, Tensor], param_name: A
         del weights
         release(runner.device)
     return kl_sum
+
+
+def held_out_kl(runner: Runner, plan: Plan, params: dict[str, Tensor], param_name: Any, teacher: Teacher,
+                local: Calibration, rows: list[int]) -> tuple[float, int]:
+    """The KL(original || converted) summed over the positions of ``rows`` (indices into ``local``), and
+    their count; forward only."""
+    if not rows:
+        return 0.0, 0
+    batch = runner.captured.input_shape[0]
+    fixed = {k: v.detach() for k, v in params.items()}
+    parts = [rows[i : i + batch] for i in range(0, len(rows), batch)]
+    ids = [torch.from_numpy(local.tokens[part + [part[0]] * (batch - len(part))]).long() for part in parts]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        sweep = forward_sweep(runner, ids, student_hook(plan, runner, fixed, param_name), keep=False)
+        weights, head = load_head(runner)
+        for part, env in zip(parts, sweep.envs):
+            h = suffix_hidden(runner, weights, env)[: len(part)]
+            flat = h.reshape(-1, h.shape[-1])
+            base = teacher.hidden[part].reshape(-1, h.shape[-1]).to(flat.device, flat.dtype)
+            zeros = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
+            total += float(compare(head, base, [flat], zeros).kl.double().sum())
+            count += flat.shape[0]
+        del weights, head, sweep
+    release(runner.device)
+    return total, count

@@ -43,10 +43,13 @@ class TrainingState:
         self.dir = directory
         self.fingerprint = fingerprint
 
-    def save(self, values: dict[str, Tensor], optimizer: torch.optim.Adam | None, names: list[str], position: dict[str, Any]) -> None:
+    def save(self, values: dict[str, Tensor], optimizer: torch.optim.Adam | None, names: list[str], position: dict[str, Any],
+             extra: dict[str, Tensor] | None = None) -> None:
+        """``extra``: more tensors to keep, under their own (prefixed) names."""
         if not distributed.is_main():
             return
         tensors = {f"param/{k}": v.detach().cpu().contiguous() for k, v in values.items()}
+        tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
         if optimizer is not None:
             for name, p in zip(names, optimizer.param_groups[0]["params"]):
                 st = optimizer.state.get(p)

@@ -21,12 +21,17 @@ Design decisions:
   process takes the same steps as one process would on all rows. Rank 0 alone saves state.
 - Deterministic: minibatch rows are drawn from a generator seeded by (seed, stage, layer, step),
   so a resumed run draws what an uninterrupted one would (``state.py``).
+- Never worse than where it started, on rows it never trained on: ``holdout`` of the calibration
+  rows (evenly spaced, so every kind of row is represented) are held out. Stage 1 keeps, per
+  layer, the values with the lowest held-out transfer error it saw (checked every ``steps // 8``
+  steps); then the held-out end-to-end KL of the starting values and of stage 1's decides which
+  stage 2 starts from, and stage 2 keeps its best check (every ``e2e_steps // 5`` steps). The
+  result reports every held-out figure and which values were kept.
 - A non-finite loss stops training with an error instead of emitting broken parameters.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,12 +44,13 @@ from torch import Tensor
 
 from hydracc import distributed
 from hydracc.analysis.calibration import Calibration, local_rows
+from hydracc.analysis.initial import head_seed, initial_layer_params
 from hydracc.device import default_device
-from hydracc.distill.e2e import Teacher, kl_step
+from hydracc.distill.e2e import Teacher, held_out_kl, kl_step
 from hydracc.distill.records import SiteRecord, Weights, record_sites, runner_for, sweep_records
 from hydracc.distill.state import DistillError, TrainingState, fingerprint, restore_adam, state_dir_for
 from hydracc.frontend.capture import AttentionSite, CapturedModel
-from hydracc.kernels.kinds import FUSION_PARAM, PARAM_NAMES, kind_by_name, param_shapes
+from hydracc.kernels.kinds import FUSION_PARAM, PARAM_NAMES, kind_by_name
 from hydracc.kernels.naive import fuse_linear_output, run_kind
 from hydracc.planning.plan import LayerPlan, Plan
 
@@ -69,6 +75,8 @@ class DistillSettings:
     """Calibration rows per step (both stages)."""
     seed: int = 0
     save_every: int = 50
+    holdout: float = 0.125
+    """Share of the calibration rows held out to judge each stage (0: train on all, keep the last values)."""
     device: str | None = None
     """Where to train: ``None`` picks CUDA when available, else CPU."""
 
@@ -84,6 +92,8 @@ class DistillSettings:
             raise DistillError(f"learning rates must be positive, got {self.lr} and {self.e2e_lr}")
         if self.batch < 1 or self.save_every < 1:
             raise DistillError("--distill-batch and the save interval must be >= 1")
+        if not 0.0 <= self.holdout < 1.0:
+            raise DistillError(f"the held-out share must be in [0, 1), got {self.holdout}")
 
 
 @dataclass
@@ -92,10 +102,13 @@ class DistillResult:
     """Checkpoint name -> tensor, rows in original head order."""
     settings: DistillSettings | None
     losses: dict[str, Any] = field(default_factory=dict)
+    held_out: dict[str, Any] = field(default_factory=dict)
+    """Held-out end-to-end KL (per position) of the starting values and after each stage, and which were kept."""
 
     def record(self) -> dict[str, Any]:
         """What the ``hydra`` section keeps about the training."""
-        return {"settings": asdict(self.settings) if self.settings else None, "losses": self.losses}
+        return {"settings": asdict(self.settings) if self.settings else None, "losses": self.losses,
+                **({"held_out": self.held_out} if self.held_out else {})}
 
 
 def param_name(site: AttentionSite, name: str) -> str:
@@ -121,15 +134,8 @@ def _head_sums(rec: SiteRecord, group: int, scale: float) -> tuple[Tensor, Tenso
 
 
 def _init_from_means(lp: LayerPlan, site: AttentionSite, rms: Tensor, distance: Tensor, seed: int) -> dict[str, Tensor]:
-    hq, d = site.num_heads, site.head_dim
-    init = {name: torch.zeros(shape) for name, shape in param_shapes(hq, d).items()}
-    init[FUSION_PARAM] = rms.float().clamp_min(1e-4)
-    for h, head in enumerate(lp.heads):
-        kind = kind_by_name(head.kind)
-        if kind.init_params is not None:  # the kind's own rule (hydracc.kernels.kinds.<kind>)
-            gen = torch.Generator().manual_seed(_seed(seed, lp.layer, h))
-            kind.init_params(init, h, d, scale=site.scale, distance=float(distance[h]), generator=gen)
-    return {param_name(site, name): init[name] for name in PARAM_NAMES}
+    init = initial_layer_params([h.kind for h in lp.heads], site.head_dim, site.scale, rms, distance, lp.layer, seed)
+    return {param_name(site, name): value for name, value in init.items()}
 
 
 def _layer_init(lp: LayerPlan, site: AttentionSite, rec: SiteRecord, seed: int) -> dict[str, Tensor]:
@@ -169,14 +175,35 @@ def initial_values(captured: CapturedModel, weights: Weights, plan: Plan, calibr
     return values
 
 
-def _seed(*parts: int) -> int:
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+_seed = head_seed  # the per-head seed rule (``analysis.initial.head_seed``)
 
 
-def _rows(seed: int, stage: int, layer: int, step: int, n: int, batch: int) -> Tensor:
+def split_rows(n: int, holdout: float) -> tuple[list[int], list[int]]:
+    """``(train, held)`` global row indices: ``round(holdout * n)`` evenly spaced rows held out (none if that
+    would leave no row to train on)."""
+    k = round(holdout * n)
+    if k < 1 or k >= n:
+        return list(range(n)), []
+    held = sorted({int(i * n / k) for i in range(k)})
+    return [i for i in range(n) if i not in set(held)], held
+
+
+def _rows(seed: int, stage: int, layer: int, step: int, train: list[int], batch: int) -> Tensor:
     gen = torch.Generator().manual_seed(_seed(seed, stage, layer, step))
-    return torch.randperm(n, generator=gen)[: min(batch, n)]
+    return torch.tensor(train, dtype=torch.long)[torch.randperm(len(train), generator=gen)[: min(batch, len(train))]]
+
+
+def _held_transfer(rec: SiteRecord, rows: list[int], lp: LayerPlan, site: AttentionSite, params: list[Tensor]) -> float:
+    """The layer's relative transfer error on the held-out ``rows`` (this process's share; summed over processes)."""
+    heads = sum(kind_by_name(h.kind).linear for h in lp.heads)
+    with torch.no_grad():
+        if rows:
+            num, den = transfer_sums(rec, rows, lp, site, dict(zip(PARAM_NAMES, params)))
+            num, den = num.double().cpu().numpy(), den.double().cpu().numpy()
+        else:
+            num, den = np.zeros(heads), np.zeros(heads)
+    totals = distributed.sum_arrays({"num": num, "den": den})
+    return float((totals["num"] / np.maximum(totals["den"], 1e-12)).mean())
 
 
 def _mine(rows: Tensor) -> list[int]:
@@ -256,21 +283,35 @@ def distill(
     device = settings.torch_device()
     runner = runner_for(captured, weights, device, dtype)
     local = local_rows(calibration)
+    train_rows, held_rows = split_rows(calibration.samples, settings.holdout)
+    held_mine = _mine(torch.tensor(held_rows, dtype=torch.long))
     layers = [lp for lp in plan.layers if plan.layer_has_params(lp)]
     state = TrainingState(state_dir, _state_fingerprint(fingerprint, settings, plan, calibration)) if state_dir is not None else None
-    position: dict[str, Any] = {"stage": 1, "layer_index": 0, "step": 0, "losses": {}}
+    position: dict[str, Any] = {"stage": 1, "layer_index": 0, "step": 0, "losses": {}, "best": {}, "held_out": {}}
     values: dict[str, Tensor] = {}
+    initial: dict[str, Tensor] = {}
+    """Every layer's starting values (to compare against on the held-out rows)."""
+    best: dict[str, Tensor] = {}
+    """The best values held out so far: the current layer's (stage 1) or all of them (stage 2)."""
     saved: dict[str, Tensor] = {}
     if resume:
         if state is None:
             raise DistillError("--resume needs a state directory")
         position, saved = state.load()
-        values = {k.removeprefix("param/"): t.clone() for k, t in saved.items() if k.startswith("param/")}
+
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k.removeprefix(prefix): t.clone() for k, t in saved.items() if k.startswith(prefix)}
+
+        values, initial, best = part("param/"), part("initial/"), part("best/")
     losses: dict[str, Any] = position.get("losses", {})
+    track: dict[str, Any] = position.setdefault("best", {})
+    """``loss`` of ``best`` and, for stage 1, the layer's ``first`` held-out loss."""
+    held_out: dict[str, Any] = position.setdefault("held_out", {})
 
     def checkpoint(opt: torch.optim.Adam | None, names: list[str]) -> None:
         if state is not None:
-            state.save(values, opt, names, {**position, "losses": losses})
+            extra = {**{f"initial/{k}": v for k, v in initial.items()}, **{f"best/{k}": v for k, v in best.items()}}
+            state.save(values, opt, names, {**position, "losses": losses, "best": track, "held_out": held_out}, extra)
 
     @torch.enable_grad()  # called from inside the recording sweep, which runs without autograd
     def train_layer(layer: int, rec: SiteRecord) -> None:
@@ -281,25 +322,43 @@ def distill(
         names = [param_name(site, n) for n in PARAM_NAMES]
         if names[0] not in values:
             values.update(_layer_init(lp, site, rec, settings.seed))
+            initial.update({n: values[n].clone() for n in names})
         params = [values[n].to(device).clone().requires_grad_(True) for n in names]
         opt = torch.optim.Adam(params, lr=settings.lr)
         if resume and index == position["layer_index"] and position["step"] > 0:
             restore_adam(opt, names, saved)
         key = f"attention_transfer.layer{lp.layer}"
         start = position["step"] if index == position["layer_index"] else 0
+        check = max(1, settings.steps // 8)
+        if held_rows and start == 0:  # the starting values are the first candidate
+            first = _finite(_held_transfer(rec, held_mine, lp, site, params), f"layer {lp.layer} (held-out rows)", -1,
+                            settings.lr)
+            track.clear()
+            track.update(loss=first, first=first)
+            best.clear()
+            best.update({n: values[n].clone() for n in names})
         for step in range(start, settings.steps):
-            rows = _mine(_rows(settings.seed, 1, lp.layer, step, calibration.samples, settings.batch))
+            rows = _mine(_rows(settings.seed, 1, lp.layer, step, train_rows, settings.batch))
             opt.zero_grad(set_to_none=True)
             value = _finite(_transfer_step(rec, rows, lp, site, params), f"layer {lp.layer}", step, settings.lr)
             opt.step()
             losses.setdefault(key, [value, value])[1] = value
             for n, p in zip(names, params):
                 values[n] = p.detach().cpu().clone()
+            if held_rows and ((step + 1) % check == 0 or step + 1 == settings.steps):
+                held = _finite(_held_transfer(rec, held_mine, lp, site, params), f"layer {lp.layer} (held-out rows)",
+                               step, settings.lr)
+                if held < track["loss"]:
+                    track["loss"] = held
+                    best.update({n: values[n].clone() for n in names})
             position.update(layer_index=index, step=step + 1)
             if (step + 1) % settings.save_every == 0:
                 checkpoint(opt, names)
             if progress is not None:
                 progress(f"layer {lp.layer}", step + 1, settings.steps, value)
+        if held_rows:  # the best values the held-out rows saw (the starting ones included)
+            values.update({n: best[n].clone() for n in names})
+            losses[f"held_out_transfer.layer{lp.layer}"] = [track["first"], track["loss"]]
         position.update(layer_index=index + 1, step=0)
         checkpoint(None, [])
 
@@ -310,6 +369,26 @@ def distill(
             train_layer(layer, records[layer])
     elif todo:
         sweep_records(runner, local, todo, train_layer)
+    teacher = Teacher(runner, local) if held_rows or settings.e2e_steps else None
+
+    def judge(candidate: dict[str, Tensor]) -> float:
+        """The held-out end-to-end KL per position of ``candidate`` (all processes)."""
+        assert teacher is not None
+        total, count = held_out_kl(runner, plan, {n: t.to(device) for n, t in candidate.items()}, param_name, teacher,
+                                   local, held_mine)
+        sums = distributed.sum_arrays({"kl": np.array([total, count], dtype=np.float64)})["kl"]
+        return float(sums[0] / max(sums[1], 1.0))
+
+    if held_rows and position["stage"] == 1:  # which values stage 2 starts from, and the result without it
+        after = judge(values)
+        start_kl = judge(initial)
+        held_out.update(rows=len(held_rows), initial=round(start_kl, 6), attention_transfer=round(after, 6))
+        kept, kl = ("initial", start_kl) if start_kl < after else ("attention_transfer", after)
+        if kept == "initial":
+            values = {n: t.clone() for n, t in initial.items()}
+        held_out.update(kept=kept, kept_kl=round(kl, 6))
+        best.clear()
+        best.update({n: t.clone() for n, t in values.items()})
     # stage 2: end-to-end KL on the model's outputs
     if settings.e2e_steps:
         names = sorted(values)
@@ -318,10 +397,11 @@ def distill(
         start = position["step"] if position["stage"] == 2 else 0
         if resume and position["stage"] == 2 and start > 0:
             restore_adam(opt, names, saved)
-        position.update(stage=2)
-        teacher = Teacher(runner, local)
+        position.update(stage=2, step=start)
+        assert teacher is not None
+        check = max(1, settings.e2e_steps // 5)
         for step in range(start, settings.e2e_steps):
-            drawn = _rows(settings.seed, 2, 0, step, calibration.samples, settings.batch)
+            drawn = _rows(settings.seed, 2, 0, step, train_rows, settings.batch)
             tokens = len(drawn) * calibration.seq_len
             opt.zero_grad(set_to_none=True)
             mine = _mine(drawn)
@@ -336,12 +416,21 @@ def distill(
             losses.setdefault("kl", [value, value])[1] = value
             for n, p in params.items():
                 values[n] = p.detach().cpu().clone()
+            if held_rows and ((step + 1) % check == 0 or step + 1 == settings.e2e_steps):
+                now = judge(values)
+                held_out.setdefault("end_to_end", []).append([step + 1, round(now, 6)])
+                if now < held_out["kept_kl"]:
+                    held_out.update(kept=f"end_to_end step {step + 1}", kept_kl=round(now, 6))
+                    best.clear()
+                    best.update({n: t.clone() for n, t in values.items()})
             position.update(step=step + 1)
             if (step + 1) % settings.save_every == 0:
                 checkpoint(opt, names)
             if progress is not None:
                 progress("end to end", step + 1, settings.e2e_steps, value)
-    return DistillResult(values, settings, {k: [round(v, 6) for v in pair] for k, pair in losses.items()})
+    if held_rows:
+        values = {n: t.clone() for n, t in best.items()}
+    return DistillResult(values, settings, {k: [round(v, 6) for v in pair] for k, pair in losses.items()}, dict(held_out))
 
 
 def _state_fingerprint(extra: str, settings: DistillSettings, plan: Plan, calibration: Calibration) -> str:

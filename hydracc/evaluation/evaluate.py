@@ -34,6 +34,7 @@ from hydracc.evaluation.probes import TokenSpace, heldout_ids, passkey_probe, re
 from hydracc.evaluation.tasks import IGNORE, stack, stdlib_corpus
 
 TASKS = ("ppl", "mqar", "passkey")
+"""The built-in tasks; ``recall`` (a file of the model's own probes) runs when one is given."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,23 @@ def perplexity(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], No
             "text": "--calib rows" if calib is not None else "held-out standard-library text"}
 
 
+def _recall_counts(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, s: EvalSettings,
+                   advance: Callable[[], None]) -> tuple[int, int, int, int]:
+    """Right and scored answers; right first answers and rows with an answer (the shortcut check)."""
+    right = total = first_right = rows = 0
+    for xb, yb in _batches(x, y, s.batch):
+        hit, _ = _scored(model, xb, yb)
+        mask = yb != IGNORE
+        right += int((hit & mask).sum())
+        total += int(mask.sum())
+        scored = mask.any(1)
+        first = mask.int().argmax(dim=1)  # the first answer of each row
+        first_right += int(hit.gather(1, first[:, None])[:, 0][scored].sum())
+        rows += int(scored.sum())
+        advance()
+    return right, total, first_right, rows
+
+
 def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], space: TokenSpace) -> dict[str, Any]:
     grid: dict[str, float] = {}
     correct_all = total_all = first_right = first_total = 0
@@ -134,16 +152,8 @@ def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], s
                 continue
             rng = np.random.default_rng([s.seed, pairs, seq_len])
             x, y = stack([recall_probe(space, pairs, seq_len, rng) for _ in range(s.mqar_samples)])
-            correct = total = 0
-            for xb, yb in _batches(x, y, s.batch):
-                hit, _ = _scored(model, xb, yb)
-                mask = yb != IGNORE
-                correct += int((hit & mask).sum())
-                total += int(mask.sum())
-                first = mask.int().argmax(dim=1)  # the first query of each row
-                first_right += int(hit.gather(1, first[:, None]).sum())
-                first_total += len(first)
-                advance()
+            correct, total, right, rows = _recall_counts(model, x, y, s, advance)
+            first_right, first_total = first_right + right, first_total + rows
             grid[f"pairs={pairs},len={seq_len}"] = round(correct / total, 4)
             correct_all += correct
             total_all += total
@@ -165,7 +175,56 @@ def passkey(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None]
     return {"accuracy": round(float(np.mean(list(by_length.values()))), 4), "by_length": by_length}
 
 
-def count_batches(tasks: tuple[str, ...], s: EvalSettings) -> int:
+def load_recall_probes(path: str | Path, vocab_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A model's own recall probes from ``path``: an ``.npz`` with ``ids_NAME`` and ``labels_NAME`` pairs of
+    integer arrays ``[rows, T]`` (labels ``-100`` except where the next token is scored), one set per NAME.
+    Read with ``allow_pickle=False``."""
+    p = Path(path)
+    hint = "write it with numpy.savez(path, ids_512=ids, labels_512=labels) (integer arrays [rows, tokens])"
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise HydraError(f"--recall {p}: no such file", hint=hint) from None
+    except Exception as exc:  # zipfile, pickle refusal, bad headers
+        raise HydraError(f"--recall {p}: not a readable .npz of integer arrays ({exc})", hint=hint) from None
+    names = sorted(k.removeprefix("ids_") for k in arrays if k.startswith("ids_"))
+    if not names:
+        raise HydraError(f"--recall {p}: no ids_NAME arrays (found {', '.join(sorted(arrays)) or 'nothing'})", hint=hint)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in names:
+        ids, labels = arrays[f"ids_{name}"], arrays.get(f"labels_{name}")
+        where = f"--recall {p}, set {name!r}"
+        if labels is None:
+            raise HydraError(f"{where}: ids_{name} has no labels_{name} beside it", hint=hint)
+        if ids.ndim != 2 or ids.shape != labels.shape or not np.issubdtype(ids.dtype, np.integer) or not np.issubdtype(
+                labels.dtype, np.integer):
+            raise HydraError(f"{where}: ids {ids.dtype}{list(ids.shape)} and labels {labels.dtype}{list(labels.shape)} "
+                             "must be integer arrays of one shape [rows, tokens]", hint=hint)
+        scored = labels != IGNORE
+        if not scored.any():
+            raise HydraError(f"{where}: no scored position (every label is {IGNORE})", hint=hint)
+        if ids.min() < 0 or ids.max() >= vocab_size or labels[scored].min() < 0 or labels[scored].max() >= vocab_size:
+            raise HydraError(f"{where}: token ids outside the model's vocabulary (0..{vocab_size - 1})", hint=hint)
+        out[name] = (ids.astype(np.int64), labels.astype(np.int64))
+    return out
+
+
+def recall_file(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None],
+                probes: dict[str, tuple[np.ndarray, np.ndarray]], source: str) -> dict[str, Any]:
+    """Accuracy on a model's own recall probes (``load_recall_probes``): per set, and each row's first answer alone."""
+    by_set: dict[str, float] = {}
+    right_all = total_all = first_right = first_total = 0
+    for name, (x, y) in probes.items():
+        right, total, first, rows = _recall_counts(model, x, y, s, advance)
+        first_right, first_total = first_right + first, first_total + rows
+        by_set[f"{name} (len={x.shape[1]})"] = round(right / total, 4)
+        right_all, total_all = right_all + right, total_all + total
+    return {"accuracy": round(right_all / total_all, 4), "first_answer_accuracy": round(first_right / max(first_total, 1), 4),
+            "by_set": by_set, "file": source}
+
+
+def count_batches(tasks: tuple[str, ...], s: EvalSettings, recall_rows: tuple[int, ...] = ()) -> int:
     n = 0
     per = math.ceil
     if "ppl" in tasks:
@@ -175,6 +234,8 @@ def count_batches(tasks: tuple[str, ...], s: EvalSettings) -> int:
         n += cells * per(s.mqar_samples / s.batch)
     if "passkey" in tasks:
         n += len(s.passkey_lengths) * per(s.passkey_samples / s.batch)
+    if "recall" in tasks:
+        n += sum(per(r / s.batch) for r in recall_rows)
     return n
 
 
@@ -185,15 +246,20 @@ def evaluate(
     advance: Callable[[], None] = lambda: None,
     *,
     calib: str | Path | None = None,
+    recall: str | Path | None = None,
     device: str | torch.device = "cpu",
 ) -> EvalResult:
     """Run ``tasks`` on the model at ``path``; ``advance`` is called once per batch (progress).
 
     ``calib``: perplexity on these rows (``--calib`` formats) instead of the built-in held-out text.
+    ``recall``: the model's own recall probes (``load_recall_probes``), scored as task ``recall``.
     """
     s = settings or EvalSettings()
     torch.manual_seed(s.seed)
+    if "recall" in tasks and recall is None:
+        raise HydraError("the recall task scores a file of the model's own probes", hint="give --recall FILE.npz")
     model, converted, space = load_for_eval(path, device)
+    probes = load_recall_probes(recall, space.vocab_size) if recall is not None and "recall" in tasks else {}
     rows = None
     if calib is not None:
         from hydracc.analysis.calibration import load_calibration
@@ -204,6 +270,8 @@ def evaluate(
     for task in tasks:
         if task == "ppl":
             result.scores[task] = perplexity(model, s, advance, space, rows)
+        elif task == "recall":
+            result.scores[task] = recall_file(model, s, advance, probes, Path(recall).name)
         else:
             result.scores[task] = {"mqar": mqar, "passkey": passkey}[task](model, s, advance, space)
     return result

@@ -107,7 +107,8 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
             calibration = stages.calibration_for(insp, o.calib, samples=o.calib_samples, seq_len=o.seq_len)
             with _stage(hooks, "analyze"):
                 analysis = stages.analyze_heads(insp, calibration, linear_kind=o.linear_kind, kind_params=o.kind_params,
-                                                method=o.sensitivity, exact_k=o.exact_k, device=device,
+                                                fusion=bool(want_fusion), method=o.sensitivity, objective=o.objective,
+                                                exact_k=o.exact_k, device=device,
                                                 cut=stages.budget_cut(insp, budget) if budget is not None else None,
                                                 progress=hooks.analyzed)
         plan = stages.make_plan(insp, plan_file=o.plan_file, budget=budget, strategy=o.strategy, analysis=analysis,

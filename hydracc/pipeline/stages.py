@@ -238,7 +238,10 @@ def calibration_for(
     vocab = int(inspection.checkpoint.config.get("vocab_size") or inspection.captured.config.vocab_size)
     if calib is not None:
         return load_calibration(calib, vocab_size=vocab, samples=samples, seq_len=seq_len, checkpoint_root=inspection.checkpoint.root)
-    return default_calibration(vocab_size=vocab, samples=samples, seq_len=seq_len)
+    from hydracc.evaluation.probes import token_space
+
+    return default_calibration(vocab_size=vocab, samples=samples, seq_len=seq_len,
+                               space=token_space(Path(inspection.checkpoint.root), vocab))
 
 
 def analyze_heads(
@@ -247,7 +250,9 @@ def analyze_heads(
     *,
     linear_kind: str = "elu",
     kind_params: dict[str, int] | None = None,
+    fusion: bool = False,
     method: str = "auto",
+    objective: str = "recall",
     cut: int | None = None,
     exact_k: int = EXACT_K,
     device: str | torch.device | None = None,
@@ -264,7 +269,8 @@ def analyze_heads(
     dtypes = [d for d in inspection.checkpoint.dtypes() if d.is_floating_point]
     dtype = inspection.dtype or compute_dtype(torch.device("cuda"), dtypes)  # the graph's: it asserts its dtypes
     return analyze(inspection.captured, inspection.read_weight, calibration, linear_kind=linear_kind,
-                   kind_params=kind_params, method=method, cut=cut, exact_k=exact_k, device=dev,
+                   kind_params=kind_params, fusion=fusion, method=method, objective=objective, cut=cut,
+                   exact_k=exact_k, device=dev,
                    dtype=dtype, progress=progress)
 
 

@@ -10,8 +10,9 @@ Design decisions:
   overrides first (``keep_full``), then each layer's minimum, then the priority order,
   skipping units that would break a layer's maximum or the budget. ``force_linear``
   units are never chosen.
-- Strategies differ only in the priority order: ``heads`` by a score from the analysis
-  (highest first; ``sensitivity`` by default), ``layers`` whole layers spread evenly
+- Strategies differ only in the priority order: ``heads`` by the analysis (by default its
+  keep-first order: recall-critical units first, then KL, the cut line re-measured jointly;
+  ``--score retrieval``/``linear_error`` rank by that head score instead), ``layers`` whole layers spread evenly
   over depth (the layer-wise hybrid baseline; a budget that is not a whole number of
   layers fills part of one more layer), ``random`` a permutation from ``seed`` (a
   control), ``even`` units spread evenly over layers and over units within a layer (no
@@ -109,6 +110,11 @@ def _priority(strategy: str, units: list[Unit], analysis: Analysis | None, score
     if strategy == "heads":
         if analysis is None:
             raise PlanError("the 'heads' strategy needs head scores (run the analysis, or pick --strategy layers/random/even)")
+
+        if score == "sensitivity" and all(analysis.layer(u.layer).unit_priority for u in units):
+            # the analysis's keep-first order: its objective (recall first by default), then the joint
+            # re-measurement at the cut line (``analysis/select.py``)
+            return sorted(units, key=lambda u: (analysis.layer(u.layer).unit_priority[u.index], u.layer, u.index))
 
         def unit_score(u: Unit) -> float:
             ls = analysis.layer(u.layer)
@@ -278,6 +284,19 @@ def make_budget_plan(
     }
     if strategy == "heads":
         record["score"] = score
+        objective = (analysis.extra.get("objective") if analysis is not None else None) or {}
+        if score == "sensitivity" and objective:
+            record["objective"] = objective.get("name")
+            if objective.get("fell_back_to_kl"):
+                record["objective_fell_back_to_kl"] = objective["fell_back_to_kl"]
+            decided = {lp: [] for lp in ("recall", "kl", "joint")}
+            for u in chosen:
+                why = analysis.layer(u.layer).unit_decided_by[u.index] if analysis.layer(u.layer).unit_decided_by else ""
+                if why in decided:
+                    decided[why].append(f"{u.layer}.{u.heads[0]}")
+            record["full_decided_by"] = {k: v for k, v in decided.items() if v}
+            if objective.get("stability") is not None and objective.get("cut") == len(chosen):
+                record["stability"] = objective["stability"]
     if strategy == "random":
         record["seed"] = seed
     if analysis is not None:

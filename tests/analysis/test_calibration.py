@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,5 +79,29 @@ def test_builtin_sets_are_fixed_and_fit_the_vocabulary() -> None:
     assert np.array_equal(a.tokens, default_calibration(vocab_size=256, samples=8, seq_len=64).tokens)
     assert a.tokens.shape == (8, 64) and "MQAR" in a.source
     b = default_calibration(vocab_size=1000, samples=4, seq_len=32)
-    assert b.tokens.max() < 1000 and "synthetic" in b.source
-    assert np.array_equal(b.tokens[0, 16:], b.tokens[0, :16])  # a repeated span
+    assert 250 <= b.tokens.min() and b.tokens.max() < 750 and "probes" in b.source  # ordinary ids: the middle half
+    assert np.array_equal(b.tokens[0, 16:], b.tokens[0, :16])  # no tokenizer: a repeated span instead of text
+    keys = b.tokens[1, :4:2]  # a recall probe: (key, value) pairs first, every key asked again at the end
+    assert set(keys) <= set(b.tokens[1, -8:].tolist())
+
+
+def test_builtin_set_for_a_tokenizer_vocabulary_is_text_and_probes_in_its_tokens(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from hydracc.evaluation.probes import token_space
+    from hydracc.evaluation.tasks import stdlib_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n" * 50, "import os\nprint(os.getcwd())\n" * 50],
+                            trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>"], show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    space = token_space(tmp_path, tok.get_vocab_size())
+    cal = default_calibration(vocab_size=tok.get_vocab_size(), samples=4, seq_len=64, space=space)
+    assert "tokenizer.json" in cal.source and cal.tokens.shape == (4, 64)
+    assert not np.isin(cal.tokens, [tok.token_to_id("<s>")]).any()  # special tokens never appear
+    text = tok.decode(cal.tokens[0].tolist())
+    corpus = bytes(stdlib_corpus().train[:2_000_000].astype(np.uint8)).decode("utf-8", errors="ignore")
+    assert len(text) > 64 and text[1:-1] in corpus  # row 0: training-split text, as the tokenizer writes it

@@ -52,13 +52,17 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rel: float) -
 @pytest.mark.parametrize(("kind", "rel"), [("gdn", 1e-5), ("hedgehog", 1e-4)])
 def test_two_processes_learn_what_one_learns(tiny_checkpoint, tmp_path, kind, rel) -> None:
     src = str(tiny_checkpoint("llama-gqa"))
-    args = [*COMMON, "--linear-kind", kind, "--steps", "4", "--e2e-steps", "3"]
+    args = [*COMMON, "--linear-kind", kind, "--steps", "4", "--e2e-steps", "3", "--seq-len", "48"]
     one = _hydracc("convert", src, "-o", str(tmp_path / "one"), *args, "--json")
     assert one.returncode == 0, one.stderr
     two = _hydracc("convert", src, "-o", str(tmp_path / "two"), *args, "--json", procs=2)
     assert two.returncode == 0, two.stderr
     report = json.loads(two.stdout)  # rank 0 alone printed: one JSON document
+    single = json.loads(one.stdout)["analysis"]
     assert report["status"] == "ok" and report["analysis"]["sensitivity"]["recall_positions"] > 0
+    for key in ("recall_positions", "recall_positions_by_pairs", "original_recall_accuracy"):  # summed over the ranks
+        assert report["analysis"]["objective"][key] == single["objective"][key], key
+    assert report["analysis"]["objective"]["stability"] == single["objective"]["stability"]  # per-row values gathered
     _close(_learned(tmp_path / "one"), _learned(tmp_path / "two"), rel)
     c1, c2 = (json.loads((tmp_path / d / "config.json").read_text())["hydra"] for d in ("one", "two"))
     assert [lp["kinds"] for lp in c1["layers"]] == [lp["kinds"] for lp in c2["layers"]]  # the same plan from split rows

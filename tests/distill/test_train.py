@@ -269,9 +269,13 @@ def test_learned_params_stay_fp32_in_a_bf16_model(tiny_checkpoint, tmp_path) -> 
 def test_a_non_finite_loss_is_an_error_not_a_checkpoint(tiny_checkpoint) -> None:
     insp, plan, calibration, weights = _setup(tiny_checkpoint("llama-gqa"), "gdn")
     records = record_sites(insp.captured, weights, calibration, {0, 1})
-    records[1].v[0, :, 3, 0] = float("inf")  # e.g. an overflow in the activations
-    with pytest.raises(DistillError, match="diverged: layer 1"):
-        distill(insp.captured, weights, plan, calibration, DistillSettings(steps=3, batch=64), records=records)
+    records[1].v[1, :, 3, 0] = float("inf")  # e.g. an overflow in the activations of a training row
+    with pytest.raises(DistillError, match="diverged: layer 1, step 1"):
+        distill(insp.captured, weights, plan, calibration, DistillSettings(steps=3, batch=64, holdout=0.0), records=records)
+    records[1].v[1, :, 3, 0] = 0.0
+    records[1].v[0, :, 3, 0] = float("inf")  # ... or of a held-out one
+    with pytest.raises(DistillError, match=r"diverged: layer 1 \(held-out rows\)"):
+        distill(insp.captured, weights, plan, calibration, DistillSettings(steps=3, batch=64, holdout=0.5), records=records)
 
 
 def test_base_model_loading_and_missing_tensors(tiny_checkpoint, tmp_path) -> None:
@@ -294,3 +298,47 @@ def test_base_model_loading_and_missing_tensors(tiny_checkpoint, tmp_path) -> No
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(HydraError, match="learned head parameters"):
         hydracc.load(broken)
+
+
+def test_held_out_rows_are_spread_and_never_drawn() -> None:
+    from hydracc.distill.train import _rows, split_rows
+
+    train, held = split_rows(64, 0.125)
+    assert held == list(range(0, 64, 8)) and not set(train) & set(held) and len(train) + len(held) == 64
+    drawn = torch.cat([_rows(0, stage, 0, step, train, 8) for stage in (1, 2) for step in range(50)])
+    assert not set(drawn.tolist()) & set(held)
+    assert split_rows(4, 0.125) == ([0, 1, 2, 3], [])  # too few rows to hold one out: train on all
+    assert split_rows(64, 0.0)[1] == []
+
+
+def test_distillation_keeps_the_best_values_the_held_out_rows_saw(tiny_checkpoint) -> None:
+    from hydracc.distill.e2e import held_out_kl
+    from hydracc.distill.train import split_rows
+
+    insp, plan, calibration, weights = _setup(tiny_checkpoint("llama-gqa"), "gdn", samples=16)
+    records = record_sites(insp.captured, weights, calibration, {0, 1})
+    start = initial_params(plan, insp.captured.sites, records)
+    runner = runner_for(insp.captured, weights, torch.device("cpu"))
+    teacher = Teacher(runner, calibration)
+    held_rows = split_rows(16, 0.125)[1]
+
+    def kl(values) -> float:
+        total, count = held_out_kl(runner, plan, values, param_name, teacher, calibration, held_rows)
+        return total / count
+
+    # a learning rate far too high: steps make the heads worse, and what is returned is the best seen
+    wild = distill(insp.captured, weights, plan, calibration, DistillSettings(steps=6, lr=3.0, e2e_steps=4, e2e_lr=3.0),
+                   records=records)
+    held = wild.held_out
+    seen = [held["initial"], held["attention_transfer"]] + [v for _, v in held["end_to_end"]]
+    assert held["rows"] == 2 and len(held["end_to_end"]) == 4 and held["kept_kl"] == min(seen), held
+    assert kl(wild.values) == pytest.approx(held["kept_kl"], abs=2e-6)  # the returned values are the kept ones
+    assert held["initial"] == pytest.approx(kl(start), abs=2e-6)
+    if held["kept"] == "initial":
+        assert all(torch.equal(wild.values[n], v) for n, v in start.items())
+    for layer in (0, 1):
+        first, best = wild.losses[f"held_out_transfer.layer{layer}"]
+        assert best <= first
+    everything = distill(insp.captured, weights, plan, calibration, DistillSettings(steps=6, lr=3.0, holdout=0.0),
+                         records=records)
+    assert everything.held_out == {} and any(not torch.equal(everything.values[n], v) for n, v in start.items())

@@ -114,3 +114,54 @@ def test_training_script_runs(tmp_path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     res = evaluate(out, ("ppl",), SMALL).to_json()
     assert res["ppl"]["ppl"] > 1
+
+
+def test_recall_probes_from_a_file_and_bad_files(tiny_checkpoint, tmp_path) -> None:
+    import numpy as np
+
+    model = tiny_checkpoint("llama-gqa")  # vocab 64
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, size=(6, 40))
+    labels = np.full_like(ids, -100)
+    labels[:, 30] = ids[:, 31]
+    short = np.full((3, 20), -100)
+    short[:, 5] = ids[:3, 6]
+    np.savez(tmp_path / "probes.npz", ids_40=ids, labels_40=labels, ids_20=ids[:3, :20], labels_20=short)
+    res = evaluate(model, ("recall",), SMALL, recall=tmp_path / "probes.npz").to_json()
+    rec = res["recall"]
+    assert set(rec["by_set"]) == {"20 (len=20)", "40 (len=40)"} and 0 <= rec["accuracy"] <= 1 and rec["file"] == "probes.npz"
+    # the score is the argmax at the labelled positions: check one set against the model directly
+    from helpers import load_original
+
+    m = load_original(model)
+    with torch.no_grad():
+        pred = m(input_ids=torch.from_numpy(ids)).logits.argmax(-1)[:, 30].numpy()
+    assert rec["by_set"]["40 (len=40)"] == round(float((pred == ids[:, 31]).mean()), 4)
+    res = CliRunner().invoke(main, ["eval", str(model), "--task", "recall", "--recall", str(tmp_path / "probes.npz"),
+                                    "--json", "-q"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["recall"] == rec
+    bad = {
+        "none.npz": None,
+        "pickled.npz": {"ids_8": np.array([{"a": 1}], dtype=object)},
+        "nolabels.npz": {"ids_8": ids},
+        "outside.npz": {"ids_8": ids + 64, "labels_8": labels},
+        "unscored.npz": {"ids_8": ids, "labels_8": np.full_like(ids, -100)},
+    }
+    for name, arrays in bad.items():
+        if arrays is not None:
+            np.savez(tmp_path / name, **arrays)
+        res = CliRunner().invoke(main, ["eval", str(model), "--task", "recall", "--recall", str(tmp_path / name), "--json"])
+        assert res.exit_code == 2 and "--recall" in json.loads(res.stdout)["error"], (name, res.output)
+    res = CliRunner().invoke(main, ["eval", str(model), "--task", "recall", "--json"])
+    assert res.exit_code == 2 and "--recall" in json.loads(res.stdout)["error"]
+
+
+@pytest.mark.slow
+def test_second_training_script_runs(tmp_path) -> None:
+    out = tmp_path / "qwen"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny_qwen.py"), "--out", str(out), "--steps", "2",
+                           "--log-every", "1"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "calib.npy", "recall.npz"} <= {p.name for p in out.iterdir()}
+    res = evaluate(out, ("recall",), SMALL, recall=out / "recall.npz").to_json()
+    assert set(res["recall"]["by_set"]) == {"128 (len=128)", "256 (len=256)"}

@@ -45,6 +45,7 @@ def test_flag_spellings_are_unchanged() -> None:
         "--atol", "--json", "-q", "--quiet",
         "--base-model", "--allow-nonfinite",  # added with the release gate (model card, non-finite weights)
         "--sensitivity", "--exact-k",  # added with the linear-cost analysis
+        "--objective", "--distill-holdout",  # added with recall-first selection and held-out distillation
     }
 
 
