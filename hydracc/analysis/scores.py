@@ -392,12 +392,13 @@ def analyze(
         real = info.real
         q, k, v = expand_kv(*site_qkv(args, kwargs))
         q, k, v = q[:real].float(), k[:real].float(), v[:real].float()
-        lin = run_kind(kind.code, q, k, v, scales[layer], None, **window) if not kind.learned else None
+        # linear_error: learned kinds' starting values need this very pass's statistics, so they are measured as elu
+        lin = run_kind(kind_by_name("elu").code if kind.learned else kind.code, q, k, v, scales[layer], None, **window)
         targets = retrieval_targets(info.ids[:real].to(q.device)).cpu()
         for h in range(q.shape[1]):  # one head at a time: memory is [B, T, T], not [B, H, T, T]
             probs = _causal_probs(q[:, h : h + 1], k[:, h : h + 1], scales[layer])
-            acc[layer].add(probs.cpu(), targets, out[:real, h : h + 1].float().cpu(),
-                           (lin[:, h : h + 1] if lin is not None else out[:real, h : h + 1]).float().cpu(), first=h)
+            acc[layer].add(probs.cpu(), targets, out[:real, h : h + 1].float().cpu(), lin[:, h : h + 1].float().cpu(),
+                           first=h)
         current[0] += 1
         return out
 

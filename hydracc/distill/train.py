@@ -185,7 +185,8 @@ def split_rows(n: int, holdout: float) -> tuple[list[int], list[int]]:
     if k < 1 or k >= n:
         return list(range(n)), []
     held = sorted({int(i * n / k) for i in range(k)})
-    return [i for i in range(n) if i not in set(held)], held
+    out = set(held)
+    return [i for i in range(n) if i not in out], held
 
 
 def _rows(seed: int, stage: int, layer: int, step: int, train: list[int], batch: int) -> Tensor:

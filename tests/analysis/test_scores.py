@@ -111,6 +111,21 @@ def _peaky_checkpoint(tmp_path, heads: int, kv: int):
     return tmp_path
 
 
+def test_learned_kinds_report_a_linear_error(tmp_path) -> None:
+    """hedgehog and gdn heads are scored at their starting values, but their per-head linear_error
+    (measured in the same pass as those values' statistics) is elu's: never a vacuous zero."""
+    src = _peaky_checkpoint(tmp_path, 4, 2)
+    cal = default_calibration(vocab_size=64, samples=4, seq_len=20)
+    insp = inspect_checkpoint(src, capture_shape=(4, 20))
+    elu = analyze(insp.captured, insp.load_weights(), cal, sensitivity=False)
+    for kind in ("hedgehog", "gdn"):
+        learned = analyze(insp.captured, insp.load_weights(), cal, linear_kind=kind, sensitivity=False)
+        assert learned.extra["scored_as"] == kind and learned.extra["fusion"] is True
+        for a, b in zip(learned.layers, elu.layers):
+            assert [h.linear_error for h in a.heads] == [h.linear_error for h in b.heads]
+            assert all(h.linear_error > 0 for h in a.heads)
+
+
 @pytest.mark.parametrize(("heads", "kv"), [(4, 2), (4, 4)], ids=["gqa", "mha"])
 def test_sensitivity_matches_an_independent_oracle(tmp_path, heads: int, kv: int) -> None:
     src = _peaky_checkpoint(tmp_path, heads, kv)
