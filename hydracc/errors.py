@@ -51,5 +51,9 @@ class PassError(HydraError):
     """A graph pass failed or left the graph broken."""
 
 
+class PaddingNotSupportedError(HydraError):
+    """The batch's attention mask is one the hybrid runtime cannot honour (not causal, or right padding in generation)."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that it unwinds (temporary outputs removed) as Ctrl-C does."""

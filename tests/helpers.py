@@ -74,3 +74,25 @@ def use_oracle(model, kinds_by_layer: dict[int, list[str]]):
         pass
     model.set_attn_implementation(ORACLE)
     return model
+
+
+def plan_with_kinds(src, tmp_path, kinds_by_layer: list[list[str]], fusion: bool, window: int = 3, sink: int = 1) -> object:
+    """A plan file giving each head its own kind (streaming heads with a short window)."""
+    import json
+
+    from hydracc.convert import inspect_checkpoint, make_plan
+
+    insp = inspect_checkpoint(src)
+    try:
+        plan = make_plan(insp, strategy="even")
+    finally:
+        insp.checkpoint.close()
+    doc = plan.to_json()
+    doc["fusion"] = fusion
+    for layer, kinds in zip(doc["layers"], kinds_by_layer):
+        layer["heads"] = [
+            {"kind": k, "params": {"sink": sink, "window": window} if k == "streaming" else {}} for k in kinds
+        ]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(doc))
+    return path

@@ -30,6 +30,12 @@ Design decisions:
   (states updated in place). The first chunk of a layer with an elu or hedgehog head, on CUDA
   in bf16/fp16, runs the fused Triton prefill, which writes the starting states in the same
   layout. Elsewhere, and for later chunks, the torch path below runs.
+- Left-padded batches (``pads``: pad tokens per row, read from the mask of the first chunk):
+  full heads mask the pad keys; the first chunk's linear heads run once per row over its real
+  tokens, so each row's state is the state of that row alone, and later tokens need no mask
+  (they are real in every row). These steps take the torch path, not the fused kernels.
+  Streaming heads keep one ring of positions for the whole batch, so padded batches with
+  streaming heads are refused in generation (the forward pass without a cache takes them).
 - Cropping (assisted decoding) cannot undo a linear state and is refused; batch reordering
   (beam search) and repetition apply to every tensor of the layer.
 """
@@ -44,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
-from hydracc.errors import HydraError
+from hydracc.errors import HydraError, PaddingNotSupportedError
 from hydracc.kernels.kinds import STATE_PARTS, STREAMING, kind_by_code, state_shapes
 from hydracc.kernels.layout import DecodeLayout, decode_layout
 from hydracc.kernels.naive import recurrent_heads
@@ -75,6 +81,8 @@ class HybridLayer(DynamicLayer):
         """Absolute position of the next step's first token, as a tensor (the ONNX export sets it from
         its ``position_ids`` input); None: the tokens seen so far (``seen``)."""
         self._indices: dict[tuple[str, torch.device], Tensor] = {}
+        self.pads: Tensor | None = None
+        """Left-pad tokens per row ``[B]`` of a padded batch (set by its first chunk), None: no padding."""
 
     def index(self, name: str, heads: list[int], device: torch.device) -> Tensor:
         """``heads`` as an index tensor on ``device``, made once per layer (no copy per step)."""
@@ -183,6 +191,8 @@ class HybridLayer(DynamicLayer):
         for code, state in self.states.items():
             if state is not None:
                 self.states[code] = tuple(fn(t) for t in state)
+        if self.pads is not None:
+            self.pads = fn(self.pads)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._each(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -202,6 +212,7 @@ class HybridLayer(DynamicLayer):
         self.keys = self.values = self.window_keys = self.window_values = self.window_pos = None
         self.states = {code: None for code in self.linear_groups}
         self.seen = 0
+        self.pads = None
         self.is_initialized = False
 
 
@@ -239,19 +250,25 @@ class HybridStep:
         scale: float,
         head_params: Sequence[Tensor] = (),
         head_windows: Sequence[int] = (),
+        pads: Tensor | None = None,
     ) -> Tensor:
-        """Hybrid attention of ``query`` ``[B, Hq, T, D]`` over everything seen; returns ``[B, Hq, T, Dv]``."""
+        """Hybrid attention of ``query`` ``[B, Hq, T, D]`` over everything seen; returns ``[B, Hq, T, Dv]``.
+
+        ``pads``: left-pad tokens per row (``loader.left_padding`` of the step's mask), None: none."""
         layer = self.layer
         b, hq, tq, _ = query.shape
         hkv = self.new_keys.shape[1]
         layer.configure(kinds, hq, hkv, list(head_windows))
-        if tq == 1 and query.device.type in DECODE_OP_DEVICES and len(layer.full_heads) < hq:
+        self._set_pads(pads)
+        padded = layer.pads is not None
+        if tq == 1 and query.device.type in DECODE_OP_DEVICES and len(layer.full_heads) < hq and not padded:
             # (an all-full layer keeps SDPA, as in prefill: bit-identical to the original model)
             return self._attend_one_token(query, kinds, scale, head_params, head_windows)
-        if self.past == 0 and tq > 1 and self._fused_prefill_applies(query, kinds):
+        if self.past == 0 and tq > 1 and not padded and self._fused_prefill_applies(query, kinds):
             return self._attend_first_chunk(query, kinds, scale, head_params, head_windows)
         group = hq // hkv
-        out = query.new_empty(b, hq, tq, self.new_values.shape[-1])
+        make = query.new_zeros if padded else query.new_empty  # (pad queries' linear heads are never written)
+        out = make(b, hq, tq, self.new_values.shape[-1])
         self._append_full_kv()
         if layer.full_heads:
             heads = layer.index("full", layer.full_heads, query.device)
@@ -264,7 +281,13 @@ class HybridStep:
                 k, v, gqa = layer.keys.index_select(1, kv_of), layer.values.index_select(1, kv_of), False
             tk = k.shape[2]
             extra = {"enable_gqa": True} if gqa else {}
-            if tq == tk:  # prefill from empty: plain causal
+            if padded:  # causal over each row's real keys; a pad query sees every key (finite, never read)
+                assert layer.pads is not None
+                mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
+                mask = mask & (torch.arange(tk, device=query.device) >= layer.pads[:, None])[:, None, :]
+                mask = (mask | ~mask.any(dim=-1, keepdim=True))[:, None]
+                full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
+            elif tq == tk:  # prefill from empty: plain causal
                 full = F.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=scale, **extra)
             elif tq == 1:  # one decode step sees every key
                 full = F.scaled_dot_product_attention(qf, k, v, scale=scale, **extra)
@@ -280,6 +303,9 @@ class HybridStep:
             return window[0]
 
         assert layer.layout is not None
+        if padded and self.past == 0:  # the chunk holding the pads: each row's heads over its own tokens
+            self._linear_rows(out, query, scale, head_params, head_windows)
+            return out
         layer.states.update(recurrent_heads(
             out, query, self.new_keys, self.new_values, layer.layout, scale, head_params, head_windows,
             layer.states, new_window, lambda name, heads: layer.index(name, list(heads), query.device),
@@ -287,6 +313,45 @@ class HybridStep:
         if window:  # then keep only the sink and window rows
             self._keep_window(*window[0])
         return out
+
+    def _set_pads(self, pads: Tensor | None) -> None:
+        """Keep the first chunk's padding; later steps must show the same."""
+        layer = self.layer
+        if self.past == 0:
+            if pads is not None and layer.stream_heads:
+                raise PaddingNotSupportedError(
+                    "padded batches cannot be generated with streaming heads (their window is kept for the batch "
+                    "as a whole)", hint="generate these prompts one at a time, or pass an unpadded batch")
+            layer.pads = pads
+        elif pads is not None and (layer.pads is None or not torch.equal(pads, layer.pads)):
+            # (no mask at a later step: the cache still masks the first chunk's pads)
+            raise PaddingNotSupportedError("the padding changed after the first chunk; only the prompt may be padded",
+                                           hint="pad prompts on the left, then feed one more token per row")
+
+    def _linear_rows(
+        self, out: Tensor, query: Tensor, scale: float, head_params: Sequence[Tensor], head_windows: Sequence[int]
+    ) -> None:
+        """Linear heads of a padded first chunk, one row at a time over its real tokens; stack the states."""
+        layer = self.layer
+        assert layer.pads is not None and layer.layout is not None
+        tq, dv = query.shape[2], self.new_values.shape[-1]
+        parts: dict[int, list[tuple[Tensor, ...]]] = {code: [] for code in layer.linear_groups}
+        for row, pad in enumerate(layer.pads.tolist()):
+            sl = slice(row, row + 1)
+            if pad >= tq:  # nothing but padding: empty state
+                for code in parts:
+                    parts[code].append(self._new_state(query[sl], code, dv, torch.zeros))
+                continue
+            piece = out[sl, :, pad:].clone()
+            states = recurrent_heads(
+                piece, query[sl, :, pad:], self.new_keys[sl, :, pad:], self.new_values[sl, :, pad:], layer.layout,
+                scale, head_params, head_windows, {code: None for code in parts}, None,
+                lambda name, heads: layer.index(name, list(heads), query.device),
+            )
+            out[sl, :, pad:] = piece
+            for code, state in states.items():
+                parts[code].append(state)
+        layer.states.update({code: tuple(torch.cat(ts) for ts in zip(*rows, strict=True)) for code, rows in parts.items()})
 
     def _attend_one_token(
         self, query: Tensor, kinds: list[int], scale: float, head_params: Sequence[Tensor], head_windows: Sequence[int]

@@ -6,8 +6,12 @@ Design decisions:
   ``AttentionInterface`` as ``"hydracc"`` and calls ``torch.ops.hydracc.hybrid_attention``,
   the same op the rewritten graph calls, with the head kinds of the layer taken from the
   config's ``hydra`` section (``module.layer_idx``).
-- The op is causal by construction. transformers' mask is only checked: a batch with
-  padding raises ``PaddingNotSupportedError`` instead of silently attending to pad tokens.
+- The op is causal by construction and takes no mask. transformers' mask is read for padding
+  only (``left_padding``): right padding needs nothing outside generation (no real token sees
+  a later one); left padding runs the op once per padded row over its real tokens (exact for
+  every kind, streaming windows included, at B launches instead of one); with the hybrid
+  cache the padding is the cache's to honour (``HybridStep.attend``). Any other mask (not
+  causal, holes in a row) raises ``PaddingNotSupportedError`` instead of being ignored.
 - Learned head parameters (fusion scales, hedgehog feature maps, gdn gates) live in a
   ``HybridHeads`` submodule named ``hydra`` on each converted attention module, so their
   checkpoint names are ``{module}.hydra.{name}`` and transformers' own loader fills them.
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
-from hydracc.errors import CheckpointError, HydraError
+from hydracc.errors import CheckpointError, PaddingNotSupportedError  # (re-exported: raised here)
 from hydracc.runtime.hydra_config import HydraLayer, read_hydra_layers
 
 ATTN_IMPLEMENTATION = "hydracc"
@@ -68,32 +72,72 @@ def hybrid_attention_forward(
                 hint="load converted checkpoints with hydracc.load(OUT), or AutoModelForCausalLM after `import hydracc`",
             )
         params = heads.op_params()
-    if attention_mask is not None and not torch.compiler.is_compiling():
-        _refuse_padding(attention_mask, query.shape[2], key.shape[2])
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     from hydracc.runtime.cache import HybridStep  # not at module level: hydracc.runtime.cache imports transformers
 
-    if isinstance(key, HybridStep):  # generating with a HybridCache: full heads cached, linear heads stateful
-        return key.attend(query, codes, float(scale), params, entry.head_windows).transpose(1, 2).contiguous(), None
-    out = torch.ops.hydracc.hybrid_attention(query, key, value, codes, float(scale), params, entry.head_windows)
+    cached = isinstance(key, HybridStep)
+    pads = None
+    if attention_mask is not None and not torch.compiler.is_compiling():
+        pads = left_padding(attention_mask, query.shape[2], key.shape[2], cached=cached)
+    if cached:  # generating with a HybridCache: full heads cached, linear heads stateful
+        out = key.attend(query, codes, float(scale), params, entry.head_windows, pads=pads)
+    elif pads is not None:
+        out = _padded_rows(query, key, value, pads, codes, float(scale), params, entry.head_windows)
+    else:
+        out = torch.ops.hydracc.hybrid_attention(query, key, value, codes, float(scale), params, entry.head_windows)
     return out.transpose(1, 2).contiguous(), None
 
 
-class PaddingNotSupportedError(HydraError):
-    """The batch has padding, which the hybrid runtime cannot honour yet."""
-
-
-def _refuse_padding(mask: torch.Tensor, tq: int, tk: int) -> None:
-    """Raise unless ``mask`` is plain causal attention (no padded or hidden keys)."""
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    causal = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril(diagonal=tk - tq)
-    if not bool((allowed == causal).all()):
-        raise PaddingNotSupportedError(
-            "this batch has padding (or a non-causal mask); the hybrid runtime computes plain causal "
-            "attention and would silently attend to pad tokens",
-            hint="run sequences of equal length without padding, or one sequence at a time; padded batches "
-            "come with the hybrid cache",
+def _padded_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pads: torch.Tensor, codes: list[int],
+                 scale: float, params: list[torch.Tensor], head_windows: list[int]) -> torch.Tensor:
+    """The op once per row over the row's real tokens (keys from ``pads[row]``); zeros at pad queries."""
+    tq, tk = query.shape[2], key.shape[2]
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    for row, pad in enumerate(pads.tolist()):
+        first = max(0, pad - (tk - tq))  # the first real query (queries are the last tq keys)
+        if first >= tq:
+            continue
+        sl = slice(row, row + 1)
+        out[sl, :, first:] = torch.ops.hydracc.hybrid_attention(
+            query[sl, :, first:].contiguous(), key[sl, :, pad:].contiguous(), value[sl, :, pad:].contiguous(), codes,
+            scale, params, head_windows,
         )
+    return out
+
+
+def left_padding(mask: torch.Tensor, tq: int, tk: int, *, cached: bool = False) -> torch.Tensor | None:
+    """Left-pad keys per row of transformers' mask ``[B, 1, tq, tk]`` (bool or additive), None when none.
+
+    Accepted: causal attention over each row's real keys, which form one run (left pads before
+    it; right pads after it only when not ``cached``: a real token never sees a later one, but
+    generation would go on from the pads). Query rows of pad tokens are not checked (their
+    outputs are never read by a real token). Anything else raises ``PaddingNotSupportedError``.
+    """
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if allowed.dim() != 4 or allowed.shape[-2:] != (tq, tk) or not bool((allowed == allowed[:, :1]).all()):
+        raise PaddingNotSupportedError(f"attention mask of shape {tuple(mask.shape)} is not one causal mask per row "
+                                       f"over {tq} queries and {tk} keys")
+    allowed = allowed[:, 0]
+    valid = allowed.any(dim=1)  # [B, tk]: keys some query sees
+    j = torch.arange(tk, device=mask.device)
+    lead = (~valid).int().cumprod(dim=-1).sum(dim=-1)
+    end = lead + valid.sum(dim=-1)
+    one_run = bool((valid == ((j >= lead[:, None]) & (j < end[:, None]))).all())
+    causal = torch.ones(tq, tk, dtype=torch.bool, device=mask.device).tril(diagonal=tk - tq)
+    real_query = valid[:, tk - tq:, None]
+    causal_ok = bool(((allowed == (causal & valid[:, None, :])) | ~real_query).all())
+    if not one_run or not causal_ok:
+        raise PaddingNotSupportedError(
+            "this batch's attention mask is not causal attention over each row's tokens (holes inside a row, or a "
+            "non-causal mask); the hybrid runtime supports plain causal attention with left or right padding",
+            hint="pass an attention mask of 1s for tokens and 0s for padding, with the padding at one end",
+        )
+    if cached and bool((end < tk).any()):
+        raise PaddingNotSupportedError(
+            "right padding while generating: the next tokens would follow the pad tokens",
+            hint="pad on the left for generation (tokenizer.padding_side = 'left')",
+        )
+    return lead if bool((lead > 0).any()) else None
 
 
 def _register() -> None:

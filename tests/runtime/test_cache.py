@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ROOT, load_original
+from helpers import ROOT, load_original, plan_with_kinds
 
 import hydracc
 from hydracc.cli import main
@@ -178,24 +178,6 @@ def test_groups_with_full_and_linear_heads_mixed(tiny_checkpoint, tmp_path) -> N
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
 
 
-def _plan_with_kinds(src, tmp_path, kinds_by_layer: list[list[str]], fusion: bool, window: int = 3, sink: int = 1) -> object:
-    """A plan file giving each head its own kind (streaming heads with a short window)."""
-    from hydracc.convert import inspect_checkpoint, make_plan
-
-    insp = inspect_checkpoint(src)
-    try:
-        plan = make_plan(insp, strategy="even")
-    finally:
-        insp.checkpoint.close()
-    doc = plan.to_json()
-    doc["fusion"] = fusion
-    for layer, kinds in zip(doc["layers"], kinds_by_layer):
-        layer["heads"] = [
-            {"kind": k, "params": {"sink": sink, "window": window} if k == "streaming" else {}} for k in kinds
-        ]
-    path = tmp_path / "plan.json"
-    path.write_text(json.dumps(doc))
-    return path
 
 
 MIXED = [["full", "hedgehog", "gdn", "streaming"], ["streaming", "elu", "gdn", "hedgehog"]]
@@ -211,7 +193,7 @@ def test_every_kind_decodes_like_recomputing(tiny_checkpoint, tmp_path, kinds, f
     if not fusion and any(k in ("hedgehog", "gdn") for layer in kinds for k in layer):
         fusion = True  # learned kinds always come with their parameters (and so with fusion)
     src = tiny_checkpoint("llama-gqa")
-    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, fusion), seq_len=16, calib_samples=2)
+    convert(src, tmp_path / "out", plan_file=plan_with_kinds(src, tmp_path, kinds, fusion), seq_len=16, calib_samples=2)
     model = hydracc.load(tmp_path / "out")
     ids = _ids(14, batch=2)
     cache = HybridCache(model.config)
@@ -235,7 +217,7 @@ def test_streaming_ring_keeps_the_rows_a_query_sees(tiny_checkpoint, tmp_path, s
 
     src = tiny_checkpoint("llama-gqa")
     kinds = [["streaming", "full", "streaming", "elu"], ["streaming"] * 4]
-    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, False, window=window, sink=sink))
+    convert(src, tmp_path / "out", plan_file=plan_with_kinds(src, tmp_path, kinds, False, window=window, sink=sink))
     model = hydracc.load(tmp_path / "out")
     ids = _ids(sum(chunks))
     cache = HybridCache(model.config)
@@ -262,13 +244,13 @@ def test_streaming_ring_keeps_the_rows_a_query_sees(tiny_checkpoint, tmp_path, s
 def test_streaming_with_a_window_covering_the_sequence_equals_full(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("llama-gqa")
     convert(src, tmp_path / "full", full_ratio=1.0, strategy="even")
-    convert(src, tmp_path / "stream", plan_file=_plan_with_kinds(src, tmp_path, [["streaming"] * 4] * 2, False, window=64, sink=0))
+    convert(src, tmp_path / "stream", plan_file=plan_with_kinds(src, tmp_path, [["streaming"] * 4] * 2, False, window=64, sink=0))
     ids = _ids(20)
     with torch.no_grad():
         full = hydracc.load(tmp_path / "full")(ids).logits
         stream = hydracc.load(tmp_path / "stream")(ids).logits
     torch.testing.assert_close(stream, full, rtol=1e-5, atol=1e-5)
-    convert(src, tmp_path / "short", plan_file=_plan_with_kinds(src, tmp_path, [["streaming"] * 4] * 2, False, window=4, sink=1))
+    convert(src, tmp_path / "short", plan_file=plan_with_kinds(src, tmp_path, [["streaming"] * 4] * 2, False, window=4, sink=1))
     with torch.no_grad():
         short = hydracc.load(tmp_path / "short")(ids).logits
     assert (short - full).abs().max() > 1e-3  # a short window does change the result
@@ -281,7 +263,7 @@ def test_one_token_steps_through_the_decode_op_equal_the_torch_path(tiny_checkpo
     import hydracc.runtime.cache as cache_module
 
     src = tiny_checkpoint("llama-gqa")
-    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, True), seq_len=16, calib_samples=2)
+    convert(src, tmp_path / "out", plan_file=plan_with_kinds(src, tmp_path, kinds, True), seq_len=16, calib_samples=2)
     model = hydracc.load(tmp_path / "out")
     ids = _ids(12, batch=2)
 
@@ -308,7 +290,7 @@ def test_first_chunk_through_the_fused_prefill_equals_the_torch_path(tiny_checkp
     from hydracc.kernels import triton_prefill
 
     src = tiny_checkpoint("llama-gqa")
-    convert(src, tmp_path / "out", plan_file=_plan_with_kinds(src, tmp_path, kinds, True), seq_len=16, calib_samples=2)
+    convert(src, tmp_path / "out", plan_file=plan_with_kinds(src, tmp_path, kinds, True), seq_len=16, calib_samples=2)
     model = hydracc.load(tmp_path / "out")
     ids = _ids(12, batch=2)
 

@@ -79,20 +79,6 @@ def test_decode_with_transformers_cache_matches_full_recompute(tiny_checkpoint, 
     assert torch.equal(out, again)
 
 
-def test_padded_batch_is_refused_not_silently_wrong(tiny_checkpoint, tmp_path) -> None:
-    from hydracc.runtime.loader import PaddingNotSupportedError
-
-    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
-    model = hydracc.load(tmp_path / "out")
-    ids = torch.randint(0, 64, (2, 8))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    with torch.no_grad():
-        model(ids, attention_mask=mask)  # no padding: fine
-        mask[0, :3] = 0  # left padding
-        with pytest.raises(PaddingNotSupportedError, match="padding"):
-            model(ids, attention_mask=mask)
-
-
 @pytest.fixture(scope="module")
 def truncated_conversion(tmp_path_factory):
     from helpers import ROOT
