@@ -5,7 +5,10 @@ Qwen3-0.6B, Qwen3-1.7B and Llama-3-8B (built from configs; cost, not quality).
     python benchmarks/scale.py run /tmp/q06 --stages forward,plan    # wall time and peak RSS per stage
     python benchmarks/scale.py run /tmp/q06 --device cuda --stages plan,convert,distill
 
-Each stage runs in its own process (``/usr/bin/time``-style peak RSS from ``resource``), so one
+``plan`` is ``convert --plan`` with the default analysis, and writes the plan to ``--out``'s
+``plan.json``; ``convert`` converts by that plan file (emit only: run ``plan`` first), and
+``distill`` is a whole ``convert --distill`` (its own plan in the default distilled kind, gdn, then
+recording, 100 attention-transfer steps per layer and emit). Each stage runs in its own process (``/usr/bin/time``-style peak RSS from ``resource``), so one
 stage's memory never hides another's. ``forward`` is the reference the issue holds the plan
 against: one plain transformers forward pass in float32 over the same calibration rows
 (``--calib-samples`` x ``--seq-len``, default 16 x 256). On CUDA, peak device memory is reported too.
@@ -110,15 +113,20 @@ if stage == "forward":
     info["load_s"] = round(load, 1)
 else:
     from hydracc.convert import convert
+    import pathlib
     kwargs = dict(calib_samples=samples, seq_len=seq_len, device=device)
+    work = pathlib.Path(extra[0])
+    plan = work / "plan.json"
     if stage == "plan":
-        result = convert(path, dry_run=True, **kwargs)
+        work.mkdir(parents=True, exist_ok=True)
+        result = convert(path, dry_run=True, plan_out=plan, force=True, **kwargs)
         info["analysis"] = (result.analysis.extra or {}).get("sensitivity")
     elif stage == "convert":
-        result = convert(path, extra[0], force=True, **kwargs)
+        result = convert(path, work / "converted", force=True, plan_file=plan, **kwargs)
     elif stage == "distill":
-        result = convert(path, extra[0], force=True, distill=True, steps=100, e2e_steps=0, distill_samples=samples,
-                         linear_kind="elu", **kwargs)
+        result = convert(path, work / "distilled", force=True, distill=True, steps=100, e2e_steps=0,
+                         distill_samples=samples, **kwargs)
+        info["held_out"] = result.learned.held_out if result.learned else None
 if device.startswith("cuda"):
     torch.cuda.synchronize()
     info["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -165,7 +173,8 @@ def main() -> None:
     print("| stage | wall s | stage s | peak RSS GiB | peak GPU GiB | note |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        note = row.get("error") or json.dumps(row.get("analysis")) if row.get("analysis") or row.get("error") else ""
+        extra = row.get("analysis") or row.get("held_out")
+        note = row.get("error") or (json.dumps(extra) if extra else "")
         print(f"| {row['stage']} | {row['wall_s']} | {row.get('seconds', '-')} | {row.get('peak_rss_gib', '-')} | "
               f"{row.get('peak_gpu_gib', '-')} | {note} |")
     if args.json:

@@ -19,7 +19,8 @@ Design decisions:
   next token is predictable by copying. ``method``: ``exact`` re-runs the layers after each
   unit (cost grows with layers x units); ``estimate`` takes one backward sweep per loss
   (linear in depth); ``auto`` (default) ranks by the estimates and re-measures exactly the
-  ``exact_k`` units nearest the budget's cut line (``cut``), all of them when there are no more.
+  ``exact_k`` units nearest the budget's cut line (``cut``), all of them when there are no more
+  (on larger models the window narrows to what ``JOINT_RUNS`` forward passes can settle).
   Every head of a unit carries the unit's values.
 - Per-head sums are added up in float64 across batches; the same inputs and batch size give
   the same scores. Attention probabilities are computed one head at a time (memory
@@ -61,6 +62,11 @@ SCORE_NAMES = ("retrieval", "distance", "sink", "entropy", "linear_error", "sens
 METHODS = ("auto", "estimate", "exact")
 EXACT_K = 8
 """Units re-measured exactly around the cut line by ``method="auto"``."""
+JOINT_RUNS = 8
+"""On a model with more units than ``exact_k``, the most configurations the joint elimination may
+measure (each costs about one forward pass over the calibration rows, since units ranked below
+the window are linear in every one): the window narrows until its elimination fits (4 units,
+2 each side of the cut: 4 + 3 runs)."""
 
 
 @dataclass
@@ -366,10 +372,15 @@ def analyze(
     total_units = len(order)
     exact_all = method == "exact" or (method == "auto" and total_units <= exact_k)
     at = round(0.25 * total_units) if cut is None else max(0, min(int(cut), total_units))
+    def window_at(k: int) -> tuple[int, int, int]:  # first unit of the window, units it keeps, configurations
+        lo = max(0, min(at - k // 2, total_units - k))
+        keep = max(0, min(at - lo, k))
+        return lo, keep, sum(k - j for j in range(k - keep))
+
     k = min(exact_k, total_units) if method != "estimate" else 0
-    lo = max(0, min(at - k // 2, total_units - k))
-    keep = max(0, min(at - lo, k))
-    joint_runs = sum(k - j for j in range(k - keep)) if k else 0
+    while not exact_all and k > 2 and window_at(k)[2] > JOINT_RUNS:
+        k -= 1
+    lo, keep, joint_runs = window_at(k)
     steps = [n_layers + 2 + bool(sensitivity)]  # forward sweep: prefix and layers; windowed pass; recall accuracy
     if sensitivity:
         steps.append((n_layers + 1) * math.ceil(total_units / 16) if exact_all else n_layers + 1)

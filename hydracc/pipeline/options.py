@@ -99,8 +99,9 @@ class ConvertOptions:
                             "loss, then exact re-measurement of the --exact-k units nearest the budget's cut line; cost "
                             "linear in depth), estimate (estimates only), exact (re-run the layers after every unit; cost "
                             "grows with layers x units).", flags=("--sensitivity",), choices=("auto", "estimate", "exact"))
-    exact_k: int = _opt(8, "With --sensitivity auto: units re-measured exactly around the cut line (all of them when the "
-                        "model has no more).", flags=("--exact-k",), type=int, min=0)
+    exact_k: int = _opt(8, "With --sensitivity auto: units re-measured exactly, and jointly, around the cut line (all of "
+                        "them when the model has no more; on larger models the window narrows until its joint "
+                        "elimination takes at most 8 forward passes).", flags=("--exact-k",), type=int, min=0)
     objective: str = _opt("recall", "What the heads strategy protects first: recall (units whose loss hurts the prediction "
                           "at positions only copying can predict, then output KL for the rest of the budget; falls back "
                           "to kl, and says so, when the model does not recall on the calibration rows) or kl (output KL "
