@@ -14,7 +14,8 @@ plus all heads linear, then scores each with ``hydracc eval`` (``--tasks``; ``--
 model's own recall probes, which then are the "recall" column; otherwise it is built-in MQAR).
 ``--exhaustive`` also converts and scores every plan at each budget (all ways to keep that share
 of the KV groups full) and reports where each strategy's plan ranks and its share of the best
-recall. ``--calib`` is passed to every planned conversion. Deterministic: the same inputs give
+recall. The MQAR columns split its cells into short (128-256 tokens) and long (``LONG`` and up,
+where a streaming window cannot hold the pairs). ``--calib`` is passed to every planned conversion. Deterministic: the same inputs give
 the same table.
 """
 
@@ -32,6 +33,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+LONG = 512
+"""MQAR at this length and beyond is the "long" column: 8x the default 64-token streaming window."""
+COLUMNS = ("ppl", "recall", "mqar", "mqar_short", "mqar_long", "passkey")
 PLANS = (("heads, recall first", dict(strategy="heads", objective="recall")),
          ("heads, KL", dict(strategy="heads", objective="kl")),
          ("heads, retrieval score", dict(strategy="heads", score="retrieval")),
@@ -51,6 +55,11 @@ def summary(scores: dict) -> dict:
         out["recall"] = scores["mqar"]["accuracy"]
     if "mqar" in scores:
         out["mqar"] = scores["mqar"]["accuracy"]
+        grid = scores["mqar"]["grid"]
+        for name, keep in (("mqar_short", lambda n: n <= 256), ("mqar_long", lambda n: n >= LONG)):
+            cells = [acc for cell, acc in grid.items() if keep(int(cell.rsplit("len=", 1)[1]))]
+            if cells:
+                out[name] = round(sum(cells) / len(cells), 4)
     if "passkey" in scores:
         out["passkey"] = scores["passkey"]["accuracy"]
     return out
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in (0, 1, 2):
             row, _ = bench.convert(f"random-{seed}-{kv}", kv_budget=kv, strategy="random", seed=seed)
             seeds.append({"seed": seed, **row})
-        keys = [k for k in ("ppl", "recall", "mqar", "passkey") if k in seeds[0]]
+        keys = [k for k in COLUMNS if k in seeds[0]]
         mean = {k: round(sum(s[k] for s in seeds) / len(seeds), 4) for k in keys}
         rows.append({"plan": "random (mean of 3 seeds)", "kv": kv, "layout": " / ".join(s["layout"] for s in seeds),
                      **mean, "seeds": seeds})
@@ -156,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads; python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}; {time.time() - start:.0f} s in all")
     print()
-    cols = [k for k in ("ppl", "recall", "mqar", "passkey") if k in original and not (k == "mqar" and args.recall is None)]
+    cols = [k for k in COLUMNS if k in original and not (k == "mqar" and args.recall is None)]
     print("| plan | KV cache kept | full KV groups (layer by layer) | decided by | stability | " + " | ".join(cols)
           + " | recall vs original |")
     print("|---|---|---|---|---|" + "---|" * len(cols) + "---|")

@@ -30,7 +30,8 @@ def eval_command(model_path: Path, task: str, recall: Path | None, calib: Path |
 
     \b
     ppl      held-out perplexity (standard-library files never trained on, or --calib data)
-    mqar     multi-query associative recall accuracy, by pairs and sequence length
+    mqar     multi-query associative recall accuracy, by pairs and sequence length (128-1024:
+             512 and up is beyond what a 64-token streaming window can hold)
     passkey  passkey retrieval accuracy, by context length
     recall   accuracy on the model's own recall probes (--recall FILE.npz), per set
     Two runs print the same numbers. Byte-level models (vocab 256, like the example model) get
@@ -84,6 +85,8 @@ def print_scores(con: Console, result: Any) -> None:
     if "mqar" in scores:
         for cell, acc in scores["mqar"]["grid"].items():
             table.add_row("mqar", cell, f"{acc:.1%}")
+        for cell, acc in scores["mqar"].get("by_length", {}).items():
+            table.add_row("mqar", f"{cell}, all pairs", f"{acc:.1%}")
         table.add_row("mqar", "all", f"{scores['mqar']['accuracy']:.1%}")
         if "first_query_accuracy" in scores["mqar"]:
             table.add_row("mqar", "first query of each sequence", f"{scores['mqar']['first_query_accuracy']:.1%}")

@@ -42,9 +42,10 @@ class EvalSettings:
     ppl_windows: int = 64
     ppl_seq_len: int = 128
     mqar_pairs: tuple[int, ...] = (4, 8, 16)
-    mqar_seq_lens: tuple[int, ...] = (128, 256)
+    mqar_seq_lens: tuple[int, ...] = (128, 256, 512, 1024)
+    """512 and 1024: 8x and 16x the default streaming window, where a window cannot hold the pairs."""
     mqar_samples: int = 64
-    passkey_lengths: tuple[int, ...] = (96, 128, 256)
+    passkey_lengths: tuple[int, ...] = (96, 128, 256, 512, 1024)
     passkey_samples: int = 32
     batch: int = 16
     seed: int = 1234
@@ -146,6 +147,7 @@ def _recall_counts(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, s: Eval
 def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], space: TokenSpace) -> dict[str, Any]:
     grid: dict[str, float] = {}
     correct_all = total_all = first_right = first_total = 0
+    per_length: dict[int, list[int]] = {}
     for pairs in s.mqar_pairs:
         for seq_len in s.mqar_seq_lens:
             if seq_len < 4 * pairs + 1:
@@ -157,7 +159,12 @@ def mqar(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], s
             grid[f"pairs={pairs},len={seq_len}"] = round(correct / total, 4)
             correct_all += correct
             total_all += total
-    return {"accuracy": round(correct_all / total_all, 4), "first_query_accuracy": round(first_right / first_total, 4), "grid": grid}
+            counts = per_length.setdefault(seq_len, [0, 0])
+            counts[0] += correct
+            counts[1] += total
+    by_length = {f"len={length}": round(c / t, 4) for length, (c, t) in sorted(per_length.items())}
+    return {"accuracy": round(correct_all / total_all, 4), "first_query_accuracy": round(first_right / first_total, 4),
+            "by_length": by_length, "grid": grid}
 
 
 def passkey(model: torch.nn.Module, s: EvalSettings, advance: Callable[[], None], space: TokenSpace) -> dict[str, Any]:

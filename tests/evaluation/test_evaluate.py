@@ -106,14 +106,21 @@ def test_probes_score_only_recall() -> None:
 @pytest.mark.slow
 def test_training_script_runs(tmp_path) -> None:
     out = tmp_path / "trained"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny.py"), "--out", str(out), "--steps", "3",
-                           "--width", "32", "--log-every", "1"], capture_output=True, text=True, timeout=600)
+    script = [sys.executable, str(ROOT / "examples" / "train_tiny.py")]
+    proc = subprocess.run([*script, "--out", str(out), "--steps", "3", "--width", "32", "--log-every", "1",
+                           "--long-steps", "2", "--long-len", "192"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     log = json.loads((out / "training_log.json").read_text())
-    assert [e["step"] for e in log["log"]] == [0, 1, 2]
+    assert [e["step"] for e in log["log"]] == [0, 1, 2] and [e["step"] for e in log["long_log"]] == [0, 1]
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     res = evaluate(out, ("ppl",), SMALL).to_json()
     assert res["ppl"]["ppl"] > 1
+    # phase 2 alone from a saved model keeps phase 1's record
+    proc = subprocess.run([*script, "--init", str(out), "--out", str(tmp_path / "longer"), "--steps", "0", "--log-every", "1",
+                           "--long-steps", "1", "--long-len", "192"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "longer" / "training_log.json").read_text())
+    assert again["log"] == log["log"] and again["steps"] == 3 and [e["step"] for e in again["long_log"]] == [0]
 
 
 def test_recall_probes_from_a_file_and_bad_files(tiny_checkpoint, tmp_path) -> None:
