@@ -87,6 +87,21 @@ def model_config(width: int = 128, layers: int = 4):
     )
 
 
+def adamw(model, lr: float) -> torch.optim.AdamW:
+    """AdamW with weight decay 0.1 on matrices, none on vectors."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def cosine_lr(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up to ``peak``, then cosine decay to 10% of it at ``total``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+
 def max_pairs_at(progress: float) -> int:
     return int(round(8 + min(1.0, progress / 0.5) * 8))
 
@@ -167,16 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.init, attn_implementation="sdpa", dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_config(model_config(args.width), attn_implementation="sdpa")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = adamw(model, args.lr)
     warmup = max(1, min(200, args.steps // 10))
 
     def lr_at(step: int) -> float:
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))))
+        return cosine_lr(step, args.lr, warmup, args.steps)
 
     log: list[dict] = []
     start = time.time()
@@ -199,14 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     # phase 2: a fresh optimizer and its own data stream, so `--init` + `--steps 0` equals one full run
     long_log: list[dict] = []
     rng2 = np.random.default_rng([args.seed, 2])
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.long_lr, betas=(0.9, 0.95))
+    opt = adamw(model, args.long_lr)
     warm2 = max(1, min(50, args.long_steps // 10))
 
     def long_lr_at(step: int) -> float:
-        if step < warm2:
-            return args.long_lr * (step + 1) / warm2
-        return args.long_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm2) / max(1, args.long_steps - warm2))))
+        return cosine_lr(step, args.long_lr, warm2, args.long_steps)
 
     start2 = time.time()
     for step in range(args.long_steps):
