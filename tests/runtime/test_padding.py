@@ -104,8 +104,30 @@ def test_masks_the_runtime_cannot_honour_are_refused(converted) -> None:
             model(ids, attention_mask=holes)
 
 
+def test_reordered_rows_keep_their_padding(converted) -> None:
+    """Reordering a padded batch's cache across prompts moves each row's padding with it."""
+    from hydracc.runtime.cache import HybridCache
+
+    model = converted("learned", LEARNED)
+    prompts = _prompts()
+    ids, mask = _padded(prompts, "left")
+    order = torch.tensor([2, 0, 1])
+    nxt = torch.randint(1, 64, (3, 1), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cache = HybridCache(model.config)
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
+              use_cache=True)
+        cache.reorder_cache(order)
+        mask = torch.cat([mask[order], torch.ones(3, 1, dtype=torch.long)], 1)
+        step = model(nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache,
+                     use_cache=True).logits[:, -1]
+        for row, src in enumerate(order.tolist()):
+            alone = model(torch.cat([prompts[src], nxt[row]])[None]).logits[0, -1]
+            torch.testing.assert_close(step[row], alone, rtol=1e-4, atol=1e-5)
+
+
 def test_beam_search_over_a_left_padded_batch_equals_each_prompt_alone(converted) -> None:
-    """Beams repeat and reorder the rows: the padding follows them."""
+    """Beams repeat the rows before the prompt runs and reorder them within a prompt's beams."""
     model = converted("learned", LEARNED)
     prompts = _prompts()
     ids, mask = _padded(prompts, "left")
