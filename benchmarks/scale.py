@@ -38,6 +38,12 @@ SHAPES = {
         "vocab_size": 151936, "tie_word_embeddings": True, "max_position_embeddings": 40960, "rope_theta": 1000000,
         "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
     },
+    "qwen3-tiny": {  # not a real model: dry runs of the benchmarks on a CPU
+        "model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
+        "vocab_size": 1024, "tie_word_embeddings": True, "max_position_embeddings": 4096, "rope_theta": 1000000,
+        "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+    },
     "llama-3-8b": {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,

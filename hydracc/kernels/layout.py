@@ -10,7 +10,7 @@ side (the op's schema itself keeps its positional arguments).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -34,6 +34,7 @@ __all__ = [
     "DecodeLayout",
     "DecodeTensors",
     "decode_layout",
+    "take_heads",
     "validate_decode_inputs",
     "validate_hybrid_inputs",
 ]
@@ -207,6 +208,21 @@ def decode_layout(head_kinds: tuple[int, ...], num_heads: int, num_kv_heads: int
         tuple(sorted({h // group for h in streaming})),
         tuple((c, tuple(heads)) for c, heads in sorted(linear.items())),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def head_run(heads: tuple[int, ...]) -> int | None:
+    """The first of ``heads`` when they are consecutive (a slice takes them), else None."""
+    return heads[0] if heads and heads == tuple(range(heads[0], heads[0] + len(heads))) else None
+
+
+def take_heads(t: Tensor, heads: tuple[int, ...], index: Callable[[], Tensor], dim: int = 1) -> Tensor:
+    """``t``'s entries ``heads`` along ``dim``: a view when they are consecutive (decode steps are
+    a few dozen tiny ops, and each copy saved counts), else ``index_select`` with ``index()``."""
+    first = head_run(heads)
+    if first is None:
+        return t.index_select(dim, index())
+    return t if first == 0 and len(heads) == t.shape[dim] else t.narrow(dim, first, len(heads))
 
 
 def validate_decode_inputs(

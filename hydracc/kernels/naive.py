@@ -14,6 +14,7 @@ be strided views; all of it is differentiable. When ``Tq < Tk`` the queries are 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -27,6 +28,7 @@ from hydracc.kernels.layout import (
     DecodeLayout,
     DecodeTensors,
     split_states,
+    take_heads,
     validate_decode_inputs,
     validate_hybrid_inputs,
 )
@@ -136,7 +138,9 @@ def linear_group_step(
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """Linear heads of one kind over new tokens from ``state``, fused when ``rows`` (their
     ``head_params`` rows) are given: what decode and the hybrid cache run per kind."""
-    out, new = linear_state_step(code, q, k, v, state, rows or None)
+    step = kind_by_code(code).step  # (the callers laid the heads out by kind: only linear codes come here)
+    assert step is not None
+    out, new = step(q, k, v, state, rows or None)
     if rows:
         out = fuse_linear_output(out, rows[FUSION_PARAM])
     return out, new
@@ -165,6 +169,11 @@ def streaming_heads(
             int(head_windows[2 * h]), int(head_windows[2 * h + 1]), q_positions, k_positions,
         )
         out[:, h : h + 1] = res.to(out.dtype)
+
+
+@functools.lru_cache(maxsize=1024)
+def _kv_heads(heads: tuple[int, ...], group: int) -> tuple[int, ...]:
+    return tuple(h // group for h in heads)
 
 
 def recurrent_heads(
@@ -196,12 +205,13 @@ def recurrent_heads(
     new: dict[int, tuple[Tensor, ...]] = {}
     for code, heads in layout.linear:
         idx = index(f"linear{code}", heads)
-        kv_of = idx // layout.group
-        rows = select_param_rows(head_params, idx)
+        kv_of = index(f"linear{code}_kv", _kv_heads(heads, layout.group))
+        rows = select_param_rows(head_params, idx) if head_params else None
         res, new[code] = linear_group_step(
-            code, q.index_select(1, idx), k_new.index_select(1, kv_of), v_new.index_select(1, kv_of), states[code], rows,
+            code, take_heads(q, heads, lambda idx=idx: idx), k_new.index_select(1, kv_of), v_new.index_select(1, kv_of),
+            states[code], rows,
         )
-        out.index_copy_(1, idx, res.to(out.dtype))
+        out.index_copy_(1, idx, res if res.dtype == out.dtype else res.to(out.dtype))
     if layout.streaming:
         assert window is not None
         wk, wv, pos = window() if callable(window) else window

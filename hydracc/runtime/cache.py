@@ -25,6 +25,12 @@ Design decisions:
   same code runs in the exported ONNX graphs (the first position can be a traced tensor).
 - ``get_seq_length`` counts tokens seen, not cached rows, so positions and masks are right
   even for a layer that caches nothing.
+- ``HybridCache(config, max_cache_len=N)`` (what ``generate`` builds: it knows the final length)
+  preallocates the full heads' keys and values for ``N`` tokens and writes each step's rows in
+  place; ``keys``/``values`` are views of the filled rows. Without it, or past ``N`` (the
+  buffer then doubles), rows are appended by concatenation, as transformers' ``DynamicCache``
+  does: a copy of the whole cache per step. Anything that replaces the tensors (reordering,
+  ``set_cache_tensors``) drops the buffer; the next step makes a new one.
 - A one-token step on a device in ``DECODE_OP_DEVICES`` (CUDA) goes through the fused
   ``hydracc::hybrid_decode`` op: one launch for the whole layer over these same tensors
   (states updated in place). The first chunk of a layer with an elu or hedgehog head, on CUDA
@@ -52,7 +58,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from hydracc.errors import HydraError, PaddingNotSupportedError
 from hydracc.kernels.kinds import STATE_PARTS, STREAMING, kind_by_code, state_shapes
-from hydracc.kernels.layout import DecodeLayout, decode_layout
+from hydracc.kernels.layout import DecodeLayout, decode_layout, take_heads
 from hydracc.kernels.naive import recurrent_heads
 
 
@@ -83,6 +89,9 @@ class HybridLayer(DynamicLayer):
         self._indices: dict[tuple[str, torch.device], Tensor] = {}
         self.pads: Tensor | None = None
         """Left-pad tokens per row ``[B]`` of a padded batch (set by its first chunk), None: no padding."""
+        self.capacity: int | None = kwargs.get("capacity")
+        """Rows to preallocate for the full heads' keys and values (None: append by concatenation)."""
+        self._buffers: tuple[Tensor, Tensor] | None = None
 
     def index(self, name: str, heads: list[int], device: torch.device) -> Tensor:
         """``heads`` as an index tensor on ``device``, made once per layer (no copy per step)."""
@@ -174,8 +183,45 @@ class HybridLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
+    def append_kv(self, new_k: Tensor, new_v: Tensor) -> None:
+        """Add rows to the full heads' keys and values: in place into the preallocated buffer
+        (``capacity``), else by concatenation."""
+        if self.keys is None or self.keys.dim() == 0 or self.keys.numel() == 0:
+            n = 0
+        else:
+            n = self.keys.shape[2]
+        if self.capacity is None or torch.compiler.is_exporting():
+            if n == 0:
+                self.keys, self.values = new_k.contiguous(), new_v.contiguous()
+            else:
+                self.keys = torch.cat([self.keys, new_k], dim=-2)
+                self.values = torch.cat([self.values, new_v], dim=-2)
+            return
+        t = new_k.shape[2]
+        buf = self._buffers
+        if (
+            buf is None
+            or n + t > buf[0].shape[2]
+            or buf[0].shape[:2] != new_k.shape[:2]
+            or buf[0].dtype != new_k.dtype
+            or buf[0].device != new_k.device
+            or (n and self.keys.data_ptr() != buf[0].data_ptr())  # the rows were replaced (reorder, set_cache_tensors)
+        ):
+            rows = max(self.capacity, n + t) if buf is None or n + t <= self.capacity else 2 * (n + t)
+            b, h, _, d = new_k.shape
+            buf = (new_k.new_empty(b, h, rows, d), new_v.new_empty(b, h, rows, new_v.shape[-1]))
+            if n:
+                buf[0].narrow(2, 0, n).copy_(self.keys)
+                buf[1].narrow(2, 0, n).copy_(self.values)
+            self._buffers = buf
+        buf[0].narrow(2, n, t).copy_(new_k)
+        buf[1].narrow(2, n, t).copy_(new_v)
+        self.keys, self.values = buf[0].narrow(2, 0, n + t), buf[1].narrow(2, 0, n + t)
+
     def _tensors(self) -> list[Tensor]:
         out = [t for t in (self.keys, self.values, self.window_keys, self.window_values) if isinstance(t, Tensor)]
+        if self._buffers is not None and isinstance(self.keys, Tensor) and self.keys.data_ptr() == self._buffers[0].data_ptr():
+            out[:2] = list(self._buffers)  # the memory held: the whole preallocated buffer
         for state in self.states.values():
             out += list(state or ())
         return out
@@ -209,6 +255,7 @@ class HybridLayer(DynamicLayer):
         raise HydraError("the hybrid cache cannot be cropped: a linear head's state cannot forget tokens (assisted decoding is not supported)")
 
     def reset(self) -> None:
+        # (a preallocated buffer stays for the next sequence of the same shape)
         self.keys = self.values = self.window_keys = self.window_values = self.window_pos = None
         self.states = {code: None for code in self.linear_groups}
         self.seen = 0
@@ -272,7 +319,7 @@ class HybridStep:
         self._append_full_kv()
         if layer.full_heads:
             heads = layer.index("full", layer.full_heads, query.device)
-            qf = query.index_select(1, heads)
+            qf = take_heads(query, tuple(layer.full_heads), lambda: heads)
             if layer.grouped_full:  # every cached KV head serves the same number of full heads, in order
                 k, v, gqa = layer.keys, layer.values, len(layer.cached_kv) < len(layer.full_heads)
             else:  # uneven: expand the cached heads to one per full head
@@ -289,12 +336,19 @@ class HybridStep:
                 full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
             elif tq == tk:  # prefill from empty: plain causal
                 full = F.scaled_dot_product_attention(qf, k, v, is_causal=True, scale=scale, **extra)
-            elif tq == 1:  # one decode step sees every key
+            elif tq == 1 and gqa and len(layer.full_heads) < hq and b * k.shape[1] >= torch.get_num_threads():
+                # one decode step sees every key; each cached KV head's query heads become the query rows of
+                # one head, so K/V are read once per KV head (2x faster than enable_gqa on one CPU thread),
+                # when batch x KV heads still give every thread work (else heads in parallel are faster)
+                nkv = k.shape[1]
+                rows = qf.reshape(b, nkv, len(layer.full_heads) // nkv, qf.shape[-1])
+                full = F.scaled_dot_product_attention(rows, k, v, scale=scale).reshape(b, -1, 1, v.shape[-1])
+            elif tq == 1:  # (an all-full layer: the original model's call)
                 full = F.scaled_dot_product_attention(qf, k, v, scale=scale, **extra)
             else:  # a chunk after earlier tokens: causal, aligned bottom-right
                 mask = torch.ones(tq, tk, dtype=torch.bool, device=query.device).tril(diagonal=tk - tq)
                 full = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale, **extra)
-            out.index_copy_(1, heads, full.to(out.dtype))
+            out.index_copy_(1, heads, full if full.dtype == out.dtype else full.to(out.dtype))
         # linear and streaming heads: the same function as the decode op's reference
         window: list[tuple[Tensor, Tensor, Tensor]] = []
 
@@ -421,13 +475,12 @@ class HybridStep:
         layer = self.layer
         if not layer.cached_kv:
             return
-        idx = layer.index("cached_kv", layer.cached_kv, self.new_keys.device)
-        new_k, new_v = self.new_keys.index_select(1, idx), self.new_values.index_select(1, idx)
-        if layer.keys is None or layer.keys.dim() == 0 or layer.keys.numel() == 0:
-            layer.keys, layer.values = new_k, new_v
-        else:
-            layer.keys = torch.cat([layer.keys, new_k], dim=-2)
-            layer.values = torch.cat([layer.values, new_v], dim=-2)
+        kv = tuple(layer.cached_kv)
+
+        def idx() -> Tensor:
+            return layer.index("cached_kv", layer.cached_kv, self.new_keys.device)
+
+        layer.append_kv(take_heads(self.new_keys, kv, idx), take_heads(self.new_values, kv, idx))
 
     def _window_with_new_rows(self) -> tuple[Tensor, Tensor, Tensor]:
         """The streaming heads' ring rows followed by the new tokens': keys, values, absolute positions."""
@@ -482,16 +535,20 @@ class HybridCache(Cache):
 
     ``HybridCache(model.config)``; pass it as ``past_key_values`` to ``generate`` or
     ``forward`` (models loaded with ``hydracc.load`` or after ``import hydracc`` get one from
-    ``generate`` by default).
+    ``generate`` by default). ``max_cache_len``: tokens to preallocate the full heads' keys and
+    values for (the prompt plus the new tokens); None appends by concatenation.
     """
 
-    def __init__(self, config: Any = None, num_layers: int | None = None) -> None:
+    def __init__(self, config: Any = None, num_layers: int | None = None, max_cache_len: int | None = None) -> None:
         if num_layers is None:
             if config is None:
                 raise ValueError("HybridCache needs the model config (or num_layers)")
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             num_layers = int(text.num_hidden_layers)
-        super().__init__(layers=[HybridLayer() for _ in range(num_layers)])
+        if max_cache_len is not None and int(max_cache_len) < 1:
+            raise ValueError(f"max_cache_len must be at least 1, got {max_cache_len}")
+        capacity = None if max_cache_len is None else int(max_cache_len)
+        super().__init__(layers=[HybridLayer(capacity=capacity) for _ in range(num_layers)])
 
     def nbytes(self) -> int:
         """Bytes held: cached keys/values of full heads plus linear heads' states."""

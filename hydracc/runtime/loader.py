@@ -21,12 +21,14 @@ Design decisions:
 - Generation: ``generate`` gets a ``hydracc.runtime.cache.HybridCache`` by default for these models
   (a wrapper around transformers' cache preparation, active only when the attention is
   ``"hydracc"``); its layers hand the attention function a ``HybridStep`` instead of
-  tensors. With any other cache (a ``DynamicCache`` passed by the caller) linear heads are
+  tensors, and a preallocated buffer for the full heads' keys and values as long as the
+  generation (``max_cache_length``). With any other cache (a ``DynamicCache`` passed by the caller) linear heads are
   recomputed from the cached keys: correct, not memory-saving.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -73,9 +75,7 @@ def hybrid_attention_forward(
             )
         params = heads.op_params()
     scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    from hydracc.runtime.cache import HybridStep  # not at module level: hydracc.runtime.cache imports transformers
-
-    cached = isinstance(key, HybridStep)
+    cached = hasattr(key, "attend")  # a HybridStep (hydracc.runtime.cache; importing it here costs each step)
     pads = None
     if attention_mask is not None and not torch.compiler.is_compiling():
         pads = left_padding(attention_mask, query.shape[2], key.shape[2], cached=cached)
@@ -248,9 +248,14 @@ def _use_hybrid_cache_in_generate() -> None:
     original = getattr(GenerationMixin, "_prepare_cache_for_generation", None)
     if original is None or getattr(original, "_hydracc_wrapped", False):
         return
+    signature = inspect.signature(original)
 
     def prepare(self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
         result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        try:  # the tokens generate will hold (prompt + new tokens - 1): the full heads' buffer size
+            length = signature.bind(self, generation_config, model_kwargs, *args, **kwargs).arguments.get("max_cache_length")
+        except TypeError:  # pragma: no cover - another transformers signature
+            length = None
         cache = model_kwargs.get("past_key_values")
         if (
             getattr(self.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
@@ -261,7 +266,9 @@ def _use_hybrid_cache_in_generate() -> None:
         ):
             from hydracc.runtime.cache import HybridCache
 
-            model_kwargs["past_key_values"] = HybridCache(self.config)
+            model_kwargs["past_key_values"] = HybridCache(
+                self.config, max_cache_len=int(length) if isinstance(length, int) and length > 0 else None
+            )
         return result
 
     prepare._hydracc_wrapped = True  # type: ignore[attr-defined]

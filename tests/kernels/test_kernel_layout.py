@@ -57,3 +57,25 @@ def test_kernel_arguments_are_grouped() -> None:
     for name in TRITON_FILES:
         for fn in _jit_functions(KERNELS / name):
             assert len(fn.args.args) < 40, f"{name}:{fn.name} takes {len(fn.args.args)} parameters"
+
+
+def test_take_heads_slices_consecutive_heads_and_indexes_the_rest() -> None:
+    import torch
+
+    from hydracc.kernels.layout import take_heads
+
+    t = torch.randn(2, 8, 3, 4)
+    calls: list[int] = []
+
+    def index_of(heads: tuple[int, ...]):
+        def index() -> torch.Tensor:
+            calls.append(1)
+            return torch.tensor(heads)
+        return index
+
+    for heads in [(0, 1, 2, 3, 4, 5, 6, 7), (2, 3, 4), (5,), (0, 2, 3), (3, 1)]:
+        got = take_heads(t, heads, index_of(heads))
+        assert torch.equal(got, t[:, list(heads)])
+        consecutive = list(heads) == list(range(heads[0], heads[0] + len(heads)))
+        assert (got.data_ptr() - t.data_ptr() == heads[0] * t.stride(1) * t.element_size()) == consecutive
+    assert len(calls) == 2  # only the two non-consecutive selections built an index

@@ -64,6 +64,43 @@ def test_decoding_with_the_cache_equals_recomputing(tiny_checkpoint, tmp_path, n
     assert cache.get_seq_length() == 14
 
 
+@pytest.mark.parametrize("max_cache_len", [14, 6], ids=["exact", "too-small"])
+def test_a_preallocated_cache_equals_the_growing_one(tiny_checkpoint, tmp_path, max_cache_len) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(14, batch=2)
+    chunks = [(0, 5), (5, 9)] + [(t, t + 1) for t in range(9, 14)]
+    logits, held = {}, {}
+    for size in (None, max_cache_len):
+        cache = HybridCache(model.config, max_cache_len=size)
+        pointers = set()
+        with torch.no_grad():
+            pieces = []
+            for a, b in chunks:
+                pieces.append(model(ids[:, a:b], past_key_values=cache, use_cache=True).logits)
+                pointers.add(cache.layers[0].keys.data_ptr())
+        assert cache.layers[0].cached_kv  # (one KV group of each layer is full)
+        logits[size], held[size] = torch.cat(pieces, 1), (cache.kv_nbytes(), cache.nbytes(), len(pointers))
+    torch.testing.assert_close(logits[max_cache_len], logits[None], rtol=1e-5, atol=1e-6)
+    total = held[None][1]
+    if max_cache_len == 14:
+        assert held[14][2] == 1  # written in place: one storage for the whole sequence
+        assert held[14][1] == total  # the buffer is exactly the rows used
+    else:
+        assert 1 < held[6][2] < len(chunks)  # outgrown: the buffer doubled, not one copy per step
+        assert held[6][1] > total  # nbytes counts the whole buffer held
+
+
+def test_generate_preallocates_the_cache_for_its_length(tiny_checkpoint, tmp_path) -> None:
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
+    model = hydracc.load(tmp_path / "out")
+    with torch.no_grad():
+        out = model.generate(_ids(8), max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    layers = [layer for layer in out.past_key_values.layers if layer.cached_kv]
+    assert layers and all(layer._buffers[0].shape[2] == 8 + 6 - 1 for layer in layers)
+    assert all(layer.keys.data_ptr() == layer._buffers[0].data_ptr() for layer in layers)
+
+
 def test_beam_search_and_batches_match_no_cache(tiny_checkpoint, tmp_path) -> None:
     convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
     model = hydracc.load(tmp_path / "out")

@@ -72,7 +72,7 @@ def step(
     q: Tensor, k: Tensor, v: Tensor, state: tuple[Tensor, ...] | None, params: Mapping[str, Tensor] | None = None
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     out, new = linear_step(elu_feature_map(q.float()), elu_feature_map(k.float()), v.float(), state, EPS)
-    return out.to(q.dtype), new
+    return (out if out.dtype == q.dtype else out.to(q.dtype)), new
 
 
 def state_shapes(b: int, h: int, d: int, dv: int) -> tuple[Shape, ...]:

@@ -183,10 +183,10 @@ def gated_delta_rule(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     qn, kn, vf, log_alpha, beta = _gdn_inputs(q, k, v, gate_weight, gate_bias)
     state = _gdn_state(initial_state, *k.shape[:2], k.shape[-1], v.shape[-1], vf)
-    if not torch.compiler.is_exporting():
-        out, state = _gdn_chunked_core(qn, kn, vf, log_alpha, beta, state, chunk_size)
-    elif isinstance(qn.shape[2], int) and qn.shape[2] == 1:  # an exported decode step: one token
+    if isinstance(qn.shape[2], int) and qn.shape[2] == 1:  # one token (decode): the recurrence, 10 ops
         out, state = _gdn_recurrent_core(qn, kn, vf, log_alpha, beta, state)
+    elif not torch.compiler.is_exporting():
+        out, state = _gdn_chunked_core(qn, kn, vf, log_alpha, beta, state, chunk_size)
     else:  # an exported prefill: a scan over a symbolic number of tokens
         out, state = _gdn_scan_core(qn, kn, vf, log_alpha, beta, state)
     return out[:, :, out.shape[2] - q.shape[2] :].to(q.dtype), state
