@@ -60,7 +60,7 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
         dev = default_device(device)
         model = load(root, device=dev)
         ids = ids.to(dev)
-        cache = HybridCache(model.config)
+        cache = HybridCache(model.config, max_cache_len=ids.shape[1] + max_new_tokens - 1)  # (what generate would size)
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature > 0 else {"do_sample": False}
         start = time.perf_counter()

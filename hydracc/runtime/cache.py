@@ -218,10 +218,17 @@ class HybridLayer(DynamicLayer):
         buf[1].narrow(2, n, t).copy_(new_v)
         self.keys, self.values = buf[0].narrow(2, 0, n + t), buf[1].narrow(2, 0, n + t)
 
-    def _tensors(self) -> list[Tensor]:
-        out = [t for t in (self.keys, self.values, self.window_keys, self.window_values) if isinstance(t, Tensor)]
+    def _kv_tensors(self) -> list[Tensor]:
+        """The full heads' keys and values as held: the whole preallocated buffer when in use."""
         if self._buffers is not None and isinstance(self.keys, Tensor) and self.keys.data_ptr() == self._buffers[0].data_ptr():
-            out[:2] = list(self._buffers)  # the memory held: the whole preallocated buffer
+            return list(self._buffers)
+        return [t for t in (self.keys, self.values) if isinstance(t, Tensor)]
+
+    def kv_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kv_tensors())
+
+    def _tensors(self) -> list[Tensor]:
+        out = self._kv_tensors() + [t for t in (self.window_keys, self.window_values) if isinstance(t, Tensor)]
         for state in self.states.values():
             out += list(state or ())
         return out
@@ -555,9 +562,6 @@ class HybridCache(Cache):
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, HybridLayer))
 
     def kv_nbytes(self) -> int:
-        """Bytes of cached keys and values only (what grows with the sequence)."""
-        return sum(
-            sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if isinstance(t, Tensor))
-            for layer in self.layers
-            if isinstance(layer, HybridLayer)
-        )
+        """Bytes of cached keys and values only (what grows with the sequence; a preallocated
+        buffer counts whole)."""
+        return sum(layer.kv_nbytes() for layer in self.layers if isinstance(layer, HybridLayer))
