@@ -9,7 +9,8 @@ converts the model through ``hydracc.convert.convert`` (the one conversion the C
   - ``heads, KL``: ``--objective kl`` (output KL over all positions),
   - ``heads, retrieval score``: ``--score retrieval`` (attention-pattern copy score),
   - ``layers``: whole layers kept full (the layer-wise hybrid baseline),
-  - ``random``: three seeded random plans (the mean is reported, each seed in the JSON),
+  - ``random``: three seeded random plans (the mean is reported, each seed in the JSON; with
+    ``--exhaustive`` also the exact expectation, the mean over every plan),
 plus all heads linear, then scores each with ``hydracc eval`` (``--tasks``; ``--recall`` adds the
 model's own recall probes, which then are the "recall" column; otherwise it is built-in MQAR).
 ``--exhaustive`` also converts and scores every plan at each budget (all ways to keep that share
@@ -115,6 +116,10 @@ class Bench:
         return rows
 
 
+def times(value: float, base: float) -> str:
+    return f"{value / base:.2f}x" if base > 0 else "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=ROOT / "examples" / "tiny-llama")
@@ -155,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), file=sys.stderr)
         if args.exhaustive:
             every[str(kv)] = bench.every_plan(kv)
-            best = max(every[str(kv)], key=lambda r: (r["recall"], -r.get("ppl", 0.0)))
-            rows.append({"plan": f"best of all {len(every[str(kv)])} plans (by recall)", "kv": kv, **best})
+            plans = every[str(kv)]
+            best = max(plans, key=lambda r: (r["recall"], -r.get("ppl", 0.0)))
+            rows.append({"plan": f"best of all {len(plans)} plans (by recall)", "kv": kv, **best})
+            # a random plan is uniform over these: its expected scores are their means (the 3 seeds estimate it)
+            keys = [k for k in COLUMNS if k in plans[0]]
+            rows.append({"plan": f"random, expected (mean of all {len(plans)} plans)", "kv": kv, "layout": "",
+                         **{k: round(sum(r[k] for r in plans) / len(plans), 4) for k in keys}})
     row, _ = bench.convert("all-linear", kv_budget=0.0, strategy="even")
     rows.append({"plan": "all linear (elu)", "kv": 0.0, **row})
 
@@ -187,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                 rank = next((i for i, e in enumerate(ranked, start=1) if e["layout"] == r["layout"]), None)
                 share = r["recall"] / best if best else float("nan")
                 print(f"- {r['plan']}: rank {rank} of {len(ranked)} by recall, {share:.0%} of the best")
+        at = [r for r in rows if str(r["kv"]) == kv]
+        layers = next(r["recall"] for r in at if r["plan"] == "layers")
+        expected = next(r["recall"] for r in at if r["plan"].startswith("random, expected"))
+        sampled = next(r["recall"] for r in at if r["plan"] == "random (mean of 3 seeds)")
+        default = next(r["recall"] for r in at if r["plan"] == PLANS[0][0])
+        print(f"- {PLANS[0][0]} against the better of layers and random: {times(default, max(layers, expected))} "
+              f"(random expected {expected:.1%}); {times(default, max(layers, sampled))} with the 3 seeds' mean")
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": rows, "every_plan": every}, indent=1) + "\n")
     if tmp is not None:

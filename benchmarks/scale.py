@@ -122,9 +122,9 @@ else:
     import pathlib
     kwargs = dict(calib_samples=samples, seq_len=seq_len, device=device)
     work = pathlib.Path(extra[0])
+    work.mkdir(parents=True, exist_ok=True)
     plan = work / "plan.json"
     if stage == "plan":
-        work.mkdir(parents=True, exist_ok=True)
         result = convert(path, dry_run=True, plan_out=plan, force=True, **kwargs)
         info["analysis"] = (result.analysis.extra or {}).get("sensitivity")
     elif stage == "convert":

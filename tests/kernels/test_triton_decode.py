@@ -204,8 +204,9 @@ def test_triton_decode_strided_inputs():
     k_new = torch.randn(2, 1, 2, 16, generator=g).transpose(1, 2)
     v_new = torch.randn(2, 1, 2, 16, generator=g).transpose(1, 2)
     lay = decode_layout(tuple(kinds), 8, 2)
-    keys = torch.randn(2, 9, len(lay.cached_kv), 16, generator=g).transpose(1, 2)
-    values = torch.randn(2, len(lay.cached_kv), 9, 32, generator=g)[..., :16]
+    # (the first 9 rows of 13, as a preallocated hybrid cache hands them over)
+    keys = torch.randn(2, 13, len(lay.cached_kv), 16, generator=g).transpose(1, 2)[:, :, :9]
+    values = torch.randn(2, len(lay.cached_kv), 13, 32, generator=g)[:, :, :9, :16]
     wk = torch.randn(2, len(lay.stream_kv), 4, 16, generator=g)
     wv = torch.randn(2, len(lay.stream_kv), 4, 16, generator=g)
     wpos = torch.tensor([0, 1, 7, 8])

@@ -304,8 +304,8 @@ def test_one_token_steps_through_the_decode_op_equal_the_torch_path(tiny_checkpo
     model = hydracc.load(tmp_path / "out")
     ids = _ids(12, batch=2)
 
-    def decode(first_chunk: int) -> torch.Tensor:
-        cache = HybridCache(model.config)
+    def decode(first_chunk: int, size: int | None = None) -> torch.Tensor:
+        cache = HybridCache(model.config, max_cache_len=size)
         with torch.no_grad():
             pieces = [model(ids[:, :first_chunk], past_key_values=cache, use_cache=True).logits]
             for t in range(first_chunk, 12):
@@ -316,6 +316,7 @@ def test_one_token_steps_through_the_decode_op_equal_the_torch_path(tiny_checkpo
     monkeypatch.setattr(cache_module, "DECODE_OP_DEVICES", {"cpu"})
     torch.testing.assert_close(decode(5), torch_path, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(decode(1), torch_path, rtol=1e-4, atol=1e-5)  # from the very first token
+    torch.testing.assert_close(decode(5, size=16), torch_path, rtol=1e-4, atol=1e-5)  # the op reads buffer views
 
 
 @pytest.mark.parametrize("kinds", [MIXED, [["full", "elu", "full", "elu"], ["gdn", "gdn", "streaming", "hedgehog"]]],
