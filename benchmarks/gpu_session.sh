@@ -37,7 +37,7 @@ for step in $steps; do
     check)   timeout "$(atleast 10 $(( $(left) / 3 )))" python3 benchmarks/check_kernels_gpu.py --deadline "$(atleast 5 $(( $(left) / 4 )))" 2>&1 | tee "$OUT/check.log" || rc=1 ;;
     model)   compgen -G "gpu_models/*/config.json" >/dev/null && { timeout "$(atleast 10 $(( $(left) / 4 )))" python3 benchmarks/gpu_model_check.py gpu_models/*/ --new-tokens 16 2>&1 | tee "$OUT/model.log" || rc=1; } ;;
     kernels) timeout "$(atleast 10 $(( $(left) - 10 )))" python3 benchmarks/kernels.py --keep-going --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log" || rc=1 ;;
-    speed)   timeout "$(atleast 10 $(( $(left) - 10 )))" python3 benchmarks/model_speed.py --json "$OUT/model_speed.json" 2>&1 | tee "$OUT/model_speed.log" || rc=1 ;;
+    speed)   timeout "$(atleast 10 $(( $(left) - 10 )))" python3 benchmarks/model_speed.py --deadline "$(atleast 5 $(( $(left) - 60 )))" --json "$OUT/model_speed.json" 2>&1 | tee "$OUT/model_speed.log" || rc=1 ;;
     tune)    [ "$(left)" -gt 60 ] && { timeout "$(atleast 10 $(( $(left) - 5 )))" python3 benchmarks/tune_kernels.py --deadline $(( $(left) - 45 )) --json "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || rc=1; } ;;
     *) echo "unknown step $step"; rc=1 ;;
   esac

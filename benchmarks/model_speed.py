@@ -55,6 +55,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=Path("/tmp/hydracc-model-speed"),
                     help="where the checkpoints go (reused when already there)")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds: measurements not started by then are skipped (reported as such)")
     return ap.parse_args(argv)
 
 
@@ -234,6 +236,7 @@ def measure(name: str, model, b: int, t: int, args: argparse.Namespace, device, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    began = time.monotonic()
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -261,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [int(x) for x in args.contexts.split(",")]
     rows: list[dict] = []
     for name, path in paths.items():
+        if args.deadline is not None and time.monotonic() - began > args.deadline:
+            rows += [{"model": name, "B": b, "T": t, "error": "skipped: past --deadline"} for b in batches for t in contexts]
+            continue
         t0 = time.perf_counter()
         if name == "original":
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
@@ -275,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         heads = full_head_count(model.config, name)
         for b in batches:
             for t in contexts:
+                if args.deadline is not None and time.monotonic() - began > args.deadline:
+                    rows.append({"model": name, "B": b, "T": t, "error": "skipped: past --deadline"})
+                    continue
                 try:
                     row = measure(name, model, b, t, args, device, step, weights)
                 except Exception as err:  # noqa: BLE001 - reported, the run goes on
@@ -287,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(f"[{name}] {json.dumps(row)}", file=sys.stderr, flush=True)
         del model, step
+        if name == "original" and compile_step:
+            torch._dynamo.reset()  # (frees the CUDA graphs' memory pools before the next model)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     largest = largest_batches(rows, device, contexts[-1])
