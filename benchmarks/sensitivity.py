@@ -1,6 +1,7 @@
 """How the linear-cost sensitivity ranking agrees with the exact one, and what each costs.
 
     python benchmarks/sensitivity.py examples/tiny-llama
+    python benchmarks/sensitivity.py examples/tiny-qwen --calib examples/tiny-qwen/calib.npy
     python benchmarks/sensitivity.py /tmp/q06 --calib-samples 4 --seq-len 128   # a random Qwen3-0.6B shape
 
 For one checkpoint and calibration: the analysis with ``--sensitivity exact`` (every unit
@@ -27,6 +28,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
+    ap.add_argument("--calib", default=None, help="calibration data, as convert --calib takes it (default: built-in)")
     ap.add_argument("--calib-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--full-ratio", type=float, default=0.25)
@@ -41,7 +43,7 @@ def main() -> None:
     from hydracc.planning.budget import Budget
 
     insp = inspect_checkpoint(args.model, calibration=(args.calib_samples, args.seq_len), dtype=torch.float32)
-    cal = calibration_for(insp, samples=args.calib_samples, seq_len=args.seq_len)
+    cal = calibration_for(insp, args.calib, samples=args.calib_samples, seq_len=args.seq_len)
     budget = Budget(full_ratio=args.full_ratio)
     cut = budget_cut(insp, budget)
     runs, seconds = {}, {}
@@ -65,7 +67,8 @@ def main() -> None:
         got = full_units(result)
         return "yes" if got == truth else f"{len(got & truth)} of {len(truth)} heads"
 
-    print(f"# {args.model}: {len(exact_kl)} units, {args.calib_samples} x {args.seq_len} calibration tokens, "
+    print(f"# {args.model}: {len(exact_kl)} units, {args.calib_samples} x {args.seq_len} calibration tokens "
+          f"({args.calib or 'built-in'}), "
           f"full ratio {args.full_ratio}, {args.fisher_samples} Fisher draws; torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
     print("| method | seconds | KL rank corr. with exact | recall rank corr. with exact | same full units as exact |")
     print("|---|---|---|---|---|")
