@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):
             dense = DynamicCache(config=original.config)
             hybrid = HybridCache(converted.config, max_cache_len=length)
-            speed_o, tokens_o = timed_generate(original, prompt, dense, args.new_tokens)
+            speed_o, _ = timed_generate(original, prompt, dense, args.new_tokens)
             speed_h, _ = timed_generate(converted, prompt, hybrid, args.new_tokens)
             speeds["original"].append(speed_o)
             speeds["hybrid"].append(speed_h)
