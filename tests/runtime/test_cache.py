@@ -91,6 +91,27 @@ def test_a_preallocated_cache_equals_the_growing_one(tiny_checkpoint, tmp_path, 
         assert held[6][1] > total and held[6][0] > held[None][0]  # the whole buffer held counts
 
 
+@pytest.mark.parametrize("threads", [1, 64], ids=["query-rows-per-kv-head", "heads-in-parallel"])
+def test_both_decode_sdpa_layouts_equal_recomputing(tiny_checkpoint, tmp_path, threads) -> None:
+    """On the CPU a one-token step folds each cached KV head's query heads into query rows when
+    batch x KV heads keep every thread busy (always on one thread), else runs them as heads."""
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
+    model = hydracc.load(tmp_path / "out")
+    ids = _ids(10)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cache = HybridCache(model.config, max_cache_len=10)
+        with torch.no_grad():
+            pieces = [model(ids[:, :6], past_key_values=cache, use_cache=True).logits]
+            for t in range(6, 10):
+                pieces.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            full = model(ids).logits
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+
+
 def test_generate_preallocates_the_cache_for_its_length(tiny_checkpoint, tmp_path) -> None:
     convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", full_ratio=0.5, strategy="even")
     model = hydracc.load(tmp_path / "out")
