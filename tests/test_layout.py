@@ -34,6 +34,10 @@ MOVED = {
     "hydracc.converted": ("hydracc.runtime.hydra_config", "read_hydra_layers"),
     "hydracc.kernels.head_kinds": ("hydracc.kernels.kinds", "kind_by_name"),
     "hydracc.kernels.reference": ("hydracc.kernels.naive", "run_kind"),
+    # modules that became packages keep their old names
+    "hydracc.runtime": ("hydracc.runtime.loader", "HybridHeads"),
+    "hydracc.distill": ("hydracc.distill.records", "SiteRecord"),
+    "hydracc.emit": ("hydracc.emit.writer", "SINGLE_NAME"),
 }
 
 
@@ -46,6 +50,16 @@ def test_old_module_paths_forward_with_a_warning(old: str) -> None:
     assert value is getattr(importlib.import_module(new), name)
     with pytest.raises(AttributeError):
         module.no_such_name  # noqa: B018
+
+
+def test_a_forwarding_module_does_not_pose_as_a_package() -> None:
+    import hydracc.kernels.head_kinds as old
+
+    assert not hasattr(old, "__path__")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        from hydracc.kernels.head_kinds import kind_by_name  # noqa: F401
+    assert [str(w.message) for w in seen] == ["hydracc.kernels.head_kinds moved: import kind_by_name from hydracc.kernels.kinds"]
 
 
 def test_converted_forwards_the_writer_too() -> None:

@@ -329,11 +329,7 @@ def analyze(
     if kind.keeps_kv:
         raise ValueError(f"linear_kind must be a kind that frees the KV cache, got {linear_kind!r}")
     fused = fusion or kind.learned
-    window = {k: int(v) for k, v in (kind_params or {}).items() if k in ("sink", "window")}
-    if kind.name == "streaming":
-        from hydracc.planning.plan import STREAMING_DEFAULTS
-
-        window = {**STREAMING_DEFAULTS, **window}
+    window = {**kind.plan_defaults, **{k: int(v) for k, v in (kind_params or {}).items() if k in kind.plan_params}}
     layer_params: dict[int, dict[str, torch.Tensor]] = {}
     """Per layer, the starting ``head_params`` (every head of ``kind``), once the forward sweep measured them."""
 

@@ -207,12 +207,11 @@ def human_bytes(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-_KIND_CHARS = {"full": "F", "elu": "e", "hedgehog": "h", "gdn": "g", "streaming": "s"}
-
-
 def kinds_cell(kinds: list[str]) -> str:
-    """One character per head (``_KIND_CHARS``; the first letter for a kind added later)."""
-    return " ".join(_KIND_CHARS.get(k, k[0]) for k in kinds)
+    """One character per head: its kind's ``symbol``."""
+    from hydracc.kernels.kinds import kind_by_name
+
+    return " ".join(kind_by_name(k).symbol for k in kinds)
 
 
 def sites_table(inspection: Any) -> Table:

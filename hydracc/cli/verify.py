@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from hydracc.cli.common import Reporter, json_option, quiet_option, run_guarded
+from hydracc.cli.common import Reporter, json_option, quiet_option, run_command
 from hydracc.errors import EXIT_GATE_FAILED
 from hydracc.evaluation.verify import MIN_ORIGINAL_RECALL, Thresholds, VerifySettings
 
@@ -71,13 +71,7 @@ def verify_command(original: Path, converted: Path, max_ppl_increase: float, min
             reporter.console.print(f"figures written into {extra['card']}")
         return {"status": "ok" if report.passed else "failed", **report.to_json(), **extra}
 
-    result = run_guarded(reporter, work)
-    if as_json:
-        import json
-
-        from hydracc.emit.writer import json_safe
-
-        click.echo(json.dumps(json_safe(result), indent=2, allow_nan=False))
+    result = run_command(reporter, work)
     if result["status"] != "ok":
         raise SystemExit(EXIT_GATE_FAILED)
 

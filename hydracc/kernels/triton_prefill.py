@@ -27,8 +27,8 @@ Design decisions:
 - Full heads may leave the kernel (``PrefillConfig.full_heads``, on by default on GPUs): when
   they are one range of whole KV groups and Tq == Tk, SDPA (torch's flash kernel) runs them
   on strided slices of q/k/v, on a side stream concurrent with the kernel, and writes its
-  heads of the output; the kernel's work list then holds only the other heads (faster than the
-  one kernel at every benchmark shape, whose softmax tiles lag SDPA's).
+  heads of the output; the kernel's work list then holds only the other heads (the measured
+  gain is in ``benchmarks/README.md``).
 - ``gdn`` heads are NOT fused: they run through the plain-torch chunked reference
   (``kinds.gdn.gated_delta_rule``) plus fusion in this wrapper, into the same output buffer.
 - Optionally (``states=``) the linear heads' final states are written in the decode op's

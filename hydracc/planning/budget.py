@@ -35,7 +35,7 @@ from hydracc.analysis.scores import Analysis, units_of
 from hydracc.errors import PlanError
 from hydracc.frontend.capture import AttentionSite
 from hydracc.kernels.kinds import kind_by_name
-from hydracc.planning.plan import STREAMING_DEFAULTS, HeadPlan, LayerPlan, Plan, model_summary
+from hydracc.planning.plan import HeadPlan, LayerPlan, Plan, model_summary
 
 STRATEGIES = ("heads", "layers", "random", "even")
 RANKING_SCORES = ("sensitivity", "retrieval", "linear_error")
@@ -179,10 +179,10 @@ def make_budget_plan(
     unknown = sorted(set(params) - set(kind.plan_params))
     if unknown:
         raise PlanError(f"head kind {kind.name!r} takes {', '.join(kind.plan_params) or 'no parameters'}; got {', '.join(unknown)}")
-    if kind.name == "streaming":
-        params = {**STREAMING_DEFAULTS, **params}
-        if params["sink"] < 0 or params["window"] < 1:
-            raise PlanError(f"streaming heads need --sink >= 0 and --window >= 1, got {params['sink']} and {params['window']}")
+    params = {**kind.plan_defaults, **params}
+    for name, (low, high) in kind.plan_ranges.items():
+        if not low <= params[name] <= high:
+            raise PlanError(f"{kind.name} heads need --{name} from {low} to {high}, got {params[name]}")
     if score not in RANKING_SCORES:
         raise PlanError(f"--score must be one of {', '.join(RANKING_SCORES)}, got {score!r}")
     units = _units(sites, element_bytes)

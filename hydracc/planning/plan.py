@@ -33,14 +33,12 @@ from typing import Any
 
 from hydracc.errors import PlanError
 from hydracc.frontend.capture import AttentionSite
-from hydracc.kernels.kinds import KIND_NAMES, kind_by_name
+from hydracc.kernels.kinds import KIND_NAMES, STREAMING, kind_by_name
 
 PLAN_FORMAT = "hydracc-plan"
 PLAN_VERSION = 1
-STREAMING_DEFAULTS = {"sink": 4, "window": 64}
-"""Sink tokens and window length of a streaming head when the plan does not say."""
-MAX_WINDOW = 2**31 - 1
-"""Largest sink or window a plan may give: positions are int32 in the kernels, and no model is longer."""
+STREAMING_DEFAULTS = dict(STREAMING.plan_defaults)
+"""Sink tokens and window length of a streaming head when the plan does not say (``kinds.streaming``)."""
 MAX_PLAN_BYTES = 64 * 2**20
 """Largest plan file read (a plan is about 100 bytes per head; this leaves room for a million heads)."""
 MAX_BLOB_BYTES = 64 * 2**10
@@ -87,11 +85,12 @@ class LayerPlan:
 
     def head_windows(self) -> list[int]:
         """The op's ``head_windows`` argument: ``[sink, window]`` per head, or ``[]`` without streaming heads."""
-        if not any(h.kind == "streaming" for h in self.heads):
+        windowed = [kind_by_name(h.kind).windowed for h in self.heads]
+        if not any(windowed):
             return []
         out: list[int] = []
-        for h in self.heads:
-            out += [int(h.params["sink"]), int(h.params["window"])] if h.kind == "streaming" else [0, 0]
+        for h, w in zip(self.heads, windowed, strict=True):
+            out += [int(h.params["sink"]), int(h.params["window"])] if w else [0, 0]
         return out
 
     def cached_kv_heads(self) -> list[int]:
@@ -214,12 +213,11 @@ def plan_from_json(doc: Any) -> Plan:
                    f"at most {MAX_SCORES} scores with names of up to 64 characters")
             _field(all(_finite(v) for v in scores.values()), f"{hpath}.scores", "must be finite numbers (no NaN or infinity)")
             params = dict(params)
-            if kind == "streaming":
-                params = {**STREAMING_DEFAULTS, **params}
-                _field(_is_int(params["sink"]) and 0 <= params["sink"] <= MAX_WINDOW, f"{hpath}.params.sink",
-                       f"must be an integer from 0 to {MAX_WINDOW}, got {params['sink']!r}")
-                _field(_is_int(params["window"]) and 1 <= params["window"] <= MAX_WINDOW, f"{hpath}.params.window",
-                       f"must be an integer from 1 to {MAX_WINDOW}, got {params['window']!r}")
+            head_kind = kind_by_name(kind)
+            params = {**head_kind.plan_defaults, **params}
+            for name, (low, high) in head_kind.plan_ranges.items():
+                _field(_is_int(params[name]) and low <= params[name] <= high, f"{hpath}.params.{name}",
+                       f"must be an integer from {low} to {high}, got {params[name]!r}")
             heads.append(HeadPlan(kind, params, {str(k): float(v) for k, v in scores.items()}))
         out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
     unit = doc.get("unit", "head")
@@ -324,7 +322,7 @@ def cache_cost(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int) -
         # streaming heads: the hybrid cache keeps, for every KV head they read, the layer's largest
         # sink plus its largest window (at most; one row less between steps)
         group = lp.num_heads // lp.num_kv_heads
-        streaming = [(i, h) for i, h in enumerate(lp.heads) if h.kind == "streaming"]
+        streaming = [(i, h) for i, h in enumerate(lp.heads) if kind_by_name(h.kind).windowed]
         if streaming:
             rows = max(int(h.params["sink"]) for _, h in streaming) + max(int(h.params["window"]) for _, h in streaming)
             state += len({i // group for i, _ in streaming}) * rows * 2 * d * element_bytes

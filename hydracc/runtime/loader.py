@@ -158,17 +158,23 @@ class HybridHeads(nn.Module):
     """A converted layer's learned head parameters, in the op's ``head_params`` order.
 
     Created empty (the loader fills them from ``{module}.hydra.{name}``); ``op_params``
-    returns them as the op takes them.
+    returns them as the op takes them. ``names`` may be a leading part of ``PARAM_NAMES``
+    (a checkpoint written before a kind added its names): the rest are zeros the
+    checkpoint neither holds nor gets, read only by heads of kinds it cannot contain.
     """
 
     def __init__(self, names: Sequence[str], num_heads: int, head_dim: int) -> None:
         super().__init__()
-        from hydracc.kernels.kinds import param_shapes
+        from hydracc.kernels.kinds import PARAM_NAMES, param_shapes
 
         shapes = param_shapes(num_heads, head_dim)
-        self.names = list(names)
+        self.names = list(PARAM_NAMES)
+        stored = set(names)
         for name in self.names:
-            self.register_parameter(name, nn.Parameter(torch.zeros(shapes[name]), requires_grad=False))
+            if name in stored:
+                self.register_parameter(name, nn.Parameter(torch.zeros(shapes[name]), requires_grad=False))
+            else:
+                self.register_buffer(name, torch.zeros(shapes[name]), persistent=False)
 
     def op_params(self) -> list[torch.Tensor]:
         return [getattr(self, name) for name in self.names]

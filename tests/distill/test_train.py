@@ -347,3 +347,32 @@ def test_distillation_keeps_the_best_values_the_held_out_rows_saw(tiny_checkpoin
     everything = distill(insp.captured, weights, plan, calibration, DistillSettings(steps=6, lr=3.0, holdout=0.0),
                          records=records)
     assert everything.held_out == {} and any(not torch.equal(everything.values[n], v) for n, v in start.items())
+
+
+def test_a_checkpoint_from_before_a_kind_added_its_params_still_loads(tiny_checkpoint, tmp_path) -> None:
+    """A new kind appends names to PARAM_NAMES; a checkpoint holding a leading part of them loads."""
+    from safetensors.torch import load_file, save_file
+
+    pipeline.convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", strategy="even", full_ratio=0.5, linear_kind="hedgehog",
+                     seq_len=16, calib_samples=2)
+    ids = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hydracc.load(tmp_path / "out")(ids).logits
+    # as if the gdn kind (its names come last) did not exist yet when this was written
+    keep = PARAM_NAMES[: PARAM_NAMES.index("gdn_gate_weight")]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    for entry in config["hydra"]["layers"]:
+        if entry["params"]:
+            entry["params"] = [f"{entry['module']}.hydra.{n}" for n in keep]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    tensors = {k: v for k, v in load_file(str(tmp_path / "out" / "model.safetensors")).items() if ".gdn_gate_" not in k}
+    save_file(tensors, str(tmp_path / "out" / "model.safetensors"), metadata={"format": "pt"})
+    with torch.no_grad():
+        assert torch.equal(hydracc.load(tmp_path / "out")(ids).logits, expected)
+    # a list that is not a leading part of the names is still refused
+    for entry in config["hydra"]["layers"]:
+        if entry["params"]:
+            entry["params"] = entry["params"][1:]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HydraError, match="leading part"):
+        hydracc.load(tmp_path / "out")

@@ -56,6 +56,16 @@ def test_each_kind_provides_every_hook(kind: HeadKind) -> None:
     else:
         assert not kind.params and kind.param_shapes is None and kind.init_params is None
     assert set(kind.params) <= set(PARAM_NAMES)
+    # plan settings: every one has a default and an integer range (they travel in head_windows)
+    assert set(kind.plan_defaults) == set(kind.plan_ranges) == set(kind.plan_params)
+    for name, (low, high) in kind.plan_ranges.items():
+        assert low <= kind.plan_defaults[name] <= high
+    assert len(kind.plan_params) in (0, 2), "head_windows holds two settings per head"
+    assert len(kind.symbol) == 1 and kind.symbol != "?"
+
+
+def test_kind_symbols_are_distinct() -> None:
+    assert len({kind.symbol for kind in HEAD_KINDS}) == len(HEAD_KINDS)
 
 
 def test_param_names_are_the_kinds_params_in_code_order() -> None:

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 EPS = 1e-6  # linear-attention denominator, L2 normalization and fusion RMS
+MAX_WINDOW = 2**31 - 1
+"""Largest plan setting (sink, window): positions are int32 in the kernels, and no model is longer."""
 
 Shape = tuple[int, ...]
 Forward = Callable[..., Tensor]
@@ -43,7 +45,10 @@ class HeadKind:
     ``keeps_kv``: the head needs the full key/value cache at decode time.
     ``plan_params``: names of the per-head settings a plan may give this kind
     (``{"kind": ..., "params": {...}}``); anything else is rejected.
+    ``plan_defaults`` / ``plan_ranges``: each plan setting's value when a plan omits it and its
+    inclusive integer range (plan settings travel in the op's ``head_windows``).
     ``learned``: the head needs trained tensors from ``head_params`` (see ``PARAM_NAMES``).
+    ``symbol``: its one character in plan tables.
 
     Hooks (see the type aliases above): ``forward`` (every kind); ``step``, ``state_parts``
     and ``state_shapes`` (linear kinds: the decode state); ``params``, ``param_shapes`` and
@@ -56,6 +61,9 @@ class HeadKind:
     keeps_kv: bool
     description: str
     plan_params: tuple[str, ...] = ()
+    plan_defaults: Mapping[str, int] = field(default_factory=dict, compare=False)
+    plan_ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+    symbol: str = "?"
     learned: bool = False
     forward: Forward | None = field(default=None, compare=False, repr=False)
     step: Step | None = field(default=None, compare=False, repr=False)
@@ -64,6 +72,11 @@ class HeadKind:
     params: tuple[str, ...] = ()
     param_shapes: ParamShapes | None = field(default=None, compare=False, repr=False)
     init_params: InitParams | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def windowed(self) -> bool:
+        """The head's plan settings travel in the op's ``head_windows`` (a bounded cache of keys)."""
+        return bool(self.plan_params)
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:

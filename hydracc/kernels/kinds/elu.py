@@ -89,4 +89,5 @@ ELU = HeadKind(
     step=step,
     state_parts=("state", "norm"),
     state_shapes=state_shapes,
+    symbol="e",
 )

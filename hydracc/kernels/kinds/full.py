@@ -38,4 +38,5 @@ FULL = HeadKind(
     keeps_kv=True,
     description="causal softmax attention over all keys (the original head, unchanged)",
     forward=forward,
+    symbol="F",
 )

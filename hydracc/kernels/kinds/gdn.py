@@ -244,4 +244,5 @@ GDN = HeadKind(
     params=PARAMS,
     param_shapes=param_shapes,
     init_params=init_params,
+    symbol="g",
 )

@@ -113,4 +113,5 @@ HEDGEHOG = HeadKind(
     params=PARAMS,
     param_shapes=param_shapes,
     init_params=init_params,
+    symbol="h",
 )

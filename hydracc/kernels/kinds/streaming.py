@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from hydracc.kernels.kinds.base import HeadKind, check_qkv
+from hydracc.kernels.kinds.base import MAX_WINDOW, HeadKind, check_qkv
 
 
 def streaming_mask(q_positions: Tensor, k_positions: Tensor, sink: int, window: int) -> Tensor:
@@ -87,5 +87,8 @@ STREAMING = HeadKind(
     description="causal softmax attention over the first `sink` and the last `window` "
     "positions only (DuoAttention's streaming head; bounded cache)",
     plan_params=("sink", "window"),
+    plan_defaults={"sink": 4, "window": 64},
+    plan_ranges={"sink": (0, MAX_WINDOW), "window": (1, MAX_WINDOW)},
+    symbol="s",
     forward=forward,
 )

@@ -1,0 +1,64 @@
+"""Continue a prompt with a converted checkpoint and its hybrid cache (``hydracc generate``'s work).
+
+The cache is preallocated for the prompt plus the new tokens, as ``generate`` would size it. The
+report compares the cache's bytes with the keys and values full attention would keep.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+from hydracc.errors import HydraError
+
+
+def generate_text(path: str | os.PathLike[str], prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_k: int = 0, seed: int = 0, device: Any = None) -> dict[str, Any]:
+    """Greedy (``temperature`` 0) or sampled continuation of ``prompt``; returns the report
+    (continuation, tokens/s, cache bytes). Bad input raises :class:`HydraError` before loading."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from hydracc.device import default_device
+    from hydracc.frontend.checkpoint import read_config
+    from hydracc.runtime.cache import HybridCache
+    from hydracc.runtime.loader import check_converted, load
+
+    root, _ = check_converted(path)  # the path and files first: a clear error, not transformers'
+    if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
+        raise HydraError(f"{root} has no tokenizer files", hint="copy the original model's tokenizer.json next to the converted weights")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecation notices are not the user's business
+        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=False)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    if ids.shape[1] == 0:
+        raise HydraError("--prompt is empty after tokenization")
+    config = read_config(root)
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
+        raise HydraError(f"--prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is more than "
+                         f"the model's {limit} positions", hint="shorten the prompt or ask for fewer new tokens")
+    dev = default_device(device)
+    model = load(root, device=dev)
+    ids = ids.to(dev)
+    cache = HybridCache(model.config, max_cache_len=ids.shape[1] + max_new_tokens - 1)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or None} if temperature > 0 else {"do_sample": False}
+    start = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, past_key_values=cache, pad_token_id=None, **sampling)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    element = next(p.element_size() for p in model.parameters())
+    tokens = cache.get_seq_length()
+    sites = config["hydra"]["layers"]  # validated by load(); per layer KV heads and head dim
+    full_kv = sum(2 * e["num_kv_heads"] * e["head_dim"] for e in sites) * element * tokens
+    return {
+        "status": "ok", "model": str(root), "prompt": prompt, "continuation": tokenizer.decode(new, skip_special_tokens=True),
+        "new_tokens": int(new.numel()), "seconds": round(seconds, 4),
+        "tokens_per_second": round(new.numel() / seconds, 2) if seconds > 0 else None,
+        "cache": {"tokens": tokens, "bytes": cache.nbytes(), "kv_bytes": cache.kv_nbytes(), "full_attention_kv_bytes": full_kv},
+    }
