@@ -19,6 +19,11 @@ theta 1e6, tied embeddings; 128-token rows. Besides the checkpoint and ``tokeniz
 writes, from held-out text and fresh seeds, ``calib.npy`` (16 x 256 token ids: half recall rows,
 half text; for ``--calib``) and ``recall.npz`` (recall rows at 128 and 256 tokens with their
 answer labels; for ``hydracc eval --recall``), and ``training_log.json``.
+
+The defaults are the committed recipe. Other flags reproduce the variants the card lists as tried
+and not kept: ``--adjacent`` (``<set> k v <;>`` / ``<get> k v``: the value right after its key,
+as in induction), ``--induction-pool`` (induction spans from the key and value tokens),
+``--qk-init`` (starting q/k-norm weights), ``--theta``, ``--heads``, ``--layers`` and ``--rows``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ POOL = 96
 """Key and value tokens each, ordinary words of the trained vocabulary."""
 ROWS = {"text": 14, "recall": 14, "induction": 8}
 WEIGHTS = {"text": 1.0, "recall": 1.0, "induction": 0.5}
+ADJACENT = False
 
 
 def train_tokenizer(text: bytes):
@@ -75,14 +81,16 @@ def recall_example(pairs: int, seq_len: int, text: np.ndarray, keys: np.ndarray,
     k = rng.choice(keys, size=pairs, replace=False)
     v = rng.choice(values, size=pairs, replace=True)
     head: list[int] = []
+    sep = [] if ADJACENT else [markers["<is>"]]
+    ask = [] if ADJACENT else [markers["<out>"]]
     for a, b in zip(k, v):
-        head += [markers["<set>"], int(a), markers["<is>"], int(b), markers["<;>"]]
+        head += [markers["<set>"], int(a), *sep, int(b), markers["<;>"]]
     order = rng.permutation(pairs)
     tail: list[int] = []
     answers: list[int] = []
     for i in order:
-        answers.append(len(tail) + 3)  # the value's position within the tail
-        tail += [markers["<get>"], int(k[i]), markers["<out>"], int(v[i]), markers["<;>"]]
+        answers.append(len(tail) + 2 + len(ask))  # the value's position within the tail
+        tail += [markers["<get>"], int(k[i]), *ask, int(v[i]), markers["<;>"]]
     gap = seq_len - len(head) - len(tail)
     if gap < 0:
         raise ValueError(f"{pairs} pairs do not fit in {seq_len} tokens")
@@ -102,8 +110,9 @@ def text_rows(text: np.ndarray, rows: int, seq_len: int, rng: np.random.Generato
     return x, y
 
 
-def induction_rows(rows: int, seq_len: int, vocab: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    x = rng.integers(len(MARKERS), vocab, size=(rows, seq_len))
+def induction_rows(rows: int, seq_len: int, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of random ``tokens`` in which a span of 4-16 repeats later; loss on the repeat."""
+    x = rng.choice(tokens, size=(rows, seq_len))
     y = np.full((rows, seq_len), IGNORE, dtype=np.int64)
     for r in range(rows):
         span = int(rng.integers(4, 17))
@@ -114,12 +123,13 @@ def induction_rows(rows: int, seq_len: int, vocab: int, rng: np.random.Generator
     return x, y
 
 
-def model_config(vocab: int, width: int = 128, layers: int = 4):
+def model_config(vocab: int, width: int = 128, layers: int = 4, theta: float = 1e6, heads: int = 8):
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers, num_attention_heads=8,
-        num_key_value_heads=2, head_dim=width // 8, max_position_embeddings=2048, rope_theta=1e6, tie_word_embeddings=True,
+        vocab_size=vocab, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=2, head_dim=width // heads, max_position_embeddings=2048,
+        rope_theta=theta, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=None, pad_token_id=None, attention_dropout=0.0, use_sliding_window=False,
     )
 
@@ -133,10 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--qk-init", type=float, default=1.0)
+    ap.add_argument("--theta", type=float, default=1e6)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--adjacent", action="store_true")
+    ap.add_argument("--induction-pool", action="store_true")
+    ap.add_argument("--rows", default=None, help="rows per step, e.g. text=8,recall=16,induction=12")
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    global ADJACENT
+    ADJACENT = args.adjacent
+    if args.rows:
+        ROWS.update({k: int(v) for k, v in (item.split("=") for item in args.rows.split(","))})
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -149,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     encode = lambda data: np.array(tok.encode(data[:3_000_000].decode("utf-8", "replace")).ids, dtype=np.int64)  # noqa: E731
     train_text, held_text = encode(train_bytes), encode(held_bytes)
     vocab = tok.get_vocab_size()
-    model = AutoModelForCausalLM.from_config(model_config(vocab), attn_implementation="sdpa")
+    induction_tokens = np.concatenate([keys, values]) if args.induction_pool else np.arange(len(MARKERS), vocab)
+    model = AutoModelForCausalLM.from_config(model_config(vocab, layers=args.layers, theta=args.theta, heads=args.heads),
+                                             attn_implementation="sdpa")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.fill_(args.qk_init)
+            layer.self_attn.k_norm.weight.fill_(args.qk_init)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -174,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             "recall": tuple(np.stack(z) for z in zip(*[
                 recall_example(int(rng.integers(2, top + 1)), args.seq_len, train_text, keys, values, rng, markers)
                 for _ in range(ROWS["recall"])])),
-            "induction": induction_rows(ROWS["induction"], args.seq_len, vocab, rng),
+            "induction": induction_rows(ROWS["induction"], args.seq_len, induction_tokens, rng),
         }
         x = torch.from_numpy(np.concatenate([g[0] for g in groups.values()]))
         y = torch.from_numpy(np.concatenate([g[1] for g in groups.values()]))
@@ -220,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(args.out / "recall.npz", **probes)
     meta = {
         "seconds": round(elapsed, 1), "steps": args.steps, "rows": ROWS, "weights": WEIGHTS, "seq_len": args.seq_len,
-        "lr": args.lr, "seed": args.seed, "threads": args.threads, "torch": torch.__version__, "vocab": vocab,
+        "lr": args.lr, "seed": args.seed, "threads": args.threads, "adjacent": args.adjacent,
+        "induction_pool": args.induction_pool, "qk_init": args.qk_init, "theta": args.theta, "heads": args.heads,
+        "layers": args.layers, "torch": torch.__version__, "vocab": vocab,
         "markers": markers, "keys": keys.tolist(), "values": values.tolist(), "python": sys.version.split()[0],
         "corpus": corpus.source, "train_tokens": int(len(train_text)), "log": log,
     }
