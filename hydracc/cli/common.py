@@ -45,6 +45,11 @@ def json_option(help: str) -> Any:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
 
+def allow_nonfinite_option() -> Any:
+    return click.option("--allow-nonfinite", is_flag=True,
+                        help="Accept weights holding NaN or infinity (refused by default: every output of them is meaningless).")
+
+
 def quiet_option(help: str) -> Any:
     return click.option("-q", "--quiet", is_flag=True, help=help)
 

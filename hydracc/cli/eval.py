@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from hydracc.cli.common import Reporter, json_option, progress_bar, quiet_option, run_command
+from hydracc.cli.common import Reporter, allow_nonfinite_option, json_option, progress_bar, quiet_option, run_command
 
 
 @click.command("eval")
@@ -22,10 +22,11 @@ from hydracc.cli.common import Reporter, json_option, progress_bar, quiet_option
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Perplexity on this data (convert's --calib formats) instead of the built-in held-out text.")
 @click.option("--device", default=None, help="Torch device to run on (default: cuda when available, else cpu).")
+@allow_nonfinite_option()
 @json_option("Print the scores as JSON on stdout.")
 @quiet_option("No progress bar or table.")
-def eval_command(model_path: Path, task: str, recall: Path | None, calib: Path | None, device: str | None, as_json: bool,
-                 quiet: bool) -> None:
+def eval_command(model_path: Path, task: str, recall: Path | None, calib: Path | None, device: str | None,
+                 allow_nonfinite: bool, as_json: bool, quiet: bool) -> None:
     """Score MODEL (an original or a converted checkpoint folder) on fixed-seed tasks.
 
     \b
@@ -51,7 +52,7 @@ def eval_command(model_path: Path, task: str, recall: Path | None, calib: Path |
         with progress_bar(reporter, "eval") as progress:
             bar = progress.add_task("eval", total=count_batches(tasks, settings, _probe_rows(recall)))
             result = evaluate(model_path, tasks, settings, advance=lambda: progress.advance(bar), calib=calib,
-                              recall=recall, device=str(default_device(device)))
+                              recall=recall, device=str(default_device(device)), allow_nonfinite=allow_nonfinite)
         print_scores(reporter.console, result)
         return {"status": "ok", **result.to_json()}
 

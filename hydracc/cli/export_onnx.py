@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from hydracc.cli.common import Reporter, json_option, rich_hooks, run_command
+from hydracc.cli.common import Reporter, allow_nonfinite_option, json_option, rich_hooks, run_command
 from hydracc.cli.convert import print_onnx
 
 
@@ -20,10 +20,12 @@ from hydracc.cli.convert import print_onnx
               help="Largest |onnxruntime - torch| accepted; above it the export fails (exit 2). Default: 1e-4 for "
                    "float32; for float16 2e-2, relative to each output's largest magnitude.")
 @click.option("--check-tokens", type=click.IntRange(1), default=8, show_default=True, help="Tokens to decode through the decode graph in the check.")
-@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists (only one hydracc wrote).")
+@allow_nonfinite_option()
 @json_option("Print a JSON report on stdout.")
 def export_onnx_command(
-    checkpoint: Path, output: Path | None, dtype: str, atol: float | None, check_tokens: int, force: bool, as_json: bool
+    checkpoint: Path, output: Path | None, dtype: str, atol: float | None, check_tokens: int, force: bool, allow_nonfinite: bool,
+    as_json: bool,
 ) -> None:
     """Export the converted CHECKPOINT to ONNX: a prefill graph and a decode-step graph.
 
@@ -49,7 +51,8 @@ def export_onnx_command(
         hooks = rich_hooks(reporter)
         hooks.begin("onnx")
         try:
-            report = export_onnx(checkpoint, output, atol=atol, check_tokens=check_tokens, force=force, dtype=dtype)
+            report = export_onnx(checkpoint, output, atol=atol, check_tokens=check_tokens, force=force, dtype=dtype,
+                                 allow_nonfinite=allow_nonfinite)
         finally:
             hooks.end("onnx")
         print_onnx(reporter, report)

@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from hydracc.cli.common import Reporter, json_option, quiet_option, run_command
+from hydracc.cli.common import Reporter, allow_nonfinite_option, json_option, quiet_option, run_command
 from hydracc.errors import EXIT_GATE_FAILED
 from hydracc.evaluation.verify import MIN_ORIGINAL_RECALL, Thresholds, VerifySettings
 
@@ -33,11 +33,12 @@ _DEFAULTS = Thresholds()
 @click.option("--update-card", is_flag=True,
               help="Write the figures into CONVERTED/README.md (its Verification section, replacing an earlier one), "
                    "whether or not the gate passes; the card is replaced atomically.")
+@allow_nonfinite_option()
 @json_option("Print every figure and threshold as JSON on stdout.")
 @quiet_option("Print nothing but errors (and the --json report).")
 def verify_command(original: Path, converted: Path, max_ppl_increase: float, min_recall_ratio: float, min_agreement: float,
-                   calib: Path | None, samples: int, seq_len: int, device: str | None, update_card: bool, as_json: bool,
-                   quiet: bool) -> None:
+                   calib: Path | None, samples: int, seq_len: int, device: str | None, update_card: bool,
+                   allow_nonfinite: bool, as_json: bool, quiet: bool) -> None:
     """Check the converted checkpoint CONVERTED against ORIGINAL, the checkpoint it was converted from,
     on the same fixed-seed data: perplexity, recall, and agreement of next-token predictions.
 
@@ -61,7 +62,7 @@ def verify_command(original: Path, converted: Path, max_ppl_increase: float, min
             card_path(converted)  # before running the models
         with reporter.err.status("running both models on the verification data"):
             report = verify(original, converted, thresholds=thresholds, calib=calib, device=device,
-                            settings=VerifySettings(samples=samples, seq_len=seq_len))
+                            settings=VerifySettings(samples=samples, seq_len=seq_len), allow_nonfinite=allow_nonfinite)
         _print(reporter, report)
         extra: dict[str, Any] = {}
         if update_card:

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from hydracc import distributed
 from hydracc.analysis.calibration import Calibration
-from hydracc.errors import HydraError
+from hydracc.errors import HydraError, OutputError
 from hydracc.planning.plan import Plan
 
 
@@ -57,11 +57,19 @@ class TrainingState:
                     tensors[f"adam/{name}/exp_avg"] = st["exp_avg"].cpu().contiguous()
                     tensors[f"adam/{name}/exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
                     tensors[f"adam/{name}/step"] = torch.as_tensor(float(st["step"]), dtype=torch.float64).reshape(1)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        made = not self.dir.exists()
         tmp = self.dir / (self.FILE + ".tmp")
         meta = {"hydracc_distill": json.dumps({"fingerprint": self.fingerprint, **position})}
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self.dir / self.FILE)  # one rename: the position always matches the tensors
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, self.dir / self.FILE)  # one rename: the position always matches the tensors
+        except (OSError, SafetensorError) as exc:  # a full disk: the last good state (if any) stays
+            tmp.unlink(missing_ok=True)
+            if made:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise OutputError(f"cannot save the distillation state in {self.dir}: {getattr(exc, 'strerror', None) or exc}",
+                              hint="check the free space and permissions beside the output folder") from exc
 
     def load(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
         path = self.dir / self.FILE

@@ -115,12 +115,23 @@ def build_model_card(
                  else f"KV budget {budget.get('kv_budget')}")
         out.append(f"Strategy {how}, {asked}: {budget.get('full_units', '?')} of {budget.get('total_units', '?')} "
                    f"{'KV group' if plan.get('unit') == 'kv_group' else 'head'}s kept full.")
+        if budget.get("objective"):
+            out.append(f"Objective `{budget['objective']}`" + (" (recall first, then output KL)" if budget["objective"] == "recall" else "")
+                       + ("; the model failed its recall probes, so output KL decided" if budget.get("objective_fell_back_to_kl") else "")
+                       + ".")
+        decided = budget.get("full_decided_by") or {}
+        if decided:
+            units_are = " (units are layer.group)." if plan.get("unit") == "kv_group" else "."
+            out.append("Full units decided by: "
+                       + "; ".join(f"`{how}` ({', '.join(map(str, units))})" for how, units in sorted(decided.items())) + units_are)
         score = budget.get("score")
-        kept = [(lp["layer"], h, head.get("scores", {}).get(score)) for lp in plan.get("layers", [])
-                for h, head in enumerate(lp.get("heads", [])) if head.get("kind") == "full"] if score else []
-        if kept and any(s is not None for _, _, s in kept):
-            out += ["", f"| layer.head (original order) | {score} |", "|---|---|"]
-            out += [f"| {layer}.{h} | {s:.4g} |" for layer, h, s in kept if s is not None]
+        full = [(lp["layer"], h, head.get("scores", {})) for lp in plan.get("layers", [])
+                for h, head in enumerate(lp.get("heads", [])) if head.get("kind") == "full"]
+        columns = [c for c in dict.fromkeys(("recall", score)) if c and any(c in scores for _, _, scores in full)]
+        kept = [(layer, h, [scores.get(c) for c in columns]) for layer, h, scores in full] if columns else []
+        if kept and any(v is not None for _, _, vals in kept for v in vals):
+            out += ["", "| layer.head (original order) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+            out += [f"| {layer}.{h} | " + " | ".join("" if v is None else f"{v:.4g}" for v in vals) + " |" for layer, h, vals in kept]
     else:
         out.append("Converted by a plan file given by hand.")
     distill = hydra.get("distill") or {}

@@ -240,9 +240,9 @@ class CheckpointWriter:
             if self._buffer:
                 self._flush()
             final = self._name_shards()
-            (self._tmp / OWNER_MARKER).unlink()
             for p in self._tmp.iterdir():
                 _fsync_file(p)
+            (self._tmp / OWNER_MARKER).unlink()  # only now: a run killed while syncing leaves a folder the next run removes
             _fsync_dir(self._tmp)
             self._swap_into_place()
         except BaseException:
@@ -329,15 +329,48 @@ class CheckpointWriter:
         swap_into_place(self._tmp, self.out_dir, force=self.force)
 
 
+SIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+"""Files a conversion copies verbatim from the input folder when present (tokenizer and generation settings)."""
+_OUR_NAMES = re.compile(
+    r"^(config\.json|README\.md|model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json"
+    r"|(prefill|decode)\.onnx(\.data)?|export\.json|" + "|".join(re.escape(n) for n in SIDE_FILES) + r")$"
+)
+"""Every file name hydracc writes into an output folder (a converted checkpoint, an ONNX export)."""
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Names in ``folder`` that hydracc does not write (an ``onnx`` export inside a converted folder is ours)."""
+    out = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_file() and not entry.is_symlink() and _OUR_NAMES.match(entry.name):
+            continue
+        if entry.name == "onnx" and entry.is_dir() and not entry.is_symlink() and hydracc_made(entry):
+            continue
+        out.append(entry.name)
+    return out
+
+
 def hydracc_made(folder: Path) -> bool:
-    """Whether ``folder`` is something ``--force`` may replace: empty, or an output hydracc wrote.
+    """Whether ``folder`` is something ``--force`` may replace: empty, or an output hydracc wrote
+    that holds nothing else.
 
     hydracc's outputs are a converted checkpoint (``config.json`` with a ``hydra`` section) and an
-    ONNX export (``export.json`` with ``"format": "hydracc-onnx"``). Anything else is the user's.
+    ONNX export (``export.json`` with ``"format": "hydracc-onnx"``), holding only the files hydracc
+    writes (``foreign_entries``). Anything else is the user's.
     """
     try:
         if not any(folder.iterdir()):
             return True
+        if foreign_entries(folder):
+            return False
     except OSError:
         return False
     for name, key, value in (("config.json", "hydra", None), ("export.json", "format", "hydracc-onnx")):
@@ -376,10 +409,17 @@ def check_destination(out: Path, force: bool) -> None:
                 hint="write the output to a dedicated folder",
             )
         if not hydracc_made(out):
+            try:
+                foreign = foreign_entries(out)
+            except OSError:
+                foreign = []
+            what = (f"hydracc did not write it all ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''} "
+                    f"{'is' if len(foreign) == 1 else 'are'} not hydracc's)"
+                    if foreign else "it is not empty and hydracc did not write it (no converted config.json or ONNX export.json in it)")
             raise OutputError(
-                f"refusing to replace {out}: it is not empty and hydracc did not write it "
-                "(no converted config.json or ONNX export.json in it)",
-                hint="--force only replaces hydracc's own outputs: choose another path, or remove the folder yourself",
+                f"refusing to replace {out}: {what}",
+                hint="--force only replaces hydracc's own outputs: move your files out, choose another path, "
+                "or remove the folder yourself",
             )
     if not parent.is_dir():
         raise OutputError(

@@ -63,12 +63,11 @@ class EvalResult:
         return {"model": self.model, "converted": self.converted, "tokens": self.tokens, **self.scores}
 
 
-def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, bool, TokenSpace]:
+def load_for_eval(path: str | Path, device: str | torch.device = "cpu", *,
+                  allow_nonfinite: bool = False) -> tuple[torch.nn.Module, bool, TokenSpace]:
     """The model at ``path`` (a checkpoint folder or a file in one), whether it is converted, and its tokens."""
-    from transformers import AutoModelForCausalLM
-
     from hydracc.frontend.checkpoint import open_checkpoint
-    from hydracc.runtime.loader import load, quiet_transformers
+    from hydracc.runtime.loader import from_pretrained, load
 
     ck = open_checkpoint(path)  # the path, config and files, before transformers touches them
     ck.close()
@@ -78,9 +77,8 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu") -> tuple
         raise HydraError(f"{root}: config.json has no usable vocab_size ({vocab!r})")
     space = token_space(root, vocab)
     if "hydra" in config:
-        return load(root, device=device), True, space
-    quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(root, attn_implementation="sdpa", trust_remote_code=False, local_files_only=True)
+        return load(root, device=device, allow_nonfinite=allow_nonfinite), True, space
+    model = from_pretrained(root, config, allow_nonfinite=allow_nonfinite, attn_implementation="sdpa")
     return model.to(device).eval(), False, space
 
 
@@ -255,6 +253,7 @@ def evaluate(
     calib: str | Path | None = None,
     recall: str | Path | None = None,
     device: str | torch.device = "cpu",
+    allow_nonfinite: bool = False,
 ) -> EvalResult:
     """Run ``tasks`` on the model at ``path``; ``advance`` is called once per batch (progress).
 
@@ -265,7 +264,7 @@ def evaluate(
     torch.manual_seed(s.seed)
     if "recall" in tasks and recall is None:
         raise HydraError("the recall task scores a file of the model's own probes", hint="give --recall FILE.npz")
-    model, converted, space = load_for_eval(path, device)
+    model, converted, space = load_for_eval(path, device, allow_nonfinite=allow_nonfinite)
     probes = load_recall_probes(recall, space.vocab_size) if recall is not None and "recall" in tasks else {}
     rows = None
     if calib is not None:

@@ -138,13 +138,13 @@ def verify(
     calib: str | os.PathLike[str] | None = None,
     settings: VerifySettings | None = None,
     device: str | torch.device | None = None,
+    allow_nonfinite: bool = False,
 ) -> VerifyReport:
     """Compare ``converted`` with ``original``; ``report.passed`` says whether every judged threshold held."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
-    from hydracc.runtime.loader import load, quiet_transformers
+    from hydracc.runtime.loader import from_pretrained, load
 
     t = thresholds or Thresholds()
     s = settings or VerifySettings()
@@ -160,11 +160,10 @@ def verify(
     probe = "mqar (byte level)" if space.bytes else "key-value recall in the model's ids"
     probes = [(p, *zip(*[recall_probe(space, p, s.seq_len, rng) for _ in range(s.recall_samples)], strict=True))
               for p in s.recall_pairs if 4 * p < s.seq_len]
-    quiet_transformers()
     models = {
-        "original": AutoModelForCausalLM.from_pretrained(orig_ck.root, attn_implementation="sdpa", trust_remote_code=False,
-                                                         local_files_only=True).to(dev).eval(),
-        "converted": load(conv_ck.root, device=dev),
+        "original": from_pretrained(orig_ck.root, orig_ck.config, allow_nonfinite=allow_nonfinite,
+                                    attn_implementation="sdpa").to(dev).eval(),
+        "converted": load(conv_ck.root, device=dev, allow_nonfinite=allow_nonfinite),
     }
     report = VerifyReport(str(orig_ck.root), str(conv_ck.root), source, str(dev))
     nll = {name: 0.0 for name in models}

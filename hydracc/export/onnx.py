@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from hydracc.emit.writer import OWNER_MARKER, check_destination, make_temp_folder, swap_into_place
-from hydracc.errors import HydraError, OutputError
+from hydracc.errors import CheckpointError, HydraError, OutputError
 from hydracc.kernels.kinds import GDN, HEAD_KINDS, STREAMING, kind_by_code
 from hydracc.kernels.kinds.gdn import GDN_CHUNK
 from hydracc.runtime.cache import HybridCache, HybridLayer
@@ -184,11 +184,11 @@ float16: that difference divided by the output's largest magnitude, since fp16 r
 with it (the differences seen on the example model are in ``benchmarks/README.md``)."""
 
 
-def _load_for_export(checkpoint: Path, dtype: str = "float32") -> tuple[nn.Module, CacheLayout]:
+def _load_for_export(checkpoint: Path, dtype: str = "float32", allow_nonfinite: bool = False) -> tuple[nn.Module, CacheLayout]:
     from hydracc.runtime.loader import load
 
     _register()
-    model = load(checkpoint, dtype=DTYPES[dtype])
+    model = load(checkpoint, dtype=DTYPES[dtype], allow_nonfinite=allow_nonfinite)
     layout = cache_layout(model)
     model.set_attn_implementation(EXPORT_ATTENTION)
     return model, layout
@@ -326,7 +326,7 @@ def check_onnx(
 
 def export_onnx(
     checkpoint: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, atol: float | None = None,
-    check_tokens: int = 8, force: bool = False, dtype: str = "float32",
+    check_tokens: int = 8, force: bool = False, dtype: str = "float32", allow_nonfinite: bool = False,
 ) -> ExportReport:
     """Export ``checkpoint`` (a converted folder) to ``out`` (default ``checkpoint/onnx``) and check it.
 
@@ -342,6 +342,8 @@ def export_onnx(
         raise ExportError(f"unknown ONNX dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
     atol = DEFAULT_ATOL[dtype] if atol is None else atol
     src = Path(checkpoint)
+    if not src.exists():
+        raise CheckpointError(f"checkpoint path {src} does not exist", hint="give the folder of a converted checkpoint (hydracc convert -o)")
     if src.is_file():
         src = src.parent
     dest = Path(out) if out is not None else src / "onnx"
@@ -349,7 +351,7 @@ def export_onnx(
         raise OutputError(f"output {dest} would replace the checkpoint {src}", hint="write the ONNX files to a new folder (default: CHECKPOINT/onnx)")
     dest = dest.expanduser().absolute()
     check_destination(dest, force)  # before any work: a file, someone else's folder, cwd/home/root
-    model, layout = _load_for_export(src, dtype)
+    model, layout = _load_for_export(src, dtype, allow_nonfinite)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT // 2
     tmp = make_temp_folder(dest)
     try:
@@ -376,6 +378,10 @@ def export_onnx(
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / OWNER_MARKER).unlink()
         swap_into_place(tmp, dest, force=force)
+    except OSError as exc:  # a full disk or a vanished folder while writing: bad output location, not a bug
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"cannot write the ONNX export for {dest}: {exc.strerror or exc}",
+                          hint="check the free space and permissions of the output folder's parent") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -299,6 +299,27 @@ def _rel_name(p: Path, root: Path) -> str:
         return p.name
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def load_json(text: str | bytes, where: object, hint: str) -> Any:
+    """Strict JSON for files hydracc reads: NaN/Infinity, nesting deeper than the parser's stack
+    and integers past Python's digit limit are a ``CheckpointError``, never a crash."""
+    try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{where} is not valid JSON: {exc}", hint=hint) from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{where} is not valid JSON (not UTF-8 text at byte {exc.start})", hint=hint) from exc
+    except RecursionError:
+        raise CheckpointError(f"{where} nests too deeply to be valid", hint=hint) from None
+    except ValueError as exc:  # NaN / Infinity, an integer of thousands of digits
+        raise CheckpointError(f"{where} is not valid JSON: {exc}", hint=hint) from exc
+
+
 def read_config(root: Path) -> dict[str, Any]:
     """Parse and check ``root/config.json`` (a JSON object with a ``model_type``)."""
     cfg_path = root / CONFIG_NAME
@@ -307,13 +328,7 @@ def read_config(root: Path) -> dict[str, Any]:
             f"no {CONFIG_NAME} in {root}",
             hint="put the model's config.json beside the safetensors files (as written by save_pretrained)",
         )
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"{cfg_path} is not valid JSON: {exc}",
-            hint="fix or re-download config.json",
-        ) from exc
+    config = load_json(cfg_path.read_bytes(), cfg_path, "fix or re-download config.json")
     if not isinstance(config, dict):
         raise CheckpointError(
             f"{cfg_path} must hold a JSON object, found {type(config).__name__}",
@@ -363,10 +378,7 @@ def _find_files_in_folder(
 
 def _read_index(index_path: Path, root: Path) -> tuple[list[Path], dict[str, str]]:
     hint = f"re-download {INDEX_NAME} or re-save the model with save_pretrained"
-    try:
-        doc = json.loads(index_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{index_path} is not valid JSON: {exc}", hint=hint) from exc
+    doc = load_json(index_path.read_bytes(), index_path, hint)
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CheckpointError(
             f"{index_path} is malformed: expected an object with a 'weight_map' object",
@@ -441,7 +453,7 @@ def _refuse_single_shard(p: Path) -> None:
     try:
         wm = json.loads(index_path.read_text(encoding="utf-8")).get("weight_map", {})
         shards = set(wm.values())
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError):
+    except (ValueError, RecursionError, AttributeError, TypeError):  # a broken index is reported where it is read
         return
     if p.name in shards and len(shards) > 1:
         raise CheckpointError(
@@ -466,10 +478,7 @@ def _read_header(f: Path) -> dict[str, TensorInfo]:
         if hlen > MAX_HEADER_BYTES:
             raise CheckpointError(f"{f}: header length {hlen} exceeds the safetensors limit", hint=broken)
         raw = fh.read(hlen)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{f}: header is not valid JSON ({exc})", hint=broken) from exc
+    header = load_json(raw, f"{f}: header", broken)
     if not isinstance(header, dict):
         raise CheckpointError(f"{f}: header is not a JSON object", hint=broken)
 

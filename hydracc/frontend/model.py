@@ -226,7 +226,7 @@ def check_runtime_support(config: dict[str, Any], sites: Sequence[AttentionSite]
     pick attention classes by their own table, like Falcon, fail here, before conversion) and
     checks that every site's module exposes the ``layer_idx`` the attention function uses.
     """
-    from hydracc.runtime.loader import ATTN_IMPLEMENTATION
+    from hydracc.runtime.hydra_config import ATTN_IMPLEMENTATION
 
     try:
         model = build_model(config, attn_implementation=ATTN_IMPLEMENTATION)

@@ -115,7 +115,7 @@ class ConvertOptions:
     force_linear: tuple[str, ...] = _opt((), "Make these query heads linear (under GQA their whole KV group). Repeatable.",
                                          flags=("--force-linear",), multiple=True, metavar="L.H[,L.H]")
     seed: int = _opt(0, "Seed for --strategy random, the hedgehog initialisation and --distill's minibatches.",
-                     flags=("--seed",), type=int)
+                     flags=("--seed",), type=int, min=0)
     linear_kind: str = _opt(None, "What converted heads become: elu (parameter-free linear attention), hedgehog (learned "
                             "feature map), gdn (gated delta rule), streaming (attention sink + sliding window, "
                             "DuoAttention). hedgehog and gdn get learned parameters: use --distill. Default: elu, or gdn "
@@ -265,6 +265,16 @@ class ConvertOptions:
             raise OptionError(f"{n('max_full_per_layer')} ({self.max_full_per_layer}) is below {n('min_full_per_layer')} "
                               f"({self.min_full_per_layer})")
         self.budget()  # the planner's own checks, before any work
+        for name in ("plan_out", "plan_png"):  # side files too: their folders are known now, not after the analysis
+            target = getattr(self, name)
+            if target is None:
+                continue
+            target = Path(target).expanduser()
+            if target.is_dir():
+                raise OutputError(f"{n(name)} {target} is a folder", hint="give a file path")
+            if not target.parent.is_dir():
+                raise OutputError(f"{n(name)} {target}: the folder {target.parent} does not exist",
+                                  hint=f"create {target.parent} first, or choose another path")
         if self.plan_png is not None:
             try:
                 import matplotlib  # noqa: F401

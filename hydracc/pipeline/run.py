@@ -103,6 +103,9 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
     insp.checkpoint.allow_nonfinite = o.allow_nonfinite
     try:
         analysis = None
+        if needs_analysis:  # a plan by the same rules without scores: --keep-full and the rest fail now, not after the analysis
+            stages.make_plan(insp, budget=budget, strategy="even", keep_full=o.keep_full, force_linear=o.force_linear,
+                             linear_kind=o.linear_kind, kind_params=o.kind_params, fusion=want_fusion)
         if needs_analysis:
             calibration = stages.calibration_for(insp, o.calib, samples=o.calib_samples, seq_len=o.seq_len)
             with _stage(hooks, "analyze"):

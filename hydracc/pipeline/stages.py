@@ -39,7 +39,7 @@ from hydracc.analysis.scores import EXACT_K, Analysis, analyze
 from hydracc.device import default_device
 from hydracc.distill.train import DistillResult, DistillSettings, distill, initial_values, state_dir_for
 from hydracc.emit.hydra_section import hydra_section
-from hydracc.emit.writer import DEFAULT_MAX_SHARD_BYTES, CheckpointWriter
+from hydracc.emit.writer import DEFAULT_MAX_SHARD_BYTES, SIDE_FILES, CheckpointWriter
 from hydracc.errors import HydraError, OutputError, PassError
 from hydracc.frontend.capture import CapturedModel, capture, require_sites
 from hydracc.frontend.checkpoint import Checkpoint, open_checkpoint
@@ -48,17 +48,6 @@ from hydracc.passes import PassContext, PassManager, pipeline
 from hydracc.passes.hybridize import HYBRID_OP
 from hydracc.planning.budget import Budget, make_budget_plan
 from hydracc.planning.plan import CacheCost, Plan, cache_cost, check_plan_fits, load_plan  # noqa: F401 (cache_cost: old name)
-
-SIDE_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
-"""Files copied verbatim from the input folder when present (tokenizer and generation settings)."""
 
 
 @dataclass
@@ -322,7 +311,8 @@ def make_plan(
             linear_kind=linear_kind, seed=seed, element_bytes=inspection.element_bytes, kind_params=kind_params,
             fusion=bool(fusion),
         )
-    check_plan_fits(plan, sites)
+    limit = inspection.checkpoint.config.get("max_position_embeddings") or inspection.checkpoint.config.get("n_positions")
+    check_plan_fits(plan, sites, limit if isinstance(limit, int) and not isinstance(limit, bool) else None)
     return plan
 
 

@@ -219,7 +219,10 @@ def plan_from_json(doc: Any) -> Plan:
                 _field(_is_int(params[name]) and low <= params[name] <= high, f"{hpath}.params.{name}",
                        f"must be an integer from {low} to {high}, got {params[name]!r}")
             heads.append(HeadPlan(kind, params, {str(k): float(v) for k, v in scores.items()}))
-        out.append(LayerPlan(layer, str(raw.get("module", "")), nh, nkv, heads))
+        module = raw.get("module", "")
+        _field(isinstance(module, str) and len(module) <= 1024, f"{path}.module",
+               "must be the attention module's name (a string of at most 1024 characters)")
+        out.append(LayerPlan(layer, module, nh, nkv, heads))
     unit = doc.get("unit", "head")
     _field(unit in ("head", "kv_group"), "plan.unit", "must be 'head' or 'kv_group'")
     model = doc.get("model", {})
@@ -270,8 +273,10 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def check_plan_fits(plan: Plan, sites: Sequence[AttentionSite]) -> None:
-    """Raise ``PlanError`` unless the plan covers exactly the model's attention sites."""
+def check_plan_fits(plan: Plan, sites: Sequence[AttentionSite], max_positions: int | None = None) -> None:
+    """Raise ``PlanError`` unless the plan covers exactly the model's attention sites and its windows
+    (sink + window) fit in the model's ``max_positions`` (a longer one would only size a cache no
+    sequence can fill)."""
     by_layer = {s.layer: s for s in sites}
     for i, lp in enumerate(plan.layers):
         path = f"plan.layers[{i}]"
@@ -280,6 +285,14 @@ def check_plan_fits(plan: Plan, sites: Sequence[AttentionSite]) -> None:
         assert site is not None
         _field(lp.num_heads == site.num_heads, f"{path}.num_heads", f"is {lp.num_heads} but layer {lp.layer} ({site.module}) has {site.num_heads} query heads")
         _field(lp.num_kv_heads == site.num_kv_heads, f"{path}.num_kv_heads", f"is {lp.num_kv_heads} but layer {lp.layer} ({site.module}) has {site.num_kv_heads} KV heads")
+        _field(lp.module in ("", site.module), f"{path}.module", f"is {lp.module[:80]!r} but layer {lp.layer} is {site.module!r}")
+        if max_positions is not None:
+            for h, head in enumerate(lp.heads):
+                if kind_by_name(head.kind).windowed:
+                    span = int(head.params["sink"]) + int(head.params["window"])
+                    _field(span <= max_positions, f"{path}.heads[{h}].params",
+                           f"sink + window is {span}, more than the model's {max_positions} positions "
+                           "(a head that sees every position is a full head: use kind 'full', or a shorter window)")
     missing = sorted(set(by_layer) - {lp.layer for lp in plan.layers})
     _field(not missing, "plan.layers", f"has no entry for layer(s) {missing}; list every layer (all-full layers too)")
 

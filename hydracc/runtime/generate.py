@@ -15,7 +15,7 @@ from hydracc.errors import HydraError
 
 
 def generate_text(path: str | os.PathLike[str], prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_k: int = 0, seed: int = 0, device: Any = None) -> dict[str, Any]:
+                  top_k: int = 0, seed: int = 0, device: Any = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """Greedy (``temperature`` 0) or sampled continuation of ``prompt``; returns the report
     (continuation, tokens/s, cache bytes). Bad input raises :class:`HydraError` before loading."""
     import torch
@@ -41,7 +41,7 @@ def generate_text(path: str | os.PathLike[str], prompt: str, *, max_new_tokens: 
         raise HydraError(f"--prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is more than "
                          f"the model's {limit} positions", hint="shorten the prompt or ask for fewer new tokens")
     dev = default_device(device)
-    model = load(root, device=dev)
+    model = load(root, device=dev, allow_nonfinite=allow_nonfinite)
     ids = ids.to(dev)
     cache = HybridCache(model.config, max_cache_len=ids.shape[1] + max_new_tokens - 1)
     torch.manual_seed(seed)

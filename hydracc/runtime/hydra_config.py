@@ -38,6 +38,9 @@ from typing import Any
 from hydracc.errors import CheckpointError
 from hydracc.kernels.kinds import KIND_NAMES, PARAM_NAMES, kind_by_name
 
+ATTN_IMPLEMENTATION = "hydracc"
+"""The name converted models give transformers' ``attn_implementation`` (the loader registers it)."""
+
 HYDRA_FORMAT_VERSION = 1
 
 

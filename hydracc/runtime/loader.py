@@ -40,9 +40,7 @@ from torch import nn
 
 import hydracc.kernels  # noqa: F401  (registers hydracc::hybrid_attention)
 from hydracc.errors import CheckpointError, PaddingNotSupportedError  # (re-exported: raised here)
-from hydracc.runtime.hydra_config import HydraLayer, read_hydra_layers
-
-ATTN_IMPLEMENTATION = "hydracc"
+from hydracc.runtime.hydra_config import ATTN_IMPLEMENTATION, HydraLayer, read_hydra_layers
 
 
 def hybrid_attention_forward(
@@ -294,6 +292,7 @@ def check_converted(path: str | os.PathLike[str]) -> tuple[Path, dict[int, Hydra
     try:
         root = ck.root
         layers = read_hydra_layers(ck.config, str(root))
+        check_config(ck.config)
         wanted = [name for entry in layers.values() for name in entry.params]
         missing = sorted(set(wanted) - set(ck.names()))
     finally:
@@ -307,6 +306,48 @@ def check_converted(path: str | os.PathLike[str]) -> tuple[Path, dict[int, Hydra
     return root, layers
 
 
+def check_config(config: dict[str, Any]) -> None:
+    """The checks ``convert`` makes of its input's config (positive integer sizes, heads that divide,
+    transformers' own validation), for a config about to be loaded; a ``CheckpointError`` if not."""
+    from hydracc.frontend.model import load_config
+
+    load_config({k: v for k, v in config.items() if k != "hydra"})
+
+
+def from_pretrained(root: Path, config: dict[str, Any], *, allow_nonfinite: bool = False, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` after :func:`check_config`, no remote code, local files only;
+    what transformers cannot build from the files is bad input (a ``CheckpointError``), not a crash, and
+    so are weights holding NaN or infinity unless ``allow_nonfinite``."""
+    from transformers import AutoModelForCausalLM
+
+    check_config(config)
+    quiet_transformers()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(root, trust_remote_code=False, local_files_only=True, **kwargs)
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
+        first = " ".join(str(exc).split("\n")[:2]).strip()
+        raise CheckpointError(f"{root}: transformers could not build the model from its files: {type(exc).__name__}: {first}",
+                              hint="check config.json against the weights it came with") from exc
+    if not allow_nonfinite:
+        check_finite(model, root)
+    return model
+
+
+def check_finite(model: nn.Module, root: Path) -> None:
+    """Refuse a model whose weights hold NaN or infinity (the first such tensor is named)."""
+    from hydracc.frontend.checkpoint import count_nonfinite
+
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point():
+            bad = count_nonfinite(tensor.detach())
+            if bad:
+                raise CheckpointError(
+                    f"{root}: weight {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}",
+                    hint="the checkpoint is damaged (every output of it would be meaningless); "
+                    "if this is intended, pass --allow-nonfinite",
+                )
+
+
 def quiet_transformers() -> None:
     """No per-tensor "Loading weights" bars from transformers: hydracc shows its own progress."""
     from transformers.utils import logging as hf_logging
@@ -314,20 +355,16 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> nn.Module:
+def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         allow_nonfinite: bool = False) -> nn.Module:
     """Load a converted checkpoint folder; the returned model's forward runs the hybrid.
 
-    ``dtype`` defaults to the dtype the weights are stored in.
+    ``dtype`` defaults to the dtype the weights are stored in. Weights holding NaN or infinity are
+    refused (a ``CheckpointError``) unless ``allow_nonfinite``.
     """
-    from transformers import AutoModelForCausalLM
+    from hydracc.frontend.checkpoint import read_config
 
     root, _ = check_converted(path)
-    quiet_transformers()
-    model = AutoModelForCausalLM.from_pretrained(
-        root,
-        attn_implementation=ATTN_IMPLEMENTATION,
-        dtype=dtype if dtype is not None else "auto",
-        trust_remote_code=False,
-        local_files_only=True,
-    )
+    model = from_pretrained(root, read_config(root), allow_nonfinite=allow_nonfinite, attn_implementation=ATTN_IMPLEMENTATION,
+                            dtype=dtype if dtype is not None else "auto")
     return model.to(device).eval()

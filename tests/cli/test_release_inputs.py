@@ -97,6 +97,29 @@ def test_nonfinite_weights(tmp_path) -> None:
     assert res.exit_code == 0, res.output
     _strict(res.stdout)  # NaN scores are null, not bare NaN
     _strict((tmp_path / "out" / "config.json").read_text())
+    # every command that loads weights refuses them too, before running anything, unless told otherwise
+    for command in (["eval", tmp_path / "out", "--task", "ppl"], ["generate", tmp_path / "out", "--prompt", "hi"],
+                    ["export-onnx", tmp_path / "out", "-o", tmp_path / "onnx"], ["verify", src, tmp_path / "out"],
+                    ["eval", src, "--task", "ppl"]):
+        res = run(*command)
+        assert res.exit_code == 2 and "NaN or infinite" in res.output and "--allow-nonfinite" in res.output, (command, res.output)
+    assert not (tmp_path / "onnx").exists()
+    res = run("generate", tmp_path / "out", "--prompt", "hi", "--max-new-tokens", "2", "--allow-nonfinite")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(("key", "value"), [("num_attention_heads", 3), ("num_attention_heads", -4), ("hidden_size", "128")])
+def test_a_converted_checkpoint_with_a_bad_config_is_bad_input(converted, tmp_path, key, value) -> None:
+    """The load path makes the config checks convert makes: exit 2 with the field, not a crash."""
+    bad = tmp_path / "bad"
+    shutil.copytree(converted["full"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    config[key] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    for command in (["eval", bad, "--task", "ppl"], ["generate", bad, "--prompt", "hi"], ["export-onnx", bad, "-o", tmp_path / "o"],
+                    ["verify", EXAMPLE, bad]):
+        res = run(*command)
+        assert res.exit_code == 2 and ("num_attention_heads" in res.output or "hidden_size" in res.output), (command, res.output)
 
 
 def test_generate_refuses_a_prompt_longer_than_the_model(converted) -> None:

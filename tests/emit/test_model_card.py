@@ -79,3 +79,17 @@ def test_card_of_a_real_conversion(tmp_path) -> None:
     assert "Converted by a plan file given by hand." in card and "Measured initial values" in card
     assert "# tiny-llama: the hydracc example model" in card
     yaml.safe_load(card.split("---\n")[1])
+
+
+def test_the_card_names_the_objective_and_what_decided() -> None:
+    config = copy.deepcopy(CONFIG)
+    budget = config["hydra"]["plan"]["budget"]
+    budget.update(objective="recall", full_decided_by={"joint": ["0.1"]})
+    for head in config["hydra"]["plan"]["layers"][0]["heads"][2:]:
+        head["scores"]["recall"] = 0.25
+    card = build_model_card(config, **SIZES)
+    for text in ("Objective `recall` (recall first, then output KL).", "Full units decided by: `joint` (0.1) (units are layer.group).",
+                 "| layer.head (original order) | recall | sensitivity |", "| 0.2 | 0.25 | 0.5 |"):
+        assert text in card, text
+    budget["objective_fell_back_to_kl"] = True
+    assert "failed its recall probes, so output KL decided" in build_model_card(config, **SIZES)

@@ -11,7 +11,7 @@ import torch
 from helpers import build_tiny_model
 
 import hydracc.emit.writer as emit
-from hydracc.emit.writer import CheckpointWriter, parse_size
+from hydracc.emit.writer import CheckpointWriter, hydracc_made, parse_size
 from hydracc.errors import OutputError
 from hydracc.frontend.checkpoint import open_checkpoint
 
@@ -246,27 +246,27 @@ def test_exception_leaves_no_output(tmp_path):
 def test_force_keeps_old_output_on_failure(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("precious")
+    (out / "README.md").write_text("precious")
     (out / "config.json").write_text('{"hydra": {}}')  # an earlier hydracc output
     with pytest.raises(Boom), CheckpointWriter(out, force=True) as w:
         w.add("a", torch.ones(2))
         raise Boom
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old.txt"]
-    assert (out / "old.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"]
+    assert (out / "README.md").read_text() == "precious"
     assert leftovers(tmp_path) == []
 
 
 def test_force_replaces_old_output(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("stale")
+    (out / "README.md").write_text("stale")
     (out / "config.json").write_text('{"hydra": {}}')  # an earlier hydracc output
     tensors = make_tensors(n=2)
     with CheckpointWriter(out, force=True) as w:
         for name, t in tensors.items():
             w.add(name, t)
         w.write_json("config.json", CONFIG)
-        assert (out / "old.txt").read_text() == "stale"  # replaced only at the very end
+        assert (out / "README.md").read_text() == "stale"  # replaced only at the very end
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text()) == CONFIG
     assert_round_trip(out, tensors)
@@ -276,7 +276,7 @@ def test_force_replaces_old_output(tmp_path):
 def test_failed_swap_restores_old_output(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("precious")
+    (out / "README.md").write_text("precious")
     (out / "config.json").write_text('{"hydra": {}}')  # an earlier hydracc output
     real_rename = os.rename
 
@@ -289,8 +289,8 @@ def test_failed_swap_restores_old_output(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="cannot move the output into place"):
         with CheckpointWriter(out, force=True) as w:
             w.add("a", torch.ones(2))
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "old.txt"]
-    assert (out / "old.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json"]
+    assert (out / "README.md").read_text() == "precious"
     assert leftovers(tmp_path) == []
 
 
@@ -486,3 +486,26 @@ def test_json_files_are_strict_json(tmp_path):
     text = (out / "config.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"scores": [1.0, None, None], "nested": {"x": None}, "t": [1, 2]}
+
+
+def test_force_refuses_a_hydracc_output_the_user_added_files_to(tmp_path):
+    """A converted folder someone added notes (or a git repository) to is no longer only hydracc's."""
+    out = tmp_path / "conv"
+    with CheckpointWriter(out) as w:
+        w.add("w", torch.ones(2))
+        w.write_json("config.json", {"model_type": "llama", "hydra": {}})
+        w.write_text("README.md", "card")
+    assert hydracc_made(out)
+    (out / "onnx").mkdir()
+    (out / "onnx" / "export.json").write_text('{"format": "hydracc-onnx"}')
+    (out / "onnx" / "decode.onnx").write_bytes(b"x")
+    assert hydracc_made(out)  # its own export inside is still hydracc's
+    (out / "notes.txt").write_text("precious")
+    (out / ".git").mkdir()
+    with pytest.raises(OutputError, match=r"hydracc did not write it all \(\.git, notes\.txt are not hydracc's\)"):
+        CheckpointWriter(out, force=True)
+    assert (out / "notes.txt").read_text() == "precious" and (out / ".git").is_dir()
+    (out / "notes.txt").unlink()
+    (out / ".git").rmdir()
+    (out / "onnx" / "mine.txt").write_text("x")  # a foreign file inside the export counts too
+    assert not hydracc_made(out)

@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,3 +79,28 @@ def test_valid_file_with_bytes_changed_or_cut(flips: list[tuple[int, int]], cut:
 def test_hostile_header_json(header: dict) -> None:
     raw = json.dumps(header).encode()
     _open_and_read(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+
+
+HOSTILE_JSON = {
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "deep object": b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    "huge integer": b'{"a": ' + b"9" * 5_000 + b"}",
+    "NaN": b'{"a": NaN}',
+    "Infinity": b'{"a": -Infinity}',
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_JSON))
+def test_json_the_strategies_cannot_reach(tmp_path, name: str) -> None:
+    """Nesting past the parser's stack, integers past Python's digit limit and NaN, in the header,
+    config.json and the shard index: a CheckpointError (exit 2), never a crash."""
+    raw = HOSTILE_JSON[name]
+    _open_and_read(struct.pack("<Q", len(raw)) + raw + b"\0" * 64)
+    for target in ("config.json", "model.safetensors.index.json"):
+        folder = tmp_path / f"{target}-{len(name)}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(CONFIG))
+        (folder / "model.safetensors").write_bytes(VALID)
+        (folder / target).write_bytes(raw)
+        with pytest.raises(CheckpointError, match="not valid JSON|nests too deeply"):
+            open_checkpoint(folder)

@@ -84,6 +84,7 @@ def test_kind_choices_come_from_the_kind_table() -> None:
         ({"keep_full": [1.3]}, "keep_full: every item must be a string"),
         ({"user_passes": [3]}, "user_passes: every item must be a pass name or function"),
         ({"kv_budgett": 0.25}, "unknown conversion option 'kv_budgett' (did you mean 'kv_budget'?)"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
     ],
 )
 def test_bad_values_are_hydra_errors_before_any_work(tmp_path, kwargs, message) -> None:
@@ -105,6 +106,7 @@ def test_bad_values_are_hydra_errors_before_any_work(tmp_path, kwargs, message) 
         ({"max_shard_size": "5 parsecs"}, "max_shard_size: cannot parse size"),
         ({"dry_run": True}, "dry_run=True is a dry run and writes no checkpoint"),
         ({"user_passes": ["no-such-pass"]}, "no pass named 'no-such-pass'"),
+        ({"plan_out": "/no/such/folder/plan.json"}, "plan_out /no/such/folder/plan.json: the folder /no/such/folder does not exist"),
     ],
 )
 def test_conflicting_options_name_the_keywords(tmp_path, kwargs, message) -> None:

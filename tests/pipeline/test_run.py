@@ -78,3 +78,18 @@ def test_ctrl_c_while_learning_exits_130_and_writes_nothing(tiny_checkpoint, tmp
     with pytest.raises(Interrupted):  # a KeyboardInterrupt for Python callers
         convert(tiny_checkpoint("llama-gqa"), tmp_path / "out", strategy="even", linear_kind="hedgehog", seq_len=16,
                 calib_samples=2)
+
+
+def test_unit_names_and_layer_limits_fail_before_the_analysis(tiny_checkpoint, tmp_path) -> None:
+    """What the config decides (layers, heads) is checked right after it is read, not after minutes of analysis."""
+    import pytest
+
+    from hydracc.errors import PlanError
+
+    src = tiny_checkpoint("llama-gqa")
+    for kwargs, message in (({"keep_full": ["99.0"]}, "--keep-full"), ({"force_linear": ["0.99"]}, "--force-linear"),
+                            ({"min_full_per_layer": 10}, "min-full-per-layer")):
+        hooks = Recorder()
+        with pytest.raises(PlanError, match=message):
+            run_conversion(ConvertOptions(src, dry_run=True, calib_samples=2, seq_len=16, **kwargs), progress=hooks)
+        assert hooks.events == [] and hooks.analyzed_calls == 0, kwargs

@@ -92,6 +92,16 @@ def test_plan_must_fit_the_model() -> None:
     check_plan_fits(plan, _sites(layers=3))
 
 
+def test_a_streaming_window_must_fit_the_models_positions() -> None:
+    doc = ratio_plan(_sites(layers=1), "llama", full_ratio=0.5).to_json()
+    doc["layers"][0]["heads"][-1] = {"kind": "streaming", "params": {"sink": 4, "window": 2**30}}
+    plan = plan_from_json(doc)
+    check_plan_fits(plan, _sites(layers=1))  # no position limit known: accepted
+    check_plan_fits(plan, _sites(layers=1), max_positions=2**30 + 4)
+    with pytest.raises(PlanError, match=r"heads\[7\].params: sink \+ window is 1073741828, more than the model's 2048 positions"):
+        check_plan_fits(plan, _sites(layers=1), max_positions=2048)
+
+
 def test_unreadable_plan_file(tmp_path) -> None:
     bad = tmp_path / "p.json"
     bad.write_text("{not json")

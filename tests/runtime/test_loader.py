@@ -112,3 +112,4 @@ def test_a_missing_path_says_so(tmp_path, command) -> None:
 
     res = CliRunner().invoke(main, [command[0], str(tmp_path / "nowhere"), *command[1:]])
     assert res.exit_code == 2 and "does not exist" in res.output, res.output
+    assert "cannot write" not in res.output  # the missing input, not an output folder it would have made
