@@ -121,7 +121,7 @@ def build_model_card(
                        + ".")
         decided = budget.get("full_decided_by") or {}
         if decided:
-            units_are = " (units are layer.group)." if plan.get("unit") == "kv_group" else "."
+            units_are = " (each KV group named by its first query head, layer.head)." if plan.get("unit") == "kv_group" else "."
             out.append("Full units decided by: "
                        + "; ".join(f"`{how}` ({', '.join(map(str, units))})" for how, units in sorted(decided.items())) + units_are)
         score = budget.get("score")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -427,6 +428,8 @@ def _coerce(f: dataclasses.Field[Any], value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         value = float(value)
+        if not math.isfinite(value):
+            raise bad("a finite number")
     elif kind is _PATH:
         if not isinstance(value, (str, os.PathLike)):
             raise bad("a path")

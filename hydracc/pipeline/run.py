@@ -164,7 +164,8 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
 
         assert result.output is not None
         with _stage(hooks, "onnx"):
-            result.onnx = export_onnx(result.output, None, atol=o.atol, check_tokens=8, force=False)
+            result.onnx = export_onnx(result.output, None, atol=o.atol, check_tokens=8, force=False,
+                                        allow_nonfinite=o.allow_nonfinite)
     return result
 
 

@@ -106,5 +106,9 @@ def read_hydra_layers(config: dict[str, Any], where: str) -> dict[int, HydraLaye
             raise CheckpointError(f"{where}: {path}.params must be [] or a leading part of {expected}")
         if not params and any(kind_by_name(k).learned for k in kinds):
             raise CheckpointError(f"{where}: {path} has learned head kinds but no params")
+        needed = [n for k in dict.fromkeys(kinds) for n in kind_by_name(k).params]
+        absent = [n for n in needed if f"{entry.get('module')}.hydra.{n}" not in params]
+        if absent:
+            raise CheckpointError(f"{where}: {path}.params lacks {', '.join(absent)}, which its head kinds need")
         out[entry["layer"]] = HydraLayer(entry["layer"], str(entry.get("module")), codes, list(windows), list(params))
     return out

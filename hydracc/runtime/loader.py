@@ -167,15 +167,19 @@ class HybridHeads(nn.Module):
 
         shapes = param_shapes(num_heads, head_dim)
         self.names = list(PARAM_NAMES)
-        stored = set(names)
-        for name in self.names:
-            if name in stored:
-                self.register_parameter(name, nn.Parameter(torch.zeros(shapes[name]), requires_grad=False))
-            else:
-                self.register_buffer(name, torch.zeros(shapes[name]), persistent=False)
+        self.stored = [name for name in self.names if name in set(names)]
+        self.shapes = {name: shapes[name] for name in self.names}
+        for name in self.stored:
+            self.register_parameter(name, nn.Parameter(torch.zeros(shapes[name]), requires_grad=False))
+        self._zeros: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     def op_params(self) -> list[torch.Tensor]:
-        return [getattr(self, name) for name in self.names]
+        if len(self.stored) == len(self.names):
+            return [getattr(self, name) for name in self.names]
+        first = getattr(self, self.stored[0])  # zeros beside the stored ones, made here: never uninitialised memory
+        zeros = self._zeros.setdefault(first.device, {})
+        return [getattr(self, name) if name in self.stored
+                else zeros.setdefault(name, torch.zeros(self.shapes[name], device=first.device)) for name in self.names]
 
 
 def attach_learned_params(model: nn.Module, layers: dict[int, HydraLayer] | None = None) -> int:
@@ -325,6 +329,8 @@ def from_pretrained(root: Path, config: dict[str, Any], *, allow_nonfinite: bool
     try:
         model = AutoModelForCausalLM.from_pretrained(root, trust_remote_code=False, local_files_only=True, **kwargs)
     except (ValueError, RuntimeError, KeyError, TypeError, OSError) as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc):
+            raise  # the machine, not the files
         first = " ".join(str(exc).split("\n")[:2]).strip()
         raise CheckpointError(f"{root}: transformers could not build the model from its files: {type(exc).__name__}: {first}",
                               hint="check config.json against the weights it came with") from exc
@@ -338,13 +344,13 @@ def check_finite(model: nn.Module, root: Path) -> None:
     from hydracc.frontend.checkpoint import count_nonfinite
 
     for name, tensor in model.named_parameters():
-        if tensor.is_floating_point():
+        if tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):  # (fp8 has no isfinite)
             bad = count_nonfinite(tensor.detach())
             if bad:
                 raise CheckpointError(
-                    f"{root}: weight {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}",
-                    hint="the checkpoint is damaged (every output of it would be meaningless); "
-                    "if this is intended, pass --allow-nonfinite",
+                    f"{root}: weight {name!r} holds {bad} NaN or infinite value(s) of {tensor.numel()} (as {tensor.dtype})",
+                    hint="the checkpoint is damaged, or its values overflow the dtype asked for (every output would "
+                    "be meaningless); if this is intended, pass --allow-nonfinite",
                 )
 
 

@@ -88,7 +88,7 @@ def test_the_card_names_the_objective_and_what_decided() -> None:
     for head in config["hydra"]["plan"]["layers"][0]["heads"][2:]:
         head["scores"]["recall"] = 0.25
     card = build_model_card(config, **SIZES)
-    for text in ("Objective `recall` (recall first, then output KL).", "Full units decided by: `joint` (0.1) (units are layer.group).",
+    for text in ("Objective `recall` (recall first, then output KL).", "Full units decided by: `joint` (0.1) (each KV group named by its first query head, layer.head).",
                  "| layer.head (original order) | recall | sensitivity |", "| 0.2 | 0.25 | 0.5 |"):
         assert text in card, text
     budget["objective_fell_back_to_kl"] = True

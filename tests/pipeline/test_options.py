@@ -85,6 +85,7 @@ def test_kind_choices_come_from_the_kind_table() -> None:
         ({"user_passes": [3]}, "user_passes: every item must be a pass name or function"),
         ({"kv_budgett": 0.25}, "unknown conversion option 'kv_budgett' (did you mean 'kv_budget'?)"),
         ({"seed": -1}, "seed must be an integer >= 0"),
+        ({"kv_budget": float("nan")}, "kv_budget must be a finite number, got nan"),
     ],
 )
 def test_bad_values_are_hydra_errors_before_any_work(tmp_path, kwargs, message) -> None:
