@@ -380,3 +380,26 @@ def test_a_checkpoint_from_before_a_kind_added_its_params_still_loads(tiny_check
         (tmp_path / "out" / "config.json").write_text(json.dumps(config))
         with pytest.raises(HydraError, match=message):
             hydracc.load(tmp_path / "out")
+
+
+def test_a_full_disk_while_saving_the_state_is_an_output_error(tmp_path, monkeypatch) -> None:
+    """ENOSPC while saving: exit 2 (OutputError), the new state folder removed, an earlier state kept."""
+    from hydracc.distill import state as state_mod
+    from hydracc.errors import OutputError
+
+    st = state_mod.TrainingState(tmp_path / "out.hydracc-distill", "fp")
+    real = state_mod.save_file
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(state_mod, "save_file", full)
+    with pytest.raises(OutputError, match="No space left on device") as exc:
+        st.save({"a": torch.ones(2)}, None, [], {"stage": 1})
+    assert exc.value.exit_code == 2 and not st.dir.exists()
+    monkeypatch.setattr(state_mod, "save_file", real)
+    st.save({"a": torch.ones(2)}, None, [], {"stage": 1})
+    monkeypatch.setattr(state_mod, "save_file", full)
+    with pytest.raises(OutputError):
+        st.save({"a": torch.zeros(2)}, None, [], {"stage": 2})
+    assert sorted(p.name for p in st.dir.iterdir()) == ["state.safetensors"]  # the last good state stays

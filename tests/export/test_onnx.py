@@ -192,3 +192,19 @@ def test_float16_export(tiny_checkpoint, tmp_path) -> None:
     graph = onnx.load(str(tmp_path / "mix" / "onnx" / "decode.onnx")).graph
     types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
     assert types["past.0.keys"] == onnx.TensorProto.FLOAT16 and types["past.0.elu.state"] == onnx.TensorProto.FLOAT
+
+
+def test_a_full_disk_while_exporting_is_an_output_error(tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    from hydracc.errors import OutputError
+    from hydracc.export import onnx as onnx_mod
+
+    convert(tiny_checkpoint("llama-gqa"), tmp_path / "conv", full_ratio=0.5, strategy="even")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx_mod, "_export_one", full)
+    with pytest.raises(OutputError, match="No space left on device") as exc:
+        onnx_mod.export_onnx(tmp_path / "conv", tmp_path / "onnx")
+    assert exc.value.exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv"]  # no output, no temporary folder left
