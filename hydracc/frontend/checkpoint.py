@@ -299,7 +299,8 @@ def _rel_name(p: Path, root: Path) -> str:
         return p.name
 
 
-def _refuse_constant(name: str) -> Any:
+def refuse_json_constant(name: str) -> Any:
+    """``json.loads``' ``parse_constant``: NaN and Infinity are not JSON."""
     raise ValueError(f"{name} is not a JSON value")
 
 
@@ -309,7 +310,7 @@ def load_json(text: str | bytes, where: object, hint: str) -> Any:
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=refuse_json_constant)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{where} is not valid JSON: {exc}", hint=hint) from exc
     except UnicodeDecodeError as exc:

@@ -33,6 +33,7 @@ from typing import Any
 
 from hydracc.errors import PlanError
 from hydracc.frontend.capture import AttentionSite
+from hydracc.frontend.checkpoint import refuse_json_constant
 from hydracc.kernels.kinds import KIND_NAMES, STREAMING, kind_by_name
 
 PLAN_FORMAT = "hydracc-plan"
@@ -259,7 +260,7 @@ def load_plan(path: str | Path) -> Plan:
 def plan_from_text(text: str, where: str = "plan") -> Plan:
     """Parse and validate a plan from its JSON text; ``where`` names it in errors."""
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant)
+        doc = json.loads(text, parse_constant=refuse_json_constant)
     except json.JSONDecodeError as exc:
         raise PlanError(f"plan file {where} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
     except RecursionError:
@@ -267,10 +268,6 @@ def plan_from_text(text: str, where: str = "plan") -> Plan:
     except ValueError as exc:  # NaN / Infinity, which are not JSON
         raise PlanError(f"plan file {where} is not valid JSON: {exc}") from exc
     return plan_from_json(doc)
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
 
 
 def check_plan_fits(plan: Plan, sites: Sequence[AttentionSite], max_positions: int | None = None) -> None:

@@ -22,11 +22,10 @@ def generate_text(path: str | os.PathLike[str], prompt: str, *, max_new_tokens: 
     from transformers import AutoTokenizer
 
     from hydracc.device import default_device
-    from hydracc.frontend.checkpoint import read_config
     from hydracc.runtime.cache import HybridCache
     from hydracc.runtime.loader import check_converted, load
 
-    root, _ = check_converted(path)  # the path and files first: a clear error, not transformers'
+    root, _, config = check_converted(path)  # the path and files first: a clear error, not transformers'
     if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
         raise HydraError(f"{root} has no tokenizer files", hint="copy the original model's tokenizer.json next to the converted weights")
     with warnings.catch_warnings():
@@ -35,7 +34,6 @@ def generate_text(path: str | os.PathLike[str], prompt: str, *, max_new_tokens: 
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     if ids.shape[1] == 0:
         raise HydraError("--prompt is empty after tokenization")
-    config = read_config(root)
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if isinstance(limit, int) and ids.shape[1] + max_new_tokens > limit:
         raise HydraError(f"--prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that is more than "

@@ -178,8 +178,10 @@ class HybridHeads(nn.Module):
             return [getattr(self, name) for name in self.names]
         first = getattr(self, self.stored[0])  # zeros beside the stored ones, made here: never uninitialised memory
         zeros = self._zeros.setdefault(first.device, {})
-        return [getattr(self, name) if name in self.stored
-                else zeros.setdefault(name, torch.zeros(self.shapes[name], device=first.device)) for name in self.names]
+        for name in self.names:
+            if name not in self.stored and name not in zeros:
+                zeros[name] = torch.zeros(self.shapes[name], device=first.device)
+        return [getattr(self, name) if name in self.stored else zeros[name] for name in self.names]
 
 
 def attach_learned_params(model: nn.Module, layers: dict[int, HydraLayer] | None = None) -> int:
@@ -286,10 +288,10 @@ def _use_hybrid_cache_in_generate() -> None:
 _register()
 
 
-def check_converted(path: str | os.PathLike[str]) -> tuple[Path, dict[int, HydraLayer]]:
+def check_converted(path: str | os.PathLike[str]) -> tuple[Path, dict[int, HydraLayer], dict[str, Any]]:
     """Validate a converted checkpoint before transformers reads it: the path, its files (headers, sizes:
     the checks ``convert`` makes of its input), the ``hydra`` section, and that the learned parameters
-    it names are in the weights. Returns the folder and its layers."""
+    it names are in the weights. Returns the folder, its layers and its config."""
     from hydracc.frontend.checkpoint import open_checkpoint
 
     ck = open_checkpoint(path)
@@ -307,7 +309,7 @@ def check_converted(path: str | os.PathLike[str]) -> tuple[Path, dict[int, Hydra
             + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""),
             hint="the checkpoint is incomplete; convert it again",
         )
-    return root, layers
+    return root, layers, ck.config
 
 
 def check_config(config: dict[str, Any]) -> None:
@@ -368,9 +370,7 @@ def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None
     ``dtype`` defaults to the dtype the weights are stored in. Weights holding NaN or infinity are
     refused (a ``CheckpointError``) unless ``allow_nonfinite``.
     """
-    from hydracc.frontend.checkpoint import read_config
-
-    root, _ = check_converted(path)
-    model = from_pretrained(root, read_config(root), allow_nonfinite=allow_nonfinite, attn_implementation=ATTN_IMPLEMENTATION,
+    root, _, config = check_converted(path)
+    model = from_pretrained(root, config, allow_nonfinite=allow_nonfinite, attn_implementation=ATTN_IMPLEMENTATION,
                             dtype=dtype if dtype is not None else "auto")
     return model.to(device).eval()
