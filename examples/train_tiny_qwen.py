@@ -23,7 +23,10 @@ answer labels; for ``hydracc eval --recall``), and ``training_log.json``.
 The defaults are the committed recipe. Other flags reproduce the variants the card lists as tried
 and not kept: ``--adjacent`` (``<set> k v <;>`` / ``<get> k v``: the value right after its key,
 as in induction), ``--induction-pool`` (induction spans from the key and value tokens),
-``--qk-init`` (starting q/k-norm weights), ``--theta``, ``--heads``, ``--layers`` and ``--rows``.
+``--qk-init`` (starting q/k-norm weights), ``--theta``, ``--heads``, ``--layers``, ``--spans``
+(induction span lengths), ``--weights``, ``--pool unused`` (keys and values from tokens the text never contains,
+64 each, as ``tiny-llama``'s symbols are) and ``--rows``, whose ``passkey=N`` adds rows with
+``<is> w1..w5 <;>`` hidden in text and ``<out> w1..w5`` at the end (loss on the five words).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ BPE_VOCAB = 1024
 MARKERS = ["<set>", "<is>", "<;>", "<get>", "<out>"]
 POOL = 96
 """Key and value tokens each, ordinary words of the trained vocabulary."""
-ROWS = {"text": 14, "recall": 14, "induction": 8}
-WEIGHTS = {"text": 1.0, "recall": 1.0, "induction": 0.5}
+ROWS = {"text": 14, "recall": 14, "induction": 8, "passkey": 0}
+WEIGHTS = {"text": 1.0, "recall": 1.0, "induction": 0.5, "passkey": 0.5}
 ADJACENT = False
 
 
@@ -62,6 +65,16 @@ def train_tokenizer(text: bytes):
     chunks = [text[i : i + 100_000].decode("utf-8", "replace") for i in range(0, min(len(text), 4_000_000), 100_000)]
     tok.train_from_iterator(chunks, trainer)
     return tok
+
+
+def unused_pools(vocab: int, text: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Key and value pools of ``size`` ids each from tokens that never occur in ``text`` (bytes no source file has)."""
+    counts = np.bincount(text, minlength=vocab)
+    unused = np.array([i for i in range(len(MARKERS), vocab) if counts[i] == 0])
+    if len(unused) < 2 * size:
+        raise SystemExit(f"the tokenizer has only {len(unused)} unused tokens, need {2 * size}")
+    chosen = np.random.default_rng(1234).permutation(unused)[: 2 * size]
+    return np.sort(chosen[:size]), np.sort(chosen[size:])
 
 
 def word_pools(tok) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +116,24 @@ def recall_example(pairs: int, seq_len: int, text: np.ndarray, keys: np.ndarray,
     return ids, labels
 
 
+def passkey_rows(rows: int, seq_len: int, text: np.ndarray, values: np.ndarray, rng: np.random.Generator,
+                 markers: dict[str, int], length: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Text with ``<is> w1..w5 <;>`` hidden at a random place, then ``<out> w1..w5`` at the end; loss on the key."""
+    x = np.empty((rows, seq_len), dtype=np.int64)
+    y = np.full((rows, seq_len), IGNORE, dtype=np.int64)
+    for r in range(rows):
+        key = rng.choice(values, size=length)
+        hidden = [markers["<is>"], *key.tolist(), markers["<;>"]]
+        ask = [markers["<out>"], *key.tolist()]
+        room = seq_len - len(hidden) - len(ask)
+        start = int(rng.integers(0, len(text) - room - 1))
+        filler = text[start : start + room].tolist()
+        at = int(rng.integers(0, room - 8))
+        x[r] = filler[:at] + hidden + filler[at:] + ask
+        y[r, seq_len - length - 1 : seq_len - 1] = key
+    return x, y
+
+
 def text_rows(text: np.ndarray, rows: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     starts = rng.integers(0, len(text) - seq_len - 1, size=rows)
     x = np.stack([text[s : s + seq_len] for s in starts])
@@ -110,12 +141,13 @@ def text_rows(text: np.ndarray, rows: int, seq_len: int, rng: np.random.Generato
     return x, y
 
 
-def induction_rows(rows: int, seq_len: int, tokens: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of random ``tokens`` in which a span of 4-16 repeats later; loss on the repeat."""
+def induction_rows(rows: int, seq_len: int, tokens: np.ndarray, rng: np.random.Generator,
+                   spans: tuple[int, int] = (4, 16)) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of random ``tokens`` in which a span of ``spans`` tokens repeats later; loss on the repeat."""
     x = rng.choice(tokens, size=(rows, seq_len))
     y = np.full((rows, seq_len), IGNORE, dtype=np.int64)
     for r in range(rows):
-        span = int(rng.integers(4, 17))
+        span = int(rng.integers(spans[0], spans[1] + 1))
         first = int(rng.integers(0, seq_len // 2 - span))
         second = int(rng.integers(first + span, seq_len - span))
         x[r, second : second + span] = x[r, first : first + span]
@@ -147,17 +179,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--theta", type=float, default=1e6)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--adjacent", action="store_true")
-    ap.add_argument("--induction-pool", action="store_true")
-    ap.add_argument("--rows", default=None, help="rows per step, e.g. text=8,recall=16,induction=12")
+    ap.add_argument("--adjacent", action="store_true", help="<set> k v <;> / <get> k v: the value right after its key")
+    ap.add_argument("--induction-pool", action="store_true", help="induction spans from the key and value tokens")
+    ap.add_argument("--pool", choices=["words", "unused"], default="words",
+                    help="keys and values: word tokens, or tokens that never occur in the text")
+    ap.add_argument("--spans", default="4,16", help="shortest and longest induction span, e.g. 16,48")
+    ap.add_argument("--weights", default=None, help="loss weights, e.g. induction=1.0")
+    ap.add_argument("--rows", default=None, help="rows per step, e.g. text=4,recall=8,induction=4,passkey=4")
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     global ADJACENT
     ADJACENT = args.adjacent
-    if args.rows:
-        ROWS.update({k: int(v) for k, v in (item.split("=") for item in args.rows.split(","))})
+    for option, table, kind in ((args.rows, ROWS, int), (args.weights, WEIGHTS, float)):
+        for item in (option.split(",") if option else []):
+            name, _, value = item.partition("=")
+            if name not in table:
+                ap.error(f"unknown row kind {name!r} in {item!r}; known: {', '.join(table)}")
+            try:
+                table[name] = kind(value)
+            except ValueError:
+                ap.error(f"{item!r}: {value!r} is not {'a whole number' if kind is int else 'a number'}")
+    try:
+        spans = tuple(int(v) for v in args.spans.split(","))
+    except ValueError:
+        spans = ()
+    if len(spans) != 2 or not 1 <= spans[0] <= spans[1] < args.seq_len // 2:
+        ap.error(f"--spans needs two lengths, shortest first, under half of --seq-len; got {args.spans}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -166,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     held_bytes = corpus.heldout.astype(np.uint8).tobytes()
     tok = train_tokenizer(train_bytes)
     markers = {m: tok.token_to_id(m) for m in MARKERS}
-    keys, values = word_pools(tok)
     encode = lambda data: np.array(tok.encode(data[:3_000_000].decode("utf-8", "replace")).ids, dtype=np.int64)  # noqa: E731
     train_text, held_text = encode(train_bytes), encode(held_bytes)
     vocab = tok.get_vocab_size()
+    keys, values = word_pools(tok) if args.pool == "words" else unused_pools(vocab, train_text, 64)
     induction_tokens = np.concatenate([keys, values]) if args.induction_pool else np.arange(len(MARKERS), vocab)
     model = AutoModelForCausalLM.from_config(model_config(vocab, layers=args.layers, theta=args.theta, heads=args.heads),
                                              attn_implementation="sdpa")
@@ -201,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             "recall": tuple(np.stack(z) for z in zip(*[
                 recall_example(int(rng.integers(2, top + 1)), args.seq_len, train_text, keys, values, rng, markers)
                 for _ in range(ROWS["recall"])])),
-            "induction": induction_rows(ROWS["induction"], args.seq_len, induction_tokens, rng),
+            "induction": induction_rows(ROWS["induction"], args.seq_len, induction_tokens, rng, spans),
         }
+        if ROWS["passkey"]:
+            groups["passkey"] = passkey_rows(ROWS["passkey"], args.seq_len, train_text, values, rng, markers)
         x = torch.from_numpy(np.concatenate([g[0] for g in groups.values()]))
         y = torch.from_numpy(np.concatenate([g[1] for g in groups.values()]))
         for group in opt.param_groups:
@@ -248,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "seconds": round(elapsed, 1), "steps": args.steps, "rows": ROWS, "weights": WEIGHTS, "seq_len": args.seq_len,
         "lr": args.lr, "seed": args.seed, "threads": args.threads, "adjacent": args.adjacent,
-        "induction_pool": args.induction_pool, "qk_init": args.qk_init, "theta": args.theta, "heads": args.heads,
+        "induction_pool": args.induction_pool, "spans": list(spans), "qk_init": args.qk_init, "theta": args.theta, "heads": args.heads,
         "layers": args.layers, "torch": torch.__version__, "vocab": vocab,
         "markers": markers, "keys": keys.tolist(), "values": values.tolist(), "python": sys.version.split()[0],
         "corpus": corpus.source, "train_tokens": int(len(train_text)), "log": log,

@@ -164,11 +164,16 @@ def test_recall_probes_from_a_file_and_bad_files(tiny_checkpoint, tmp_path) -> N
 
 
 @pytest.mark.slow
-def test_second_training_script_runs(tmp_path) -> None:
+@pytest.mark.parametrize("variant", [(), ("--adjacent", "--induction-pool", "--pool", "unused", "--spans", "16,48",
+                                          "--heads", "4", "--rows", "text=1,recall=1,induction=1,passkey=1")],
+                         ids=["committed", "variants"])
+def test_second_training_script_runs(tmp_path, variant) -> None:
     out = tmp_path / "qwen"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny_qwen.py"), "--out", str(out), "--steps", "2",
-                           "--log-every", "1"], capture_output=True, text=True, timeout=900)
+                           "--log-every", "1", *variant], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
+    log = json.loads((out / "training_log.json").read_text())
+    assert ("passkey" in log["log"][0]) == bool(variant)
     assert {"config.json", "model.safetensors", "tokenizer.json", "calib.npy", "recall.npz"} <= {p.name for p in out.iterdir()}
     res = evaluate(out, ("recall",), SMALL, recall=out / "recall.npz").to_json()
     assert set(res["recall"]["by_set"]) == {"128 (len=128)", "256 (len=256)"}
