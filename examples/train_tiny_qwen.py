@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                 table[name] = kind(value)
             except ValueError:
                 ap.error(f"{item!r}: {value!r} is not {'a whole number' if kind is int else 'a number'}")
+            if table[name] < 0 or (table is ROWS and name != "passkey" and table[name] == 0):
+                ap.error(f"{item!r}: text, recall and induction need at least one row, and no value can be negative")
     try:
         spans = tuple(int(v) for v in args.spans.split(","))
     except ValueError:
