@@ -48,6 +48,8 @@ BPE_VOCAB = 1024
 MARKERS = ["<set>", "<is>", "<;>", "<get>", "<out>"]
 POOL = 96
 """Key and value tokens each, ordinary words of the trained vocabulary."""
+UNUSED_POOL = 64
+"""Key and value tokens each with ``--pool unused`` (the tokenizer has about 180 the text never uses)."""
 ROWS = {"text": 14, "recall": 14, "induction": 8, "passkey": 0}
 WEIGHTS = {"text": 1.0, "recall": 1.0, "induction": 0.5, "passkey": 0.5}
 ADJACENT = False
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         for item in (option.split(",") if option else []):
             name, _, value = item.partition("=")
             if name not in table:
-                ap.error(f"unknown row kind {name!r} in {item!r}; known: {', '.join(table)}")
+                ap.error(f"unknown name {name!r} in {item!r}; known: {', '.join(table)}")
             try:
                 table[name] = kind(value)
             except ValueError:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     encode = lambda data: np.array(tok.encode(data[:3_000_000].decode("utf-8", "replace")).ids, dtype=np.int64)  # noqa: E731
     train_text, held_text = encode(train_bytes), encode(held_bytes)
     vocab = tok.get_vocab_size()
-    keys, values = word_pools(tok) if args.pool == "words" else unused_pools(vocab, train_text, 64)
+    keys, values = word_pools(tok) if args.pool == "words" else unused_pools(vocab, train_text, UNUSED_POOL)
     induction_tokens = np.concatenate([keys, values]) if args.induction_pool else np.arange(len(MARKERS), vocab)
     model = AutoModelForCausalLM.from_config(model_config(vocab, layers=args.layers, theta=args.theta, heads=args.heads),
                                              attn_implementation="sdpa")

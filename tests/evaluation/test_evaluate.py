@@ -163,6 +163,17 @@ def test_recall_probes_from_a_file_and_bad_files(tiny_checkpoint, tmp_path) -> N
     assert res.exit_code == 2 and "--recall" in json.loads(res.stdout)["error"]
 
 
+@pytest.mark.parametrize("flags", [("--rows", "foo=1"), ("--rows", "recall=0"), ("--rows", "text=1.5"),
+                                   ("--weights", "induction=x"), ("--weights", "text=-1"), ("--spans", "40,70"),
+                                   ("--spans", "4")])
+def test_second_training_script_refuses_bad_flags(tmp_path, flags) -> None:
+    out = tmp_path / "qwen"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny_qwen.py"), "--out", str(out), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", [(), ("--adjacent", "--induction-pool", "--pool", "unused", "--spans", "16,48",
                                           "--heads", "4", "--rows", "text=1,recall=1,induction=1,passkey=1")],
