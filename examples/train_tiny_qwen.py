@@ -8,24 +8,30 @@ been fitted to: the architecture (transformers' Qwen3: q/k norms, no biases), th
 (a 1,024-token byte-level BPE trained here on the standard library's training split, not
 bytes), and the recall format, which hydracc's built-in calibration never contains:
 
-    <set> k1 <is> v1 <;> <set> k2 <is> v2 <;> ... text ... <get> k2 <out> v2 <;> <get> k1 <out> v1 <;>
+    <set> k1 v1 <;> <set> k2 v2 <;> ... text ... <get> k2 v2 <;> <get> k1 v1 <;>
 
-keys and values drawn from 96 ordinary word tokens each; the loss is on the answers. Rows also
-hold plain text and induction spans (random tokens repeated at a random distance), which got
-``tiny-llama`` past the "answer any value" shortcut on a CPU budget (see ``train_tiny.py``).
+keys and values drawn from 96 ordinary word tokens each; the loss is on the answers.
+
+Two phases, one optimizer and one learning-rate schedule. Phase 1 (``--warm-steps``): induction
+rows alone (random pool tokens with a span repeated at a random distance), 64 rows of 64 tokens a
+step, until the copying circuit forms: its loss falls from chance to ~0.1 within a few hundred
+steps once it starts (step ~950 with seed 0). Phase 2 (``--steps``): 128-token rows of text,
+recall and induction. Why: mixed from the start, the circuit had not formed in 5,000 steps
+(30 minutes), and the model stayed on the "answer a stored value not yet asked" shortcut; short
+induction-only rows give it some 60,000 examples in the first 5 minutes (see the card).
 
 Architecture: 4 layers, width 128, 8 query heads / 2 KV heads (head dim 16), SwiGLU 384, RoPE
-theta 1e6, tied embeddings; 128-token rows. Besides the checkpoint and ``tokenizer.json`` it
-writes, from held-out text and fresh seeds, ``calib.npy`` (16 x 256 token ids: half recall rows,
-half text; for ``--calib``) and ``recall.npz`` (recall rows at 128 and 256 tokens with their
-answer labels; for ``hydracc eval --recall``), and ``training_log.json``.
+theta 1e6, tied embeddings. Besides the checkpoint and ``tokenizer.json`` it writes, from
+held-out text and fresh seeds, ``calib.npy`` (16 x 256 token ids: half recall rows, half text;
+for ``--calib``) and ``recall.npz`` (recall rows at 128 and 256 tokens with their answer labels;
+for ``hydracc eval --recall``), and ``training_log.json``.
 
 The defaults are the committed recipe. Other flags reproduce the variants the card lists as tried
-and not kept: ``--adjacent`` (``<set> k v <;>`` / ``<get> k v``: the value right after its key,
-as in induction), ``--induction-pool`` (induction spans from the key and value tokens),
-``--qk-init`` (starting q/k-norm weights), ``--theta``, ``--heads``, ``--layers``, ``--spans``
-(induction span lengths), ``--weights``, ``--pool unused`` (keys and values from tokens the text never contains,
-64 each, as ``tiny-llama``'s symbols are) and ``--rows``, whose ``passkey=N`` adds rows with
+and not kept: ``--no-adjacent`` (``<set> k <is> v <;>`` / ``<get> k <out> v``), ``--no-induction-pool``
+(induction spans from the whole vocabulary), ``--warm-steps 0`` (no phase 1), ``--qk-init`` (starting
+q/k-norm weights), ``--theta``, ``--heads``, ``--layers``, ``--spans`` (induction span lengths),
+``--weights``, ``--pool unused`` (keys and values from tokens the text never contains, 64 each, as
+``tiny-llama``'s symbols are) and ``--rows``, whose ``passkey=N`` adds rows with
 ``<is> w1..w5 <;>`` hidden in text and ``<out> w1..w5`` at the end (loss on the five words).
 """
 
@@ -52,7 +58,7 @@ UNUSED_POOL = 64
 """Key and value tokens each with ``--pool unused`` (the tokenizer has about 180 the text never uses)."""
 ROWS = {"text": 14, "recall": 14, "induction": 8, "passkey": 0}
 WEIGHTS = {"text": 1.0, "recall": 1.0, "induction": 0.5, "passkey": 0.5}
-ADJACENT = False
+ADJACENT = True
 
 
 def train_tokenizer(text: bytes):
@@ -171,7 +177,7 @@ def model_config(vocab: int, width: int = 128, layers: int = 4, theta: float = 1
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("examples/tiny-qwen"))
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=3400, help="phase 2 steps (the mixture)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -181,13 +187,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--theta", type=float, default=1e6)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--adjacent", action="store_true", help="<set> k v <;> / <get> k v: the value right after its key")
-    ap.add_argument("--induction-pool", action="store_true", help="induction spans from the key and value tokens")
+    ap.add_argument("--adjacent", action=argparse.BooleanOptionalAction, default=True,
+                    help="<set> k v <;> / <get> k v: the value right after its key (else <set> k <is> v <;> / <get> k <out> v)")
+    ap.add_argument("--induction-pool", action=argparse.BooleanOptionalAction, default=True,
+                    help="induction spans from the key and value tokens (else from the whole vocabulary)")
     ap.add_argument("--pool", choices=["words", "unused"], default="words",
                     help="keys and values: word tokens, or tokens that never occur in the text")
     ap.add_argument("--spans", default="4,16", help="shortest and longest induction span, e.g. 16,48")
     ap.add_argument("--weights", default=None, help="loss weights, e.g. induction=1.0")
     ap.add_argument("--rows", default=None, help="rows per step, e.g. text=4,recall=8,induction=4,passkey=4")
+    ap.add_argument("--warm-steps", type=int, default=1800,
+                    help="phase 1 steps: induction rows alone, before the mixture, so that the copying circuit forms first")
+    ap.add_argument("--warm-rows", type=int, default=64, help="induction rows per warm step")
+    ap.add_argument("--warm-len", type=int, default=64, help="tokens per warm row")
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -209,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         spans = tuple(int(v) for v in args.spans.split(","))
     except ValueError:
         spans = ()
-    if len(spans) != 2 or not 1 <= spans[0] <= spans[1] < args.seq_len // 2:
-        ap.error(f"--spans needs two lengths, shortest first, under half of --seq-len; got {args.spans}")
+    shortest_row = min(args.seq_len, args.warm_len) if args.warm_steps else args.seq_len
+    if len(spans) != 2 or not 1 <= spans[0] <= spans[1] < shortest_row // 2:
+        ap.error(f"--spans needs two lengths, shortest first, under half of --seq-len (and of --warm-len with "
+                 f"--warm-steps); got {args.spans}")
+    if args.warm_steps < 0 or args.warm_rows < 1:
+        ap.error("--warm-steps cannot be negative and --warm-rows needs at least one row")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -234,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
-    warmup = max(1, min(200, args.steps // 10))
+    total_steps = args.warm_steps + args.steps
+    warmup = max(1, min(200, total_steps // 10))
 
     def lr_at(step: int) -> float:
+        """One schedule over both phases: linear warm-up, then cosine to 10%."""
         if step < warmup:
             return args.lr * (step + 1) / warmup
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))))
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
 
     def max_pairs(step: int) -> int:
         return int(round(4 + min(1.0, step / max(1, args.steps) / 0.5) * 8))
@@ -247,6 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     log: list[dict] = []
     start = time.time()
     model.train()
+    for step in range(args.warm_steps):  # phase 1: the copying circuit alone, in short rows
+        x, y = (torch.from_numpy(a) for a in induction_rows(args.warm_rows, args.warm_len, induction_tokens, rng, spans))
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = F.cross_entropy(model(input_ids=x).logits.reshape(-1, vocab), y.reshape(-1), ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.warm_steps - 1:
+            entry = {"step": step, "seconds": round(time.time() - start, 1), "phase": "warm", "induction": round(loss.item(), 4)}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
     for step in range(args.steps):
         top = max_pairs(step)
         groups = {
@@ -261,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.from_numpy(np.concatenate([g[0] for g in groups.values()]))
         y = torch.from_numpy(np.concatenate([g[1] for g in groups.values()]))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+            group["lr"] = lr_at(args.warm_steps + step)
         logits = model(input_ids=x).logits
         total, row, losses, accuracy = torch.zeros(()), 0, {}, 0.0
         for name, (gx, _gy) in groups.items():
@@ -278,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.log_every == 0 or step == args.steps - 1:
-            entry = {"step": step, "seconds": round(time.time() - start, 1), "max_pairs": top,
+            entry = {"step": args.warm_steps + step, "seconds": round(time.time() - start, 1), "max_pairs": top,
                      **{k: round(v, 4) for k, v in losses.items()}, "recall_batch_accuracy": round(accuracy, 3)}
             log.append(entry)
             print(json.dumps(entry), flush=True)
@@ -301,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         probes[f"labels_{length}"] = np.stack([r[1] for r in rows])
     np.savez(args.out / "recall.npz", **probes)
     meta = {
-        "seconds": round(elapsed, 1), "steps": args.steps, "rows": ROWS, "weights": WEIGHTS, "seq_len": args.seq_len,
+        "seconds": round(elapsed, 1), "steps": args.steps, "warm_steps": args.warm_steps, "warm_rows": args.warm_rows,
+        "warm_len": args.warm_len, "rows": ROWS, "weights": WEIGHTS, "seq_len": args.seq_len,
         "lr": args.lr, "seed": args.seed, "threads": args.threads, "adjacent": args.adjacent,
         "induction_pool": args.induction_pool, "spans": list(spans), "qk_init": args.qk_init, "theta": args.theta, "heads": args.heads,
         "layers": args.layers, "torch": torch.__version__, "vocab": vocab,
@@ -309,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": corpus.source, "train_tokens": int(len(train_text)), "log": log,
     }
     (args.out / "training_log.json").write_text(json.dumps(meta, indent=1) + "\n")
-    print(f"trained {args.steps} steps in {elapsed / 60:.1f} min -> {args.out}")
+    print(f"trained {total_steps} steps in {elapsed / 60:.1f} min -> {args.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -79,15 +80,13 @@ def test_other_vocabularies_in_their_own_tokens(tiny_checkpoint, tmp_path) -> No
     res = evaluate(with_tok, settings=SMALL).to_json()
     assert res["tokens"] == "the checkpoint's tokenizer.json" and res["ppl"]["tokens"] == 8 * 128
     assert "bits_per_token" in res["ppl"]
-    np_ids = __import__("numpy").random.default_rng(0).integers(0, 64, size=(8, 200))
-    __import__("numpy").save(tmp_path / "ids.npy", np_ids)
+    np_ids = np.random.default_rng(0).integers(0, 64, size=(8, 200))
+    np.save(tmp_path / "ids.npy", np_ids)
     res = evaluate(ids_only, ("ppl",), SMALL, calib=tmp_path / "ids.npy").to_json()
     assert res["ppl"]["text"] == "--calib rows" and res["ppl"]["tokens"] == 8 * 128
 
 
 def test_probes_score_only_recall() -> None:
-    import numpy as np
-
     from hydracc.evaluation.probes import TokenSpace, passkey_probe, recall_probe
 
     space = TokenSpace(1000, pool=np.arange(250, 750))
@@ -124,8 +123,6 @@ def test_training_script_runs(tmp_path) -> None:
 
 
 def test_recall_probes_from_a_file_and_bad_files(tiny_checkpoint, tmp_path) -> None:
-    import numpy as np
-
     model = tiny_checkpoint("llama-gqa")  # vocab 64
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 64, size=(6, 40))
@@ -165,7 +162,8 @@ def test_recall_probes_from_a_file_and_bad_files(tiny_checkpoint, tmp_path) -> N
 
 @pytest.mark.parametrize("flags", [("--rows", "foo=1"), ("--rows", "recall=0"), ("--rows", "text=1.5"),
                                    ("--weights", "induction=x"), ("--weights", "text=-1"), ("--spans", "40,70"),
-                                   ("--spans", "4")])
+                                   ("--spans", "4"), ("--spans", "4,40"), ("--warm-steps", "-1"),
+                                   ("--warm-rows", "0")])
 def test_second_training_script_refuses_bad_flags(tmp_path, flags) -> None:
     out = tmp_path / "qwen"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny_qwen.py"), "--out", str(out), *flags],
@@ -175,8 +173,9 @@ def test_second_training_script_refuses_bad_flags(tmp_path, flags) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [(), ("--adjacent", "--induction-pool", "--pool", "unused", "--spans", "16,48",
-                                          "--heads", "4", "--rows", "text=1,recall=1,induction=1,passkey=1")],
+@pytest.mark.parametrize("variant", [("--warm-steps", "2"),
+                                     ("--warm-steps", "0", "--no-adjacent", "--no-induction-pool", "--pool", "unused",
+                                      "--spans", "16,48", "--heads", "4", "--rows", "text=1,recall=1,induction=1,passkey=1")],
                          ids=["committed", "variants"])
 def test_second_training_script_runs(tmp_path, variant) -> None:
     out = tmp_path / "qwen"
@@ -184,7 +183,14 @@ def test_second_training_script_runs(tmp_path, variant) -> None:
                            "--log-every", "1", *variant], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     log = json.loads((out / "training_log.json").read_text())
-    assert ("passkey" in log["log"][0]) == bool(variant)
+    committed = variant[1] == "2"
+    if committed:  # phase 1 (induction rows alone), then the mixture
+        assert [e.get("phase") for e in log["log"]] == ["warm", "warm", None, None]
+    else:
+        assert ["passkey" in e for e in log["log"]] == [True, True]
+    assert log["adjacent"] is committed and log["induction_pool"] is committed
+    probes = np.load(out / "recall.npz")
+    assert (log["markers"]["<is>"] in probes["ids_128"]) is not committed  # <set> k v <;> has no <is>
     assert {"config.json", "model.safetensors", "tokenizer.json", "calib.npy", "recall.npz"} <= {p.name for p in out.iterdir()}
     res = evaluate(out, ("recall",), SMALL, recall=out / "recall.npz").to_json()
     assert set(res["recall"]["by_set"]) == {"128 (len=128)", "256 (len=256)"}
