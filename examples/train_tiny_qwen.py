@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default=None, help="loss weights, e.g. induction=1.0")
     ap.add_argument("--rows", default=None, help="rows per step, e.g. text=4,recall=8,induction=4,passkey=4")
     ap.add_argument("--warm-steps", type=int, default=1800,
-                    help="phase 1 steps: induction rows alone, before the mixture, so that the copying circuit forms first")
+                    help="phase 1 steps: induction rows alone (loss weight 1), before the mixture, so that the copying "
+                         "circuit forms first")
     ap.add_argument("--warm-rows", type=int, default=64, help="induction rows per warm step")
     ap.add_argument("--warm-len", type=int, default=64, help="tokens per warm row")
     args = ap.parse_args(argv)
@@ -225,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(spans) != 2 or not 1 <= spans[0] <= spans[1] < shortest_row // 2:
         ap.error(f"--spans needs two lengths, shortest first, under half of --seq-len (and of --warm-len with "
                  f"--warm-steps); got {args.spans}")
-    if args.warm_steps < 0 or args.warm_rows < 1:
-        ap.error("--warm-steps cannot be negative and --warm-rows needs at least one row")
+    if min(args.steps, args.warm_steps) < 0 or args.warm_rows < 1 or args.log_every < 1:
+        ap.error("--steps and --warm-steps cannot be negative; --warm-rows and --log-every need at least 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)

@@ -209,6 +209,10 @@ def test_analyze_json_scores_every_head(tiny_checkpoint) -> None:
                                       "priority"}
     assert sorted(p for layer in report["layers"] for p in layer["unit_priority"]) == list(range(4))
     assert report["objective"]["name"] == "recall" and 0 <= report["objective"]["stability"]["agree"] <= 1
+    # units are named as plans and --keep-full name them: layer.head of the group's first query head (0 or 2 here)
+    joint, margin = report["objective"]["joint"], report["objective"]["stability"]["margin"]
+    names = joint["window"] + [margin["kept"], margin["dropped"]]
+    assert sorted(joint["window"]) == ["0.0", "0.2", "1.0", "1.2"] and set(names) <= set(joint["window"])
 
 
 def test_plan_with_scores_png_and_strategies(tiny_checkpoint, tmp_path) -> None:

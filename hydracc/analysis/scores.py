@@ -476,16 +476,19 @@ def analyze(
             seconds["joint"] = time.perf_counter() - clock
         final, decided = select.priority(ranking, window_units, joint)
         priority = {lu: i for i, lu in enumerate(final)}
+        def label(lu: select.Unit) -> str:  # a unit by its first query head, as plans and --keep-full name it
+            return f"{lu[0]}.{units[lu[0]][lu[1]][0]}"
+
         sure = select.stability(ranking, final, at, rows, window=window_units if joint is not None else (),
                                 elimination=joint, use_recall=ranking.objective == "recall" and ranking.fell_back is None,
-                                accuracy=accuracy, seed=seed)
+                                accuracy=accuracy, seed=seed, name=label)
         objective_info = {
             "name": ranking.objective, "fell_back_to_kl": ranking.fell_back, "original_recall_accuracy": round(accuracy, 6),
             "recall_positions": n_recall, "recall_positions_by_pairs": by_pairs, "cut": at, "stability": sure.to_json(),
             "joint": None if joint is None else {
-                "window": [f"{layer}.{u}" for layer, u in window_units], "kept": [f"{layer}.{u}" for layer, u in joint.kept],
-                "removed": [f"{layer}.{u}" for layer, u in joint.removed], "configurations": joint.runs,
-                "loss_when_removed": {f"{layer}.{u}": [round(v, 6) for v in c] for (layer, u), c in joint.costs.items()},
+                "window": [label(lu) for lu in window_units], "kept": [label(lu) for lu in joint.kept],
+                "removed": [label(lu) for lu in joint.removed], "configurations": joint.runs,
+                "loss_when_removed": {label(lu): [round(v, 6) for v in c] for lu, c in joint.costs.items()},
             },
         }
     del sweep

@@ -171,8 +171,10 @@ def _mean(rows: np.ndarray, weights: np.ndarray, idx: np.ndarray) -> float:
 
 def stability(ranking: Ranking, final: Sequence[Unit], at: int, rows: Rows, *, window: Sequence[Unit] = (),
               elimination: Elimination | None = None, use_recall: bool = True, accuracy: float = 1.0,
-              resamples: int = 200, seed: int = 0) -> Stability:
-    """How often bootstrap resamples of the rows reproduce the units kept at ``at`` (module docstring)."""
+              resamples: int = 200, seed: int = 0, name: Callable[[Unit], str] = lambda u: f"{u[0]}.{u[1]}") -> Stability:
+    """How often bootstrap resamples of the rows reproduce the units kept at ``at`` (module docstring).
+
+    ``name`` labels the margin's units (the caller's ``layer.head``; default ``layer.unit``)."""
     units = list(ranking.order)
     n = len(rows.positions)
     reference = set(final[:at])
@@ -204,15 +206,14 @@ def stability(ranking: Ranking, final: Sequence[Unit], at: int, rows: Rows, *, w
                 break
         agree += same
     return Stability(agree / resamples if n > 1 else 1.0, resamples if n > 1 else 0, _margin(ranking, final, at, rows,
-                                                                                         elimination, window))
+                                                                                         elimination, window, name))
 
 
 def _margin(ranking: Ranking, final: Sequence[Unit], at: int, rows: Rows, elimination: Elimination | None,
-            window: Sequence[Unit]) -> dict | None:
+            window: Sequence[Unit], name: Callable[[Unit], str]) -> dict | None:
     if not 0 < at < len(final):
         return None
     kept, dropped = final[at - 1], final[at]
-    name = lambda u: f"{u[0]}.{u[1]}"  # noqa: E731
     if elimination is not None and kept in window and dropped in window:
         a, b = elimination.costs.get(kept, (0.0, 0.0))[0], elimination.costs.get(dropped, (0.0, 0.0))[0]
         score = "joint recall loss when made linear" if ranking.objective == "recall" and ranking.fell_back is None else (

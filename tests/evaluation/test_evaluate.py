@@ -163,7 +163,7 @@ def test_recall_probes_from_a_file_and_bad_files(tiny_checkpoint, tmp_path) -> N
 @pytest.mark.parametrize("flags", [("--rows", "foo=1"), ("--rows", "recall=0"), ("--rows", "text=1.5"),
                                    ("--weights", "induction=x"), ("--weights", "text=-1"), ("--spans", "40,70"),
                                    ("--spans", "4"), ("--spans", "4,40"), ("--warm-steps", "-1"),
-                                   ("--warm-rows", "0")])
+                                   ("--warm-rows", "0"), ("--warm-len", "16"), ("--steps", "-3")])
 def test_second_training_script_refuses_bad_flags(tmp_path, flags) -> None:
     out = tmp_path / "qwen"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "train_tiny_qwen.py"), "--out", str(out), *flags],
@@ -183,9 +183,10 @@ def test_second_training_script_runs(tmp_path, variant) -> None:
                            "--log-every", "1", *variant], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     log = json.loads((out / "training_log.json").read_text())
-    committed = variant[1] == "2"
-    if committed:  # phase 1 (induction rows alone), then the mixture
-        assert [e.get("phase") for e in log["log"]] == ["warm", "warm", None, None]
+    committed = "--no-adjacent" not in variant
+    if committed:  # phase 1 (induction rows alone), then the mixture, numbered on
+        assert [(e["step"], e.get("phase")) for e in log["log"]] == [(0, "warm"), (1, "warm"), (2, None), (3, None)]
+        assert log["warm_steps"] == 2 and log["steps"] == 2
     else:
         assert ["passkey" in e for e in log["log"]] == [True, True]
     assert log["adjacent"] is committed and log["induction_pool"] is committed
