@@ -476,6 +476,7 @@ def analyze(
             seconds["joint"] = time.perf_counter() - clock
         final, decided = select.priority(ranking, window_units, joint)
         priority = {lu: i for i, lu in enumerate(final)}
+
         def label(lu: select.Unit) -> str:  # a unit by its first query head, as plans and --keep-full name it
             return f"{lu[0]}.{units[lu[0]][lu[1]][0]}"
 
