@@ -265,20 +265,24 @@ def main(argv: list[str] | None = None) -> int:
 
     log: list[dict] = []
     start = time.time()
-    model.train()
-    for step in range(args.warm_steps):  # phase 1: the copying circuit alone, in short rows
-        x, y = (torch.from_numpy(a) for a in induction_rows(args.warm_rows, args.warm_len, induction_tokens, rng, spans))
+
+    def update(loss: torch.Tensor, step: int, last: int, **entry) -> None:
+        """One optimizer step at ``step`` of both phases; log ``entry`` every ``--log-every`` steps and at ``last``."""
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        loss = F.cross_entropy(model(input_ids=x).logits.reshape(-1, vocab), y.reshape(-1), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % args.log_every == 0 or step == args.warm_steps - 1:
-            entry = {"step": step, "seconds": round(time.time() - start, 1), "phase": "warm", "induction": round(loss.item(), 4)}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
+        if step % args.log_every == 0 or step == last:
+            log.append({"step": step, "seconds": round(time.time() - start, 1), **entry})
+            print(json.dumps(log[-1]), flush=True)
+
+    model.train()
+    for step in range(args.warm_steps):  # phase 1: the copying circuit alone, in short rows
+        x, y = (torch.from_numpy(a) for a in induction_rows(args.warm_rows, args.warm_len, induction_tokens, rng, spans))
+        loss = F.cross_entropy(model(input_ids=x).logits.reshape(-1, vocab), y.reshape(-1), ignore_index=IGNORE)
+        update(loss, step, args.warm_steps - 1, phase="warm", induction=round(loss.item(), 4))
     for step in range(args.steps):
         top = max_pairs(step)
         groups = {
@@ -292,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
             groups["passkey"] = passkey_rows(ROWS["passkey"], args.seq_len, train_text, values, rng, markers)
         x = torch.from_numpy(np.concatenate([g[0] for g in groups.values()]))
         y = torch.from_numpy(np.concatenate([g[1] for g in groups.values()]))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(args.warm_steps + step)
         logits = model(input_ids=x).logits
         total, row, losses, accuracy = torch.zeros(()), 0, {}, 0.0
         for name, (gx, _gy) in groups.items():
@@ -305,15 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 mask = lb != IGNORE
                 accuracy = ((lg.argmax(-1) == lb) & mask).sum().item() / max(1, mask.sum().item())
             row += len(gx)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % args.log_every == 0 or step == args.steps - 1:
-            entry = {"step": args.warm_steps + step, "seconds": round(time.time() - start, 1), "max_pairs": top,
-                     **{k: round(v, 4) for k, v in losses.items()}, "recall_batch_accuracy": round(accuracy, 3)}
-            log.append(entry)
-            print(json.dumps(entry), flush=True)
+        update(total, args.warm_steps + step, total_steps - 1, max_pairs=top, **{k: round(v, 4) for k, v in losses.items()},
+               recall_batch_accuracy=round(accuracy, 3))
     elapsed = time.time() - start
     model.eval()
     args.out.mkdir(parents=True, exist_ok=True)
