@@ -74,14 +74,15 @@ elif not any(isinstance(f, _WatchForTransformers) for f in sys.meta_path):
     sys.meta_path.insert(0, _WatchForTransformers())
 
 
-def load(path: str | os.PathLike[str], *, dtype: Any = None, device: Any = "cpu") -> Any:
+def load(path: str | os.PathLike[str], *, dtype: Any = None, device: Any = "cpu", allow_nonfinite: bool = False,
+         check_hashes: bool = True) -> Any:
     """Load a converted checkpoint and return a transformers model running the hybrid.
 
     See :func:`hydracc.runtime.loader.load`; imported lazily so ``import hydracc`` stays cheap.
     """
     from hydracc.runtime.loader import load as _load
 
-    return _load(path, dtype=dtype, device=device)
+    return _load(path, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite, check_hashes=check_hashes)
 
 
 def __getattr__(name: str) -> Any:

@@ -155,3 +155,14 @@ def test_loading_a_converted_checkpoint_imports_no_compiler_code(tiny_checkpoint
     assert "hydracc.runtime.loader" in loaded
     compiler = [n for n in loaded if n.startswith(COMPILER)]
     assert not compiler, f"loading imported compiler modules: {compiler}"
+
+
+def test_test_folders_shadow_no_installed_package() -> None:
+    """pytest puts ``tests/`` on ``sys.path`` (``pythonpath``): a test package there named like an
+    installed one (``tests/kernels``: transformers 5.25 imports the ``kernels`` package) hides it."""
+    import importlib.metadata
+
+    tests = ROOT / "tests"
+    ours = {p.parent.name for p in tests.glob("*/__init__.py")} | {p.stem for p in tests.glob("*.py")}
+    taken = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names) | {"kernels"}
+    assert not ours & taken, f"tests/ shadows installed packages: {sorted(ours & taken)}"

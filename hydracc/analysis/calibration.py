@@ -23,6 +23,8 @@ Design decisions:
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +61,52 @@ class Calibration:
 
     def describe(self) -> dict[str, Any]:
         return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len}
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes (``None`` where the system does not say)."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return pages * size if pages > 0 and size > 0 else None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"  # pragma: no cover
+
+
+def check_calibration_size(rows: int, seq_len: int, *, hidden: int | None, layers: int | None, element_bytes: int,
+                           memory: int | None = None, what: str = "calibration rows (--calib-samples; --distill-samples "
+                           "with --distill)") -> None:
+    """Refuse ``rows`` x ``seq_len`` calibration tokens the analysis cannot hold, before any row is made.
+
+    The analysis (and ``--distill``) keeps every row's hidden state entering each layer and the LM head, ``hidden``
+    values of ``element_bytes`` each per token, for its backward sweeps and re-measurements: ``layers + 1`` of them
+    per token, all at once. When that alone passes ``memory`` (default: this machine's) the run could only end in
+    running out of memory, after the work, so it is refused now with the limit.
+    """
+    memory = physical_memory() if memory is None else memory
+    if not hidden or not layers or memory is None or rows < 1 or seq_len < 1:
+        return
+    from hydracc import distributed
+
+    per_token = int(hidden) * (int(layers) + 1) * max(1, int(element_bytes))
+    tokens = -(-int(rows) // distributed.world_size()) * int(seq_len)  # under torch.distributed a process holds its share
+    if tokens * per_token <= memory:
+        return
+    most = memory // per_token
+    raise CalibrationError(
+        f"{rows} {what} of {seq_len} tokens are more than the analysis can hold: it keeps every row's hidden state at "
+        f"each of the model's {layers} layers and its LM head ({hidden} values x {element_bytes} bytes, "
+        f"{_human(per_token)} per token), {_human(tokens * per_token)} for {tokens} tokens, and this machine has "
+        f"{_human(memory)} of memory; at most {most} calibration tokens fit (rows x --seq-len)",
+        hint=f"use at most {max(most // seq_len, 0)} rows at --seq-len {seq_len} (typical: 16 to 512 rows)",
+    )
 
 
 def local_rows(calibration: Calibration) -> Calibration:
@@ -100,13 +148,35 @@ def _tokenize(texts: list[str], vocab_size: int, root: Path | None, where: str) 
     )
 
 
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_calibration_file(path: str | os.PathLike[str]) -> None:
+    """Refuse a ``--calib`` path that is not a regular file, saying what it is: missing, a folder, a device
+    (``/dev/zero`` would be read without end), a pipe or a socket."""
+    p = Path(path)
+    hint = "--calib takes a regular file: plain text, JSON lines (.jsonl) or token ids (.npy)"
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        broken = os.path.islink(p)
+        raise CalibrationError(f"calibration file {p} " + ("is a symbolic link to a file that does not exist" if broken
+                                                           else "does not exist"), hint=hint) from None
+    except OSError as exc:
+        raise CalibrationError(f"calibration file {p} cannot be read: {exc.strerror or exc}", hint=hint) from exc
+    if stat.S_ISREG(mode):
+        return
+    what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise CalibrationError(f"calibration file {p} is {what}, not a regular file", hint=hint)
+
+
 def load_calibration(
     path: str | Path, *, vocab_size: int, samples: int, seq_len: int, checkpoint_root: Path | None = None
 ) -> Calibration:
     """Read ``--calib FILE`` into at most ``samples`` rows of ``seq_len`` tokens."""
     p = Path(path)
-    if not p.is_file():
-        raise CalibrationError(f"calibration file {p} does not exist")
+    check_calibration_file(p)
     where = f"calibration file {p}"
     if p.suffix == ".npy":
         try:

@@ -15,6 +15,9 @@ Design decisions (llm-compressor's sequential pipeline, on the captured graph):
   re-measurements) and what the prefix shares with every layer (rotary tables, masks).
 - Compute dtype: float32 on the CPU, the checkpoint's floating dtype elsewhere (bf16/fp16 on
   GPUs); integer and bool tensors keep theirs.
+- Every segment's outputs are checked for NaN and infinity as they are computed (one ``isfinite`` per
+  hidden state): a ``NonFiniteError`` names the first layer that made one and its likely cause (a bad RoPE
+  config before layer 0, that layer's weights or an overflow after), instead of scores and plans of NaN.
 - On the CPU, memory freed after each segment is handed back to the system (``release``: glibc's
   ``malloc_trim``), so a segment's freed weights are not counted again by the next one's.
 """
@@ -60,6 +63,56 @@ def release(device: torch.device) -> None:
 
 class LayerwiseError(HydraError):
     """The captured graph cannot be run one layer at a time."""
+
+
+class NonFiniteError(HydraError):
+    """A value computed while analyzing or distilling is NaN or infinite; ``layer`` says where (None: before
+    the first layer or after the last)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, layer: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.message = message
+        self.layer = layer
+
+    def __str__(self) -> str:  # not ``args``: torch.fx's interpreter appends the graph node to them
+        return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
+
+
+ORIGINAL = "the original model"
+"""``forward_sweep``'s default ``model``: the checkpoint's own graph, whose non-finite values mean a bad
+config or bad weights."""
+
+
+def nonfinite_kind(t: torch.Tensor) -> str:
+    """``"NaN"`` or ``"infinite"``: what a tensor holding a non-finite value holds."""
+    return "NaN" if bool(torch.isnan(t).any()) else "infinite"
+
+
+def check_segment_outputs(seg: Segment, outs: Sequence[Any], batch: int, model: str = ORIGINAL,
+                          hint: str | None = None, dtype: torch.dtype | None = None) -> None:
+    """Raise ``NonFiniteError`` when a floating output of ``seg`` holds NaN or infinity (the prefix's
+    masks may hold -inf); ``model`` names what ran, ``hint`` replaces the default likely causes."""
+    for out in outs:
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            continue
+        bad = (torch.isnan(out) | (out == float("inf"))) if seg.index == 0 else ~torch.isfinite(out)
+        if not bool(bad.any()):
+            continue
+        what = nonfinite_kind(out[bad])
+        if seg.layer is None and seg.index == 0:
+            raise NonFiniteError(
+                f"{model}'s embeddings and rotary tables (before layer 0) are {what} on calibration batch {batch + 1}",
+                hint=hint or "check rope_theta and rope_scaling / rope_parameters in config.json, or the embedding "
+                "weights in the checkpoint",
+            )
+        where = f"layer {seg.layer}" if seg.layer is not None else "the last layer (final norm, LM head)"
+        raise NonFiniteError(
+            f"{model}'s outputs are {what} at {where} (its input was finite), calibration batch {batch + 1}",
+            hint=hint or f"check {where}'s weights in the checkpoint (NaN or infinity, or values so large they overflow "
+            f"{str(dtype or out.dtype).removeprefix('torch.')}), and rope / rms_norm_eps (layer_norm_epsilon) in "
+            "config.json",
+            layer=seg.layer,
+        )
 
 
 @dataclass
@@ -281,12 +334,14 @@ class Sweep:
 
 def forward_sweep(runner: Runner, batches: Sequence[torch.Tensor], hook: Hook | None = None,
                   keep: bool = True, on_segment: Callable[[Segment], None] | None = None,
-                  until: int | None = None) -> Sweep:
+                  until: int | None = None, model: str = ORIGINAL, hint: str | None = None) -> Sweep:
     """Run every batch through the prefix and every layer, layer-major; the suffix is left to the caller.
 
     ``keep``: record each layer's and the suffix's inputs (``Sweep.boundaries``) for later
     backward sweeps and re-measurements. ``on_segment(seg)`` runs once every batch has passed
-    ``seg``; ``until``: stop after the segment with this index.
+    ``seg``; ``until``: stop after the segment with this index. A NaN or infinite output is a
+    ``NonFiniteError`` naming the layer (``model``: what ran, ``hint``: its likely causes; see
+    ``check_segment_outputs``).
     """
     g = runner.graph
     envs: list[dict[str, Any]] = [{} for _ in batches]
@@ -296,8 +351,9 @@ def forward_sweep(runner: Runner, batches: Sequence[torch.Tensor], hook: Hook | 
             weights = runner.load(seg)
             if keep and seg.index > 0:
                 boundaries[seg.index] = [{k: env[k] for k in seg.value_keys} for env in envs]
-            for env, ids in zip(envs, batches):
+            for bi, (env, ids) in enumerate(zip(envs, batches)):
                 outs = runner.call(seg, weights, env, ids.to(runner.device) if seg.index == 0 else None, hook)
+                check_segment_outputs(seg, outs, bi, model, hint, runner.dtype)
                 env.update(zip(seg.outputs, outs))
                 for key in [k for k in env if g.last_use.get(k, -1) <= seg.index]:
                     del env[key]  # read by no later segment

@@ -42,7 +42,15 @@ from torch import fx
 from hydracc import distributed
 from hydracc.analysis.calibration import Calibration, local_rows
 from hydracc.analysis.initial import initial_layer_params
-from hydracc.analysis.layerwise import Runner, Segment, compute_dtype, forward_sweep, split_by_layer
+from hydracc.analysis.layerwise import (
+    NonFiniteError,
+    Runner,
+    Segment,
+    compute_dtype,
+    forward_sweep,
+    nonfinite_kind,
+    split_by_layer,
+)
 from hydracc.analysis.sensitivity import (
     FAR,
     BatchInfo,
@@ -279,6 +287,52 @@ def _causal_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     return scores.masked_fill(~mask, float("-inf")).softmax(-1)
 
 
+_SCORED_HINT = ("the original model's values there are finite, so the {kind} kind's computation overflows on them: "
+                "try another --linear-kind, or analyze in float32 (on the CPU); if the checkpoint's weights there are "
+                "extreme, check them")
+
+
+def _check_site(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+    """The original attention at ``layer`` must be finite: name the query heads whose q, k, v or output is not."""
+    bad = ~torch.isfinite(out).flatten(2).all(-1).all(0)  # [H]
+    if not bool(bad.any()):
+        return
+    heads = bad.nonzero().flatten().tolist()
+    inputs = [name for name, t in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(t).all())]
+    source = (f"its {'/'.join(inputs)} projections are already {nonfinite_kind(torch.cat([t.flatten() for t in (q, k, v)]))}"
+              if inputs else "its attention probabilities overflow (q.k too large)")
+    raise NonFiniteError(
+        f"the original model's outputs are {nonfinite_kind(out)} at layer {layer}, attention heads "
+        f"{', '.join(map(str, heads))} ({source})",
+        hint=f"check layer {layer}'s attention weights (q/k/v projections, their norms) in the checkpoint, and rope_theta "
+        "/ rope_scaling (rope_parameters) in config.json",
+        layer=layer,
+    )
+
+
+def _check_head_scores(layer: int, heads: list[HeadScores], units: list[list[int]], kind: str) -> None:
+    """Every per-head score must be finite (the forward sweep's values were, so a NaN here is the scored kind's)."""
+    for h, scores in enumerate(heads):
+        for name, value in asdict(scores).items():
+            if not math.isfinite(value):
+                u = next(i for i, members in enumerate(units) if h in members)
+                raise NonFiniteError(
+                    f"the analysis computed a non-finite {name} ({value}) at layer {layer}, head {h} (unit {layer}.{units[u][0]})",
+                    hint=_SCORED_HINT.format(kind=kind), layer=layer,
+                )
+
+
+def _check_unit(layer: int, u: int, members: list[int], kl: float, recall: float, kind: str, how: str) -> None:
+    """A unit's KL and recall change must be finite."""
+    for name, value in (("KL", kl), ("recall change", recall)):
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"the analysis {how} a non-finite {name} ({value}) for layer {layer}, unit {layer}.{members[0]} "
+                f"(heads {', '.join(map(str, members))}) made {kind}",
+                hint=_SCORED_HINT.format(kind=kind), layer=layer,
+            )
+
+
 def units_of(site: AttentionSite) -> list[list[int]]:
     """The planning units of a site: its KV groups under GQA, its single heads otherwise."""
     if site.num_kv_heads < site.num_heads:
@@ -398,6 +452,7 @@ def analyze(
         info = batches[current[0] % len(batches)]
         real = info.real
         q, k, v = expand_kv(*site_qkv(args, kwargs))
+        _check_site(layer, q[:real], k[:real], v[:real], out[:real])
         q, k, v = q[:real].float(), k[:real].float(), v[:real].float()
         # linear_error: learned kinds' starting values need this very pass's statistics, so they are measured as elu
         lin = run_kind(kind_by_name("elu").code if kind.learned else kind.code, q, k, v, scales[layer], None, **window)
@@ -414,6 +469,8 @@ def analyze(
     sweep = forward_sweep(runner, [b.ids for b in batches], score_hook, keep=bool(sensitivity), on_segment=step)
     for a in acc.values():
         a.reduce()
+    for layer in sorted(acc):
+        _check_head_scores(layer, acc[layer].scores(), units[layer], kind.name)
     if kind.learned or fused:  # the starting values the converted heads will have
         for layer, site in sites.items():
             stats = acc[layer]
@@ -456,6 +513,9 @@ def analyze(
                 rows.unit_kl[(layer, u)] = est.kl_rows[layer][:, u]
                 rows.unit_recall[(layer, u)] = est.recall_rows[layer][:, u]
             seconds["estimate"] = time.perf_counter() - clock
+        for layer, u in order:
+            _check_unit(layer, u, units[layer][u], kl_of[(layer, u)], recall_of[(layer, u)], kind.name,
+                        "measured" if exact_all else "estimated")
         accuracy = right / n_recall if n_recall else 0.0
         ranking = select.rank(order, kl_of, recall_of, objective, accuracy, n_recall)
         joint = None
@@ -469,6 +529,10 @@ def analyze(
                                 [[(layer, units[layer][u]) for layer, u in sorted(c)] for c in configs], run_scored,
                                 progress=step)
                 for c, ex in zip(configs, found):
+                    if not (math.isfinite(ex.kl) and math.isfinite(ex.recall)):
+                        layer, u = sorted(c)[0]
+                        _check_unit(layer, u, units[layer][u], ex.kl, ex.recall, kind.name,
+                                    f"measured with {len(c)} units linear together")
                     rows.configurations[tuple(sorted(c))] = (ex.kl_rows, ex.ce_rows)
                 return [(ex.recall, ex.kl) if use_recall else (ex.kl, ex.kl) for ex in found]
 

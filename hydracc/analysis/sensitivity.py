@@ -38,7 +38,15 @@ import torch
 
 from hydracc import distributed
 from hydracc.analysis.head import compare, draw
-from hydracc.analysis.layerwise import Runner, Sweep, forward_sweep, load_head, release, suffix_hidden
+from hydracc.analysis.layerwise import (
+    NonFiniteError,
+    Runner,
+    Sweep,
+    forward_sweep,
+    load_head,
+    release,
+    suffix_hidden,
+)
 
 RunScored = Callable[[int, list[int], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``run(layer, heads, q, k, v) -> out``: what those query heads of ``layer`` compute once converted
@@ -53,6 +61,16 @@ FAR = 32
 """Recall reaches further back than this: the window of the local model ``window_recall`` compares against."""
 GAIN = 1.3862943611198906
 """ln 4: the far context makes the true next token at least 4x more likely (``window_recall``)."""
+
+
+def check_original_logits(values: torch.Tensor) -> None:
+    """``values`` computed from the original model's logits (its log-partition, cross-entropies, maxima) must
+    be finite: the hidden states were (``forward_sweep``), so the final norm or the LM head is not."""
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteError(
+            "the original model's logits are not finite (after its last layer: final norm, LM head)",
+            hint="check the final norm and LM head (lm_head, or the tied embeddings) weights in the checkpoint",
+        )
 
 
 def recall_positions(tokens: torch.Tensor, far: int = 0) -> torch.Tensor:
@@ -158,6 +176,7 @@ def estimate(
             with torch.no_grad():
                 gen = torch.Generator(device=flat.device).manual_seed(seed * 1_000_003 + bi)
                 d = draw(head, flat.detach(), fisher_samples, gen)
+                check_original_logits(d.lse)
                 out_grads = {f"fisher{i}": head.rows(y) - d.expected for i, y in enumerate(d.samples)}  # d log p(y) / dh
                 mask = info.recall.to(flat.device).reshape(-1)
                 n_recall += int(mask.sum())
@@ -250,6 +269,7 @@ def recall_accuracy(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo]) 
             arg = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
             for v0, _v1, (z,) in head.chunks([flat]):
                 value, index = z.float().max(-1)
+                check_original_logits(value)
                 better = value > best
                 best, arg = torch.where(better, value, best), torch.where(better, index + v0, arg)
             right += int((arg == nxt).sum())
@@ -341,6 +361,7 @@ def _measure_group(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo],
             mask = info.recall.to(base.device).reshape(-1)
             nxt = torch.cat([info.ids[: info.real, 1:], info.ids[: info.real, :1]], 1).to(base.device).reshape(-1)
             cmp = compare(head, base, variants, nxt)
+            check_original_logits(cmp.ce[0])
             n_var = len(variants)
             kl_parts.append(cmp.kl.double().reshape(n_var, info.real, -1).sum(-1).cpu().numpy())
             ce_parts.append(((cmp.ce[1:] - cmp.ce[:1]) * mask).double().reshape(n_var, info.real, -1).sum(-1).cpu().numpy())
@@ -375,7 +396,8 @@ def window_recall(runner: Runner, sweep: Sweep, batches: Sequence[BatchInfo], sc
         out = run_kind(code, q.float(), k.float(), v.float(), scales[site_layer], None, sink=4, window=far)
         return out.to(q.dtype)
 
-    narrow = forward_sweep(runner, [b.ids for b in batches], local, keep=False)
+    narrow = forward_sweep(runner, [b.ids for b in batches], local, keep=False,
+                           model=f"the original model limited to its last {far} tokens")
     weights, head = load_head(runner)
     added = 0
     with torch.no_grad():

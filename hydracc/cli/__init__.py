@@ -15,7 +15,7 @@ import click
 
 import hydracc
 from hydracc.cli.analyze import analyze_command
-from hydracc.cli.common import EXIT_INTERRUPTED, handle_sigterm
+from hydracc.cli.common import EXIT_INTERRUPTED, EXIT_TERMINATED, handle_sigterm
 from hydracc.cli.convert import convert_command
 from hydracc.cli.eval import eval_command
 from hydracc.cli.export_onnx import export_onnx_command
@@ -26,7 +26,24 @@ from hydracc.cli.verify import verify_command
 __all__ = ["EXIT_INTERRUPTED", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The ``hydracc`` group: a signal that lands outside a command's guard (while the report is printed, say) still
+    exits 130/143 quietly, not with click's ``Aborted!`` and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        from hydracc.errors import Terminated
+
+        try:
+            return super().invoke(ctx)
+        except Terminated:
+            click.echo("error: terminated (SIGTERM)", err=True)
+            raise click.exceptions.Exit(EXIT_TERMINATED) from None
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(hydracc.__version__, prog_name="hydracc")
 def main() -> None:
     """hydracc turns a pretrained transformer into a head-level hybrid: some attention heads keep

@@ -4,8 +4,10 @@ Design decisions:
 - Exit codes: 0 success; 2 bad input (unreadable checkpoint, unsupported architecture,
   invalid plan, output exists, bad option); 1 an internal error (a bug: please report);
   3 a ``verify`` threshold does not hold; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM,
-  handled like Ctrl-C: nothing half-written is left). Errors are one clear message on stderr, never a traceback
-  (``HYDRACC_DEBUG=1`` shows it).
+  handled like Ctrl-C: nothing half-written is left). Once the first SIGTERM or Ctrl-C is handled, further ones are
+  ignored: a second signal (``timeout``, Ctrl-C pressed twice) cannot undo the clean-up or change the exit code.
+  Errors are one clear message on stderr, never a traceback (``HYDRACC_DEBUG=1`` shows it).
+- Messages and user text (paths, names) are printed as they are, never read as rich markup (``markup_escape``).
 - ``--json`` prints one JSON document on stdout (the report or the error) and sends the
   human-readable tables and progress to stderr, so scripts can parse stdout as is.
 - A command is ``run_command(reporter, work)``: ``work`` does the job by calling the pipeline
@@ -27,18 +29,53 @@ from rich.table import Table
 
 from hydracc.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, HydraError, Terminated
 
-__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Reporter", "run_command", "run_guarded"]
+__all__ = ["EXIT_INTERRUPTED", "EXIT_TERMINATED", "Reporter", "markup_escape", "run_command", "run_guarded"]
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
+_first_signal: int | None = None
+"""The SIGTERM or SIGINT being handled (its clean-up under way), or ``None``."""
+_ours: set[int] = set()
+"""The signals ``handle_sigterm`` handles (SIGINT not when the process was started ignoring it)."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """The first SIGTERM/SIGINT unwinds (``Terminated``/``KeyboardInterrupt``); later ones are ignored, so that a
+    second signal (``timeout``, a twice-pressed Ctrl-C) cannot interrupt the first one's clean-up."""
+    global _first_signal
+    if _first_signal is not None:  # one that was already pending when the first ran
+        return
+    import signal
+
+    _first_signal = signum
+    for other in _ours:  # ignored from now on, through the interpreter's own shutdown too, which would otherwise
+        signal.signal(other, signal.SIG_IGN)  # restore the default action (killed by the signal: not 143 or 130)
+    if signum == signal.SIGTERM:
+        raise Terminated()
+    raise KeyboardInterrupt()
 
 
 def handle_sigterm() -> None:
-    """Make SIGTERM unwind like Ctrl-C (temporary outputs removed, a message, exit 143) instead of killing the process."""
+    """Make SIGTERM unwind like Ctrl-C (temporary outputs removed, a message, exit 143) instead of killing the process,
+    and make a second SIGTERM or Ctrl-C wait for the first one's clean-up (exit 143 or 130 all the same)."""
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)
+    global _first_signal
+    _first_signal = None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signum == signal.SIGINT and signum not in _ours and signal.getsignal(signum) is signal.SIG_IGN:
+            continue  # a background job started ignoring Ctrl-C keeps ignoring it
+        try:
+            signal.signal(signum, _on_signal)
+        except ValueError:  # not the main thread (an embedding application): leave its signals alone
+            return
+        _ours.add(signum)
+
+
+def markup_escape(value: object) -> str:
+    """``value`` as text that rich prints as is: user paths and messages are never read as markup (``model[v2]``)."""
+    from rich.markup import escape
+
+    return escape(str(value))
 
 
 def json_option(help: str) -> Any:
@@ -48,6 +85,12 @@ def json_option(help: str) -> Any:
 def allow_nonfinite_option() -> Any:
     return click.option("--allow-nonfinite", is_flag=True,
                         help="Accept weights holding NaN or infinity (refused by default: every output of them is meaningless).")
+
+
+def check_hashes_option() -> Any:
+    return click.option("--no-check-hashes", "check_hashes", is_flag=True, flag_value=False, default=True,
+                        help="Use a converted checkpoint whose weights differ from the digests its config records "
+                             "(edited after conversion; refused by default).")
 
 
 def quiet_option(help: str) -> Any:
@@ -71,7 +114,7 @@ class Reporter:
     def fail(self, message: str, code: int) -> None:
         if self.as_json:
             click.echo(json.dumps({"status": "error", "exit_code": code, "error": message}))
-        self.err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        self.err.print(f"[bold red]error:[/] {markup_escape(message)}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(code)
 
 
@@ -225,7 +268,7 @@ def sites_table(inspection: Any) -> Table:
         table.add_column(col, justify="right" if col not in ("module", "attention", "mask") else "left")
     for s in inspection.captured.sites:
         table.add_row(
-            str(s.layer), s.module, s.attention_kind, str(s.num_heads), str(s.num_kv_heads),
+            str(s.layer), markup_escape(s.module), markup_escape(s.attention_kind), str(s.num_heads), str(s.num_kv_heads),
             str(s.group_size), str(s.head_dim), f"{s.scale:.4g}", "causal" if s.causal else "?",
         )
     return table
@@ -238,7 +281,7 @@ def plan_table(plan: Any) -> Table:
     for lp in plan.layers:
         full = len(lp.full_heads())
         table.add_row(
-            str(lp.layer), lp.module, kinds_cell(lp.kinds), str(full), str(lp.num_heads - full),
+            str(lp.layer), markup_escape(lp.module), markup_escape(kinds_cell(lp.kinds)), str(full), str(lp.num_heads - full),
             f"{len(lp.cached_kv_heads())}/{lp.num_kv_heads}",
         )
     return table
@@ -265,21 +308,21 @@ def scores_table(analysis: Any, plan: Any | None) -> Table:
             if ranked:
                 u = h // group
                 row += [str(ls.unit_priority[u] + 1) if u < len(ls.unit_priority) else "-",
-                        ls.unit_decided_by[u] if u < len(ls.unit_decided_by) else ""]
+                        markup_escape(ls.unit_decided_by[u]) if u < len(ls.unit_decided_by) else ""]
             if kinds is not None:
-                row.append("[bold]FULL[/]" if kinds[h] == "full" else kinds[h])
+                row.append("[bold]FULL[/]" if kinds[h] == "full" else markup_escape(kinds[h]))
             table.add_row(*row, end_section=h == ls.num_heads - 1)
     return table
 
 
 def print_calibration(con: Console, analysis: Any) -> None:
     cal = analysis.calibration
-    con.print(f"calibration: {cal['source']} ({cal['samples']} x {cal['seq_len']} tokens)")
+    con.print(f"calibration: {markup_escape(cal['source'])} ({cal['samples']} x {cal['seq_len']} tokens)")
     obj = analysis.extra.get("objective") or {}
     if obj:
         acc = f"the original predicts {obj['original_recall_accuracy']:.1%} of {obj['recall_positions']} recall positions"
-        con.print(f"objective: {obj['name']} ({acc}); KL = output KL over all tokens, recall = cross-entropy change at "
+        con.print(f"objective: {markup_escape(obj['name'])} ({acc}); KL = output KL over all tokens, recall = cross-entropy change at "
                   "recall positions; rank = keep-first order, by = the score that placed the unit (joint: re-measured "
                   "together at the cut line)")
         if obj.get("fell_back_to_kl"):
-            con.print(f"[yellow]warning:[/] ranked by KL instead of recall: {obj['fell_back_to_kl']}")
+            con.print(f"[yellow]warning:[/] ranked by KL instead of recall: {markup_escape(obj['fell_back_to_kl'])}")

@@ -13,6 +13,7 @@ from hydracc.cli.common import (
     Reporter,
     human_bytes,
     json_option,
+    markup_escape,
     plan_table,
     print_calibration,
     quiet_option,
@@ -116,7 +117,7 @@ def convert_command(as_json: bool, quiet: bool, **fields: Any) -> None:
 
 def print_onnx(reporter: Reporter, report: Any) -> None:
     reporter.console.print(
-        f"ONNX written to {report.path} ({', '.join(report.files)}); onnxruntime vs torch: prefill max |diff| "
+        f"ONNX written to {markup_escape(report.path)} ({markup_escape(', '.join(report.files))}); onnxruntime vs torch: prefill max |diff| "
         f"{report.prefill_max_diff:.3g}, decode max |diff| {report.decode_max_diff:.3g} over {report.decoded_tokens} tokens "
         f"(--atol {report.atol:g})"
     )
@@ -129,10 +130,11 @@ STABLE = 0.8
 def print_result(reporter: Reporter, result: Any, options: ConvertOptions) -> None:
     con = reporter.console
     insp, cost = result.inspection, result.cost
-    con.print(f"[bold]{insp.captured.config.model_type}[/] model at {insp.checkpoint.root}: "
+    con.print(f"[bold]{markup_escape(insp.captured.config.model_type)}[/] model at {markup_escape(insp.checkpoint.root)}: "
               f"{len(insp.captured.sites)} attention sites, weights {', '.join(sorted(str(d).removeprefix('torch.') for d in insp.checkpoint.dtypes()))}")
     if insp.dropped:
-        con.print(f"dropping {len(insp.dropped)} tensor(s) transformers ignores on load: {', '.join(insp.dropped[:4])}"
+        con.print(f"dropping {len(insp.dropped)} tensor(s) transformers ignores on load: "
+                  f"{markup_escape(', '.join(insp.dropped[:4]))}"
                   + (" ..." if len(insp.dropped) > 4 else ""))
     con.print(sites_table(insp))
     if result.analysis is not None:
@@ -140,20 +142,23 @@ def print_result(reporter: Reporter, result: Any, options: ConvertOptions) -> No
         print_calibration(con, result.analysis)
     con.print(plan_table(result.plan))
     b = result.plan.budget
-    if "full_units" in b:
+    if "full_units" in b and "strategy" not in b:  # a plan file edited after planning: only the counts are known
+        con.print(f"plan file: {b['full_units']} of {b['total_units']} {result.plan.unit.replace('_', ' ')}s full, "
+                  f"{b['kv_fraction_used']:.1%} of the KV cache")
+    elif "full_units" in b:
         how = b["strategy"] + (f" by {b['score']}" if "score" in b else "") + (f" (seed {b['seed']})" if "seed" in b else "")
         asked = f"--full-ratio {b['full_ratio']}" if b.get("full_ratio") is not None else f"--kv-budget {b.get('kv_budget')}"
         con.print(f"budget ({asked}): {b['full_units']} of {b['total_units']} {result.plan.unit.replace('_', ' ')}s full, "
-                  f"{b['kv_fraction_used']:.1%} of the KV cache; strategy {how}")
+                  f"{b['kv_fraction_used']:.1%} of the KV cache; strategy {markup_escape(how)}")
     if b.get("full_decided_by"):
-        con.print("full units decided by " + "; ".join(f"{k}: {', '.join(v)}" for k, v in b["full_decided_by"].items()))
+        con.print("full units decided by " + markup_escape("; ".join(f"{k}: {', '.join(v)}" for k, v in b["full_decided_by"].items())))
     sure = b.get("stability")
     if sure:
         m = sure.get("margin") or {}
         edge = (f"; at the cut {m['kept']} (kept) {m.get('kept_value', '')} vs {m['dropped']} (dropped) "
                 f"{m.get('dropped_value', '')} by {m['score']}") if m else ""
         con.print(f"stability: {sure['agree']:.0%} of {sure['resamples']} bootstrap resamples of the calibration rows keep "
-                  f"the same full units{edge}")
+                  f"the same full units{markup_escape(edge)}")
         if sure["resamples"] and sure["agree"] < STABLE:
             con.print(f"[yellow]warning:[/] under {STABLE:.0%} of resamples agree: the plan depends on which calibration "
                       "rows were drawn; give more or more representative rows (--calib, --calib-samples)")
@@ -163,27 +168,27 @@ def print_result(reporter: Reporter, result: Any, options: ConvertOptions) -> No
         f"converted heads add a fixed {human_bytes(cost.linear_state_bytes)} per sequence (linear states, streaming windows)"
     )
     if options.plan_out is not None:
-        con.print(f"plan written to {options.plan_out}")
+        con.print(f"plan written to {markup_escape(options.plan_out)}")
     if options.plan_png is not None:
-        con.print(f"plan picture written to {options.plan_png}")
+        con.print(f"plan picture written to {markup_escape(options.plan_png)}")
     if result.rewrite is not None:
-        con.print(f"passes: {', '.join(result.rewrite.passes)}")
+        con.print(f"passes: {markup_escape(', '.join(result.rewrite.passes))}")
         for note in result.rewrite.context.notes:
-            con.print(f"  {note}")
+            con.print(f"  {markup_escape(note)}")
     learned = result.learned
     if learned is not None:
         if learned.settings is None:
             con.print("added parameters: measured initial values (no --distill)")
         for key, (first, last) in sorted(learned.losses.items()):
             what = "held-out loss, start -> best" if key.startswith("held_out") else "loss"
-            con.print(f"  distill {key}: {what} {first:.4f} -> {last:.4f}")
+            con.print(f"  distill {markup_escape(key)}: {what} {first:.4f} -> {last:.4f}")
         held = learned.held_out
         if held:
             steps = ", ".join(f"{v:.4f}" for _, v in held.get("end_to_end", []))
             con.print(f"  held-out KL per token on {held['rows']} rows never trained on: start "
                       f"{held.get('initial', float('nan')):.4f}, after attention transfer {held['attention_transfer']:.4f}"
-                      + (f", end to end {steps}" if steps else "") + f"; kept: {held['kept']} ({held['kept_kl']:.4f})")
+                      + (f", end to end {steps}" if steps else "") + f"; kept: {markup_escape(held['kept'])} ({held['kept_kl']:.4f})")
     if options.dry_run:
         con.print("dry run (--plan): nothing else was written")
     elif result.output is not None:
-        con.print(f"[green]converted checkpoint written to {result.output}[/] ({len(result.files)} files)")
+        con.print(f"[green]converted checkpoint written to {markup_escape(result.output)}[/] ({len(result.files)} files)")

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from hydracc.cli.common import Reporter, allow_nonfinite_option, json_option, rich_hooks, run_command
+from hydracc.cli.common import (
+    Reporter,
+    allow_nonfinite_option,
+    check_hashes_option,
+    json_option,
+    rich_hooks,
+    run_command,
+)
 from hydracc.cli.convert import print_onnx
 
 
@@ -22,10 +29,11 @@ from hydracc.cli.convert import print_onnx
 @click.option("--check-tokens", type=click.IntRange(1), default=8, show_default=True, help="Tokens to decode through the decode graph in the check.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists (only one hydracc wrote).")
 @allow_nonfinite_option()
+@check_hashes_option()
 @json_option("Print a JSON report on stdout.")
 def export_onnx_command(
     checkpoint: Path, output: Path | None, dtype: str, atol: float | None, check_tokens: int, force: bool, allow_nonfinite: bool,
-    as_json: bool,
+    check_hashes: bool, as_json: bool,
 ) -> None:
     """Export the converted CHECKPOINT to ONNX: a prefill graph and a decode-step graph.
 
@@ -52,7 +60,7 @@ def export_onnx_command(
         hooks.begin("onnx")
         try:
             report = export_onnx(checkpoint, output, atol=atol, check_tokens=check_tokens, force=force, dtype=dtype,
-                                 allow_nonfinite=allow_nonfinite)
+                                 allow_nonfinite=allow_nonfinite, check_hashes=check_hashes)
         finally:
             hooks.end("onnx")
         print_onnx(reporter, report)

@@ -7,7 +7,14 @@ from typing import Any
 
 import click
 
-from hydracc.cli.common import Reporter, allow_nonfinite_option, human_bytes, json_option, run_command
+from hydracc.cli.common import (
+    Reporter,
+    allow_nonfinite_option,
+    check_hashes_option,
+    human_bytes,
+    json_option,
+    run_command,
+)
 
 
 @click.command("generate")
@@ -19,9 +26,10 @@ from hydracc.cli.common import Reporter, allow_nonfinite_option, human_bytes, js
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling.")
 @click.option("--device", default=None, help="Torch device to run on (default: cuda when available, else cpu).")
 @allow_nonfinite_option()
+@check_hashes_option()
 @json_option("Print the continuation and the numbers as JSON on stdout.")
 def generate_command(model_path: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-                     device: str | None, allow_nonfinite: bool, as_json: bool) -> None:
+                     device: str | None, allow_nonfinite: bool, check_hashes: bool, as_json: bool) -> None:
     """Continue --prompt with the converted checkpoint MODEL, using the hybrid cache.
 
     Prints the continuation, then tokens per second and the cache size: keys and values are
@@ -35,7 +43,7 @@ def generate_command(model_path: Path, prompt: str, max_new_tokens: int, tempera
 
         check_device(device)
         report = generate_text(model_path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                               seed=seed, device=device, allow_nonfinite=allow_nonfinite)
+                               seed=seed, device=device, allow_nonfinite=allow_nonfinite, check_hashes=check_hashes)
         if not as_json:
             click.echo(prompt + report["continuation"])
         con = reporter.err if not as_json else reporter.console

@@ -8,7 +8,15 @@ from typing import Any
 import click
 from rich.table import Table
 
-from hydracc.cli.common import Reporter, allow_nonfinite_option, json_option, quiet_option, run_command
+from hydracc.cli.common import (
+    Reporter,
+    allow_nonfinite_option,
+    check_hashes_option,
+    json_option,
+    markup_escape,
+    quiet_option,
+    run_command,
+)
 from hydracc.errors import EXIT_GATE_FAILED
 from hydracc.evaluation.verify import MIN_ORIGINAL_RECALL, Thresholds, VerifySettings
 
@@ -34,11 +42,12 @@ _DEFAULTS = Thresholds()
               help="Write the figures into CONVERTED/README.md (its Verification section, replacing an earlier one), "
                    "whether or not the gate passes; the card is replaced atomically.")
 @allow_nonfinite_option()
+@check_hashes_option()
 @json_option("Print every figure and threshold as JSON on stdout.")
 @quiet_option("Print nothing but errors (and the --json report).")
 def verify_command(original: Path, converted: Path, max_ppl_increase: float, min_recall_ratio: float, min_agreement: float,
                    calib: Path | None, samples: int, seq_len: int, device: str | None, update_card: bool,
-                   allow_nonfinite: bool, as_json: bool, quiet: bool) -> None:
+                   allow_nonfinite: bool, check_hashes: bool, as_json: bool, quiet: bool) -> None:
     """Check the converted checkpoint CONVERTED against ORIGINAL, the checkpoint it was converted from,
     on the same fixed-seed data: perplexity, recall, and agreement of next-token predictions.
 
@@ -62,14 +71,15 @@ def verify_command(original: Path, converted: Path, max_ppl_increase: float, min
             card_path(converted)  # before running the models
         with reporter.err.status("running both models on the verification data"):
             report = verify(original, converted, thresholds=thresholds, calib=calib, device=device,
-                            settings=VerifySettings(samples=samples, seq_len=seq_len), allow_nonfinite=allow_nonfinite)
+                            settings=VerifySettings(samples=samples, seq_len=seq_len), allow_nonfinite=allow_nonfinite,
+                            check_hashes=check_hashes)
         _print(reporter, report)
         extra: dict[str, Any] = {}
         if update_card:
             from hydracc.evaluation.verify import update_card as write_card
 
             extra["card"] = str(write_card(converted, report))
-            reporter.console.print(f"figures written into {extra['card']}")
+            reporter.console.print(f"figures written into {markup_escape(extra['card'])}")
         return {"status": "ok" if report.passed else "failed", **report.to_json(), **extra}
 
     result = run_command(reporter, work)
@@ -79,7 +89,7 @@ def verify_command(original: Path, converted: Path, max_ppl_increase: float, min
 
 def _print(reporter: Reporter, report: Any) -> None:
     f = report.figures
-    table = Table(title=f"verify {report.converted} against {report.original} ({report.data}; {report.device})",
+    table = Table(title=markup_escape(f"verify {report.converted} against {report.original} ({report.data}; {report.device})"),
                   title_justify="left")
     for col in ("check", "original", "converted", "value", "threshold", "result"):
         table.add_column(col, justify="left" if col in ("check", "result") else "right")
@@ -87,14 +97,14 @@ def _print(reporter: Reporter, report: Any) -> None:
     table.add_row("ppl increase", f"{f['ppl']['original']:.4f}", f"{f['ppl']['converted']:.4f}", f"{c['ppl_increase']['value']:+.1%}",
                   f"<= {c['ppl_increase']['threshold']:.1%}", _result(c["ppl_increase"]))
     rr = c["recall_ratio"]
-    table.add_row(f"recall ratio ({f['recall_probe']})", f"{f['recall_accuracy']['original']:.1%}",
+    table.add_row(markup_escape(f"recall ratio ({f['recall_probe']})"), f"{f['recall_accuracy']['original']:.1%}",
                   f"{f['recall_accuracy']['converted']:.1%}", "-" if rr["value"] is None else f"{rr['value']:.3f}",
                   f">= {rr['threshold']:.3f}", _result(rr))
     table.add_row("top-1 agreement", "", "", f"{c['agreement']['value']:.1%}", f">= {c['agreement']['threshold']:.1%}",
                   _result(c["agreement"]))
     reporter.console.print(table)
     if not rr.get("judged", True):
-        reporter.console.print(f"recall not judged: {rr['why_not_judged']}")
+        reporter.console.print(f"recall not judged: {markup_escape(rr['why_not_judged'])}")
     reporter.console.print("[green]passed[/]" if report.passed else "[bold red]failed[/]: a threshold does not hold (exit 3)")
 
 

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from hydracc.analysis.calibration import Calibration
-from hydracc.analysis.head import compare, draw
-from hydracc.analysis.layerwise import Hook, Runner, forward_sweep, load_head, release, suffix_hidden
+from hydracc.analysis.head import Compared, compare, draw
+from hydracc.analysis.layerwise import Hook, NonFiniteError, Runner, forward_sweep, load_head, release, suffix_hidden
 from hydracc.analysis.scores import calibration_batches, site_qkv
 from hydracc.kernels.kinds import FULL, PARAM_NAMES, kind_by_name
 from hydracc.kernels.naive import hybrid_attention_reference
@@ -48,6 +48,22 @@ def student_hook(plan: Plan, runner: Runner, params: dict[str, Tensor], param_na
         return out.to(q.dtype)
 
     return hook
+
+
+STUDENT = "the converted model (with its current learned parameters)"
+STUDENT_HINT = ("the learned parameters made the converted model's values non-finite: lower the learning rates "
+                "(--lr, --e2e-lr) or train fewer steps (--steps, --e2e-steps)")
+
+
+def check_logits(compared: Compared, what: str) -> None:
+    """The teacher's logits (``compared.ce[0]``) and the KL must be finite; ``what`` names the rows."""
+    if not bool(torch.isfinite(compared.ce[0]).all()):
+        raise NonFiniteError(
+            f"the original model's logits are not finite on {what} (after its last layer: final norm, LM head)",
+            hint="check the final norm and LM head (lm_head, or the tied embeddings) weights in the checkpoint",
+        )
+    if not bool(torch.isfinite(compared.kl).all()):
+        raise NonFiniteError(f"the KL of {STUDENT} is not finite on {what} (its logits overflow)", hint=STUDENT_HINT)
 
 
 def _leaves(env: dict) -> dict:
@@ -86,7 +102,8 @@ def kl_step(runner: Runner, plan: Plan, params: dict[str, Tensor], param_name: A
         ids_list.append(torch.from_numpy(local.tokens[padded]).long())
         reals.append(len(part))
     with torch.no_grad():
-        sweep = forward_sweep(runner, ids_list, student_hook(plan, runner, {k: v.detach() for k, v in params.items()}, param_name))
+        sweep = forward_sweep(runner, ids_list, student_hook(plan, runner, {k: v.detach() for k, v in params.items()}, param_name),
+                              model=STUDENT, hint=STUDENT_HINT)
     weights, head = load_head(runner)
     grads: list[dict[str, Tensor]] = []
     kl_sum = 0.0
@@ -99,8 +116,9 @@ def kl_step(runner: Runner, plan: Plan, params: dict[str, Tensor], param_name: A
             with torch.no_grad():
                 base = teacher.hidden[part].reshape(-1, h.shape[-1]).to(runner.device, flat.dtype)
                 gen = torch.Generator(device=flat.device)
-                kl_sum += float(compare(head, base, [flat.detach()], torch.zeros(flat.shape[0], dtype=torch.long,
-                                                                                  device=flat.device)).kl.double().sum())
+                cmp = compare(head, base, [flat.detach()], torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device))
+                check_logits(cmp, "the training rows")
+                kl_sum += float(cmp.kl.double().sum())
                 grad = (draw(head, flat.detach(), 0, gen).expected - draw(head, base, 0, gen).expected) / tokens
             got = torch.autograd.grad(flat, [leaves[k] for k in keys], grad.to(flat.dtype), allow_unused=True)
         grads.append({k: gr for k, gr in zip(keys, got) if gr is not None})
@@ -144,14 +162,17 @@ def held_out_kl(runner: Runner, plan: Plan, params: dict[str, Tensor], param_nam
     ids = [torch.from_numpy(local.tokens[part + [part[0]] * (batch - len(part))]).long() for part in parts]
     total, count = 0.0, 0
     with torch.no_grad():
-        sweep = forward_sweep(runner, ids, student_hook(plan, runner, fixed, param_name), keep=False)
+        sweep = forward_sweep(runner, ids, student_hook(plan, runner, fixed, param_name), keep=False, model=STUDENT,
+                              hint=STUDENT_HINT)
         weights, head = load_head(runner)
         for part, env in zip(parts, sweep.envs):
             h = suffix_hidden(runner, weights, env)[: len(part)]
             flat = h.reshape(-1, h.shape[-1])
             base = teacher.hidden[part].reshape(-1, h.shape[-1]).to(flat.device, flat.dtype)
             zeros = torch.zeros(flat.shape[0], dtype=torch.long, device=flat.device)
-            total += float(compare(head, base, [flat], zeros).kl.double().sum())
+            cmp = compare(head, base, [flat], zeros)
+            check_logits(cmp, "the held-out rows")
+            total += float(cmp.kl.double().sum())
             count += flat.shape[0]
         del weights, head, sweep
     release(runner.device)

@@ -27,11 +27,14 @@ Design decisions:
   steps); then the held-out end-to-end KL of the starting values and of stage 1's decides which
   stage 2 starts from, and stage 2 keeps its best check (every ``e2e_steps // 5`` steps). The
   result reports every held-out figure and which values were kept.
-- A non-finite loss stops training with an error instead of emitting broken parameters.
+- A non-finite loss or gradient stops training with an error instead of emitting broken parameters; so does
+  a NaN or infinity in any layer of the original or converted model, the teacher's logits or the held-out
+  KL (``NonFiniteError`` from ``analysis.layerwise``, raised as a ``DistillError`` naming the layer).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -45,8 +48,9 @@ from torch import Tensor
 from hydracc import distributed
 from hydracc.analysis.calibration import Calibration, local_rows
 from hydracc.analysis.initial import head_seed, initial_layer_params
+from hydracc.analysis.layerwise import NonFiniteError
 from hydracc.device import default_device
-from hydracc.distill.e2e import Teacher, held_out_kl, kl_step
+from hydracc.distill.e2e import STUDENT_HINT, Teacher, held_out_kl, kl_step
 from hydracc.distill.records import SiteRecord, Weights, record_sites, runner_for, sweep_records
 from hydracc.distill.state import DistillError, TrainingState, fingerprint, restore_adam, state_dir_for
 from hydracc.frontend.capture import AttentionSite, CapturedModel
@@ -261,6 +265,20 @@ def _transfer_step(rec: SiteRecord, rows: list[int], lp: LayerPlan, site: Attent
     return float((torch.from_numpy(totals["num"]) / torch.from_numpy(totals["den"]).clamp_min(1e-12)).mean())
 
 
+def _nonfinite_is_distill_error(fn: Callable[..., DistillResult]) -> Callable[..., DistillResult]:
+    """A NaN or infinity met while distilling (``NonFiniteError``: the layer, its likely cause) is a ``DistillError``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> DistillResult:
+        try:
+            return fn(*args, **kwargs)
+        except NonFiniteError as exc:
+            raise DistillError(f"distillation stopped: {exc.message}", hint=exc.hint) from exc
+
+    return wrapper
+
+
+@_nonfinite_is_distill_error
 def distill(
     captured: CapturedModel,
     weights: Weights,
@@ -342,6 +360,7 @@ def distill(
             rows = _mine(_rows(settings.seed, 1, lp.layer, step, train_rows, settings.batch))
             opt.zero_grad(set_to_none=True)
             value = _finite(_transfer_step(rec, rows, lp, site, params), f"layer {lp.layer}", step, settings.lr)
+            _finite_grads(names, params, step, settings.lr)
             opt.step()
             losses.setdefault(key, [value, value])[1] = value
             for n, p in zip(names, params):
@@ -378,7 +397,10 @@ def distill(
         total, count = held_out_kl(runner, plan, {n: t.to(device) for n, t in candidate.items()}, param_name, teacher,
                                    local, held_mine)
         sums = distributed.sum_arrays({"kl": np.array([total, count], dtype=np.float64)})["kl"]
-        return float(sums[0] / max(sums[1], 1.0))
+        kl = float(sums[0] / max(sums[1], 1.0))
+        if not math.isfinite(kl):  # each process checked its own rows; this is another process's
+            raise DistillError(f"distillation stopped: the held-out KL is {kl}", hint=STUDENT_HINT)
+        return kl
 
     if held_rows and position["stage"] == 1:  # which values stage 2 starts from, and the result without it
         after = judge(values)
@@ -413,6 +435,7 @@ def distill(
             distributed.sum_tensors(grads)
             total = distributed.sum_arrays({"kl": np.array([local_sum])})["kl"][0]
             value = _finite_value(float(total) / tokens, "end to end", step, settings.e2e_lr)
+            _finite_grads(names, [params[n] for n in names], step, settings.e2e_lr)
             opt.step()
             losses.setdefault("kl", [value, value])[1] = value
             for n, p in params.items():
@@ -440,6 +463,16 @@ def _state_fingerprint(extra: str, settings: DistillSettings, plan: Plan, calibr
 
 def _finite(value: float, where: str, step: int, lr: float) -> float:
     return _finite_value(value, where, step, lr)
+
+
+def _finite_grads(names: list[str], params: list[Tensor], step: int, lr: float) -> None:
+    """Every gradient must be finite before the optimizer applies it: name the first parameter whose is not."""
+    for name, p in zip(names, params):
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            raise DistillError(
+                f"distillation diverged: step {step + 1}: the gradient of {name} is not finite",
+                hint=f"lower the learning rate (it was {lr:g})",
+            )
 
 
 def _finite_value(value: float, where: str, step: int, lr: float) -> float:

@@ -36,8 +36,33 @@ def split_card(text: str) -> tuple[dict[str, Any], str]:
     return (meta if isinstance(meta, dict) else {}), text[m.end():]
 
 
+def _printable(value: Any) -> str:
+    """``str(value)`` on one line: control characters, line breaks and undecodable bytes (surrogates) become U+FFFD."""
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in str(value))
+
+
 def _yaml_scalar(value: Any) -> str:
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid YAML scalar
+    """A double-quoted YAML scalar: a JSON string (valid YAML) whose characters YAML cannot hold raw (DEL, C1
+    controls, line separators) are escaped; undecodable bytes (surrogates) become U+FFFD."""
+    text = "".join("\ufffd" if 0xD800 <= ord(ch) <= 0xDFFF else ch for ch in str(value))
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}"
+                   for ch in json.dumps(text, ensure_ascii=False))
+
+
+_MD_ESCAPE = re.compile(r"([\\`*_\[\]()#|~!{}])")
+_PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+=-]*")
+
+
+def md_text(value: Any) -> str:
+    """``value`` as inert Markdown text on one line: no HTML, links, emphasis, code or headings can come of it."""
+    text = _printable(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_ESCAPE.sub(r"\\\1", text)
+
+
+def md_code(value: Any) -> str:
+    """``value`` in a code span when it is a plain identifier (a Hub id, a module path), else as ``md_text``."""
+    text = _printable(value)
+    return f"`{text}`" if len(text) <= 256 and _PLAIN_ID.fullmatch(text) else md_text(text)
 
 
 def _bytes(n: float) -> str:
@@ -76,15 +101,15 @@ def build_model_card(
         front.append(f"license: {_yaml_scalar(meta['license'])}")
     front += ["library_name: transformers", "tags:"] + [f"- {_yaml_scalar(t)}" for t in tags] + ["---", ""]
 
-    model_type = config.get("model_type", "?")
+    model_type = md_text(config.get("model_type", "?"))
     full = sum(k == "full" for entry in layers for k in entry["kinds"])
     heads = sum(len(entry["kinds"]) for entry in layers)
     ratio = kv_bytes_per_token_after / kv_bytes_per_token_before if kv_bytes_per_token_before else 1.0
     out = [
         f"# {model_type} with hybrid attention (hydracc)",
         "",
-        f"A {model_type} checkpoint{f' converted from `{base}`' if base else ''} by hydracc "
-        f"{hydra.get('provenance', {}).get('hydracc_version', '?')}: {full} of {heads} attention heads keep full softmax "
+        f"A {model_type} checkpoint{f' converted from {md_code(base)}' if base else ''} by hydracc "
+        f"{md_text(hydra.get('provenance', {}).get('hydracc_version', '?'))}: {full} of {heads} attention heads keep full softmax "
         "attention, the others run as fixed-state heads side by side with them in the same layers.",
         "",
         "## Plan",
@@ -108,32 +133,7 @@ def build_model_card(
         "",
     ]
     out += [f"- `{k}`: {kind_by_name(k).description}" for k in kinds]
-    out += ["", "## How the plan was chosen", ""]
-    if budget:
-        how = budget.get("strategy", "?") + (f" by `{budget['score']}`" if "score" in budget else "")
-        asked = (f"full ratio {budget['full_ratio']}" if budget.get("full_ratio") is not None
-                 else f"KV budget {budget.get('kv_budget')}")
-        out.append(f"Strategy {how}, {asked}: {budget.get('full_units', '?')} of {budget.get('total_units', '?')} "
-                   f"{'KV group' if plan.get('unit') == 'kv_group' else 'head'}s kept full.")
-        if budget.get("objective"):
-            out.append(f"Objective `{budget['objective']}`" + (" (recall first, then output KL)" if budget["objective"] == "recall" else "")
-                       + ("; the model failed its recall probes, so output KL decided" if budget.get("objective_fell_back_to_kl") else "")
-                       + ".")
-        decided = budget.get("full_decided_by") or {}
-        if decided:
-            units_are = " (each KV group named by its first query head, layer.head)." if plan.get("unit") == "kv_group" else "."
-            out.append("Full units decided by: "
-                       + "; ".join(f"`{how}` ({', '.join(map(str, units))})" for how, units in sorted(decided.items())) + units_are)
-        score = budget.get("score")
-        full = [(lp["layer"], h, head.get("scores", {})) for lp in plan.get("layers", [])
-                for h, head in enumerate(lp.get("heads", [])) if head.get("kind") == "full"]
-        columns = [c for c in dict.fromkeys(("recall", score)) if c and any(c in scores for _, _, scores in full)]
-        kept = [(layer, h, [scores.get(c) for c in columns]) for layer, h, scores in full] if columns else []
-        if kept and any(v is not None for _, _, vals in kept for v in vals):
-            out += ["", "| layer.head (original order) | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-            out += [f"| {layer}.{h} | " + " | ".join("" if v is None else f"{v:.4g}" for v in vals) + " |" for layer, h, vals in kept]
-    else:
-        out.append("Converted by a plan file given by hand.")
+    out += ["", "## How the plan was chosen", "", *_plan_section(plan, budget)]
     distill = hydra.get("distill") or {}
     out += ["", "## Added parameters", ""]
     if distill.get("settings"):
@@ -165,42 +165,109 @@ def build_model_card(
         "",
     ]
     prov = hydra.get("provenance", {})
-    out.append(f"hydracc {prov.get('hydracc_version', '?')}, torch {prov.get('torch', '?')}, "
-               f"transformers {prov.get('transformers', '?')}; passes: {', '.join(hydra.get('passes', []))}.")
+    out.append(f"hydracc {md_text(prov.get('hydracc_version', '?'))}, torch {md_text(prov.get('torch', '?'))}, "
+               f"transformers {md_text(prov.get('transformers', '?'))}; passes: {md_text(', '.join(hydra.get('passes', [])))}.")
     out += ["", "| input file | sha256 |", "|---|---|"]
-    out += [f"| {name} | `{digest}` |" for name, digest in sorted(prov.get("inputs", {}).items())]
+    out += [f"| {md_text(name)} | {md_code(digest)} |" for name, digest in sorted(prov.get("inputs", {}).items())]
     if body.strip():
-        out += ["", "## Original model card", "", body.strip()]
+        out += ["", ORIGINAL_HEADING, "", body.strip()]
     return "\n".join(front + out) + "\n"
 
 
+def _plan_counts(plan: dict[str, Any]) -> tuple[int, int, str]:
+    """Full units, all units and the unit's name, counted from the plan's heads (never from its budget record)."""
+    grouped = plan.get("unit") == "kv_group"
+    full = total = 0
+    for lp in plan.get("layers", []):
+        kinds = [h.get("kind") for h in lp.get("heads", [])]
+        keeps = [kind_by_name(k).keeps_kv for k in kinds]
+        if grouped:
+            group = max(1, len(kinds) // max(1, lp.get("num_kv_heads", 1)))
+            total += lp.get("num_kv_heads", 0)
+            full += sum(any(keeps[g:g + group]) for g in range(0, len(keeps), group))
+        else:
+            total += len(kinds)
+            full += sum(keeps)
+    return full, total, "KV group" if grouped else "head"
+
+
+def _plan_section(plan: dict[str, Any], budget: dict[str, Any]) -> list[str]:
+    """How the plan was made: the counts from the plan itself, then what the budget record says of the choice."""
+    if not plan.get("layers"):
+        return ["Converted by a plan file given by hand."]
+    full, total, unit = _plan_counts(plan)
+    kept = f"{full} of {total} {unit}s kept full"
+    if not budget or "strategy" not in budget:
+        edited = " (edited after planning: its recorded budget no longer described it and was dropped)" \
+            if budget.get("edited") else ""
+        return [f"Converted by a plan file given by hand{edited}: {kept}."]
+    how = md_text(budget["strategy"]) + (f" by {md_code(budget['score'])}" if "score" in budget else "")
+    asked = (f"full ratio {md_text(budget['full_ratio'])}" if budget.get("full_ratio") is not None
+             else f"KV budget {md_text(budget.get('kv_budget'))}")
+    source = " (from the plan file)" if budget.get("source") == "plan_file" else ""
+    out = [f"Strategy {how}{source}, {asked}: {kept}."]
+    if budget.get("objective"):
+        out.append(f"Objective {md_code(budget['objective'])}"
+                   + (" (recall first, then output KL)" if budget["objective"] == "recall" else "")
+                   + ("; the model failed its recall probes, so output KL decided" if budget.get("objective_fell_back_to_kl")
+                      else "") + ".")
+    decided = budget.get("full_decided_by") or {}
+    if decided:
+        units_are = " (each KV group named by its first query head, layer.head)." if plan.get("unit") == "kv_group" else "."
+        out.append("Full units decided by: "
+                   + "; ".join(f"{md_code(how)} ({', '.join(map(md_text, units))})" for how, units in sorted(decided.items()))
+                   + units_are)
+    score = budget.get("score")
+    full_heads = [(lp["layer"], h, head.get("scores", {})) for lp in plan.get("layers", [])
+                  for h, head in enumerate(lp.get("heads", [])) if head.get("kind") == "full"]
+    columns = [c for c in dict.fromkeys(("recall", score)) if c and any(c in scores for _, _, scores in full_heads)]
+    rows = [(layer, h, [scores.get(c) for c in columns]) for layer, h, scores in full_heads] if columns else []
+    if rows and any(v is not None for _, _, vals in rows for v in vals):
+        out += ["", "| layer.head (original order) | " + " | ".join(map(md_text, columns)) + " |",
+                "|---|" + "---|" * len(columns)]
+        out += [f"| {layer}.{h} | " + " | ".join("" if v is None else f"{v:.4g}" for v in vals) + " |" for layer, h, vals in rows]
+    return out
+
+
 VERIFY_HEADING = "## Verification (`hydracc verify`)"
+VERIFY_BEGIN = "<!-- hydracc verify: begin -->"
+VERIFY_END = "<!-- hydracc verify: end -->"
+"""The verification section sits between these lines, so an update replaces only what hydracc wrote."""
+ORIGINAL_HEADING = "## Original model card"
+"""Everything from the first line that is exactly this one on is the input's card, never edited."""
 
 
 def verification_section(verify: dict[str, Any]) -> list[str]:
-    """The card's lines for a ``hydracc verify`` report (``VerifyReport.to_json()``)."""
-    out = [VERIFY_HEADING, ""]
+    """The card's lines for a ``hydracc verify`` report (``VerifyReport.to_json()``), between the markers."""
+    out = [VERIFY_BEGIN, VERIFY_HEADING, ""]
     if verify.get("data"):
-        out += [f"Against the original on {verify['data']} ({verify.get('device', '?')}): "
+        out += [f"Against the original on {md_text(verify['data'])} ({md_text(verify.get('device', '?'))}): "
                 f"{'passed' if verify.get('passed') else 'failed'}.", ""]
     out += ["| check | value | threshold | ok |", "|---|---|---|---|"]
     for name, row in sorted(verify.get("checks", {}).items()):
         value = row.get("value")
-        shown = "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+        shown = "-" if value is None else f"{value:.4g}" if isinstance(value, float) else md_text(value)
         ok = "not judged" if not row.get("judged", True) else "yes" if row.get("ok") else "no"
-        out.append(f"| {name} | {shown} | {row.get('threshold')} | {ok} |")
-    return out
+        out.append(f"| {md_text(name)} | {shown} | {md_text(row.get('threshold'))} | {ok} |")
+    return out + [VERIFY_END]
 
 
 def with_verification(card: str, verify: dict[str, Any]) -> str:
     """``card`` (a hydracc card) with its verification section replaced by ``verify``'s figures,
-    placed before "How to load"; the rest, the original model card included, is kept as it is."""
+    placed before "How to load". Only hydracc's part of the card (above the original model card) is
+    searched, and only the lines between the markers are replaced; the rest is kept as it is."""
     lines = card.split("\n")
-    if VERIFY_HEADING in lines:  # drop the old section, up to the next heading of the same level
-        start = lines.index(VERIFY_HEADING)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines = lines[:start] + lines[end:]
-        while start > 0 and start < len(lines) and lines[start - 1] == "" and lines[start] == "":
-            del lines[start]
-    at = lines.index("## How to load") if "## How to load" in lines else len(lines)
-    return "\n".join(lines[:at] + verification_section(verify) + [""] + lines[at:])
+    cut = lines.index(ORIGINAL_HEADING) if ORIGINAL_HEADING in lines else len(lines)
+    ours, kept = lines[:cut], lines[cut:]
+    if VERIFY_BEGIN in ours:
+        start = ours.index(VERIFY_BEGIN)
+        if VERIFY_END not in ours[start:]:
+            raise ValueError(f"the card has {VERIFY_BEGIN!r} without {VERIFY_END!r}: it was edited by hand")
+        end = ours.index(VERIFY_END, start) + 1
+        ours = ours[:start] + ours[end + 1 if end < len(ours) and ours[end] == "" else end:]
+    elif VERIFY_HEADING in ours:  # a card written before the markers: its section ends at hydracc's next heading
+        start = ours.index(VERIFY_HEADING)
+        end = next((i for i in range(start + 1, len(ours)) if ours[i].startswith("## ")), len(ours))
+        ours = ours[:start] + ours[end:]
+    at = ours.index("## How to load") if "## How to load" in ours else len(ours)
+    return "\n".join(ours[:at] + verification_section(verify) + [""] + ours[at:] + kept)

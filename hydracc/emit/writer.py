@@ -36,10 +36,12 @@ from typing import Any, Self
 import torch
 
 from hydracc.errors import OutputError
+from hydracc.paths import SIDE_NAME_EXTRA, TEMP_NAME_EXTRA, check_name_length
+from hydracc.runtime.integrity import tensor_digest
 
 __all__ = [
-    "CheckpointWriter", "check_destination", "hydracc_made", "json_safe", "make_temp_folder", "parse_size",
-    "remove_stale_temp_folders", "swap_into_place",
+    "SIDE_NAME_EXTRA", "TEMP_NAME_EXTRA", "CheckpointWriter", "check_destination", "check_name_length", "hydracc_made",
+    "json_safe", "make_temp_folder", "parse_size", "remove_stale_temp_folders", "swap_into_place",
 ]
 
 SINGLE_NAME = "model.safetensors"
@@ -139,6 +141,8 @@ class CheckpointWriter:
         self._total_size = 0
         self._side_files: list[str] = []
         self._written: list[Path] = []
+        self.digests: dict[str, str] = {}
+        """sha256 of every tensor added (``runtime.integrity.tensor_digest``), for the converted config."""
 
     # -- context manager --------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -187,6 +191,7 @@ class CheckpointWriter:
         if self._buffer and self._buffer_bytes + t.nbytes > self.max_shard_bytes:
             self._flush()
         self._names.add(name)
+        self.digests[name] = tensor_digest(t)
         self._buffer[name] = t
         self._buffer_bytes += t.nbytes
         self._total_size += t.nbytes
@@ -384,9 +389,10 @@ def hydracc_made(folder: Path) -> bool:
 
 
 def check_destination(out: Path, force: bool) -> None:
-    """Refuse an output path before any work: a file, an existing folder without ``force``, a folder
-    hydracc did not write (even with ``force``), the root, the home or current folder, or a parent
-    that is missing or not writable."""
+    """Refuse an output path before any work: a name too long for its filesystem (with the temporary folder's
+    suffix), a file, an existing folder without ``force``, a folder hydracc did not write (even with ``force``),
+    the root, the home or current folder, or a parent that is missing or not writable."""
+    check_name_length(out, "output", extra=TEMP_NAME_EXTRA)
     parent = out.parent
     if out.exists() and not out.is_dir():
         raise OutputError(

@@ -139,17 +139,23 @@ def verify(
     settings: VerifySettings | None = None,
     device: str | torch.device | None = None,
     allow_nonfinite: bool = False,
+    check_hashes: bool = True,
 ) -> VerifyReport:
-    """Compare ``converted`` with ``original``; ``report.passed`` says whether every judged threshold held."""
+    """Compare ``converted`` with ``original``; ``report.passed`` says whether every judged threshold held.
+
+    The converted weights are first checked against the digests their config records (``check_hashes``),
+    so a checkpoint edited after conversion is refused before any model runs."""
     import torch
     import torch.nn.functional as F
 
-    from hydracc.runtime.loader import from_pretrained, load
+    from hydracc.runtime.loader import check_weight_digests, from_pretrained, load
 
     t = thresholds or Thresholds()
     s = settings or VerifySettings()
     dev = default_device(device)
     orig_ck, conv_ck = check_pair(original, converted)
+    if check_hashes:
+        check_weight_digests(conv_ck.root, conv_ck.config)
     vocab = int(orig_ck.config.get("vocab_size") or 0)
     limit = orig_ck.config.get("max_position_embeddings") or orig_ck.config.get("n_positions")
     if isinstance(limit, int) and s.seq_len > limit:
@@ -163,7 +169,7 @@ def verify(
     models = {
         "original": from_pretrained(orig_ck.root, orig_ck.config, allow_nonfinite=allow_nonfinite,
                                     attn_implementation="sdpa").to(dev).eval(),
-        "converted": load(conv_ck.root, device=dev, allow_nonfinite=allow_nonfinite),
+        "converted": load(conv_ck.root, device=dev, allow_nonfinite=allow_nonfinite, check_hashes=False),
     }
     report = VerifyReport(str(orig_ck.root), str(conv_ck.root), source, str(dev))
     nll = {name: 0.0 for name in models}
@@ -215,9 +221,17 @@ def card_path(converted: str | os.PathLike[str]) -> Path:
     """The converted folder's model card, checked before any work: it must be hydracc's."""
     root = Path(converted)
     card = (root.parent if root.is_file() else root) / "README.md"
-    if not card.is_file() or "\n- \"hydracc\"\n" not in card.read_text(encoding="utf-8", errors="replace"):
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    if "\n- \"hydracc\"\n" not in text:
         raise VerifyError(f"{card} is not a model card hydracc wrote", hint="--update-card updates the card of a converted "
                           "folder; convert again to get one, or drop --update-card")
+    from hydracc.emit.model_card import with_verification
+
+    try:
+        with_verification(text, {})  # its markers are checked now, before the models run
+    except ValueError as exc:
+        raise VerifyError(f"{card}: {exc}", hint="restore or remove the verification section's marker lines, then rerun "
+                          "--update-card") from None
     return card
 
 

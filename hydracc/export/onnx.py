@@ -39,7 +39,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from hydracc.emit.writer import OWNER_MARKER, check_destination, make_temp_folder, swap_into_place
+from hydracc.emit.writer import (
+    OWNER_MARKER,
+    TEMP_NAME_EXTRA,
+    check_destination,
+    check_name_length,
+    make_temp_folder,
+    swap_into_place,
+)
 from hydracc.errors import CheckpointError, HydraError, OutputError
 from hydracc.kernels.kinds import GDN, HEAD_KINDS, STREAMING, kind_by_code
 from hydracc.kernels.kinds.gdn import GDN_CHUNK
@@ -138,6 +145,9 @@ class _Step(nn.Module):
         self.layout = layout
         self.with_past = with_past
         self.kv_heads = int(getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads)
+        from hydracc.runtime.loader import cache_argument
+
+        self.cache_name = cache_argument(model)  # (past_key_values before transformers 5.25)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = HybridCache(num_layers=len(self.layout.layers))
@@ -149,7 +159,7 @@ class _Step(nn.Module):
             layer.first_position = position_ids[0, 0]  # streaming rings are written by position
             if self.with_past:
                 layer.set_cache_tensors([next(it) for _ in lc.tensors])
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=True, **{self.cache_name: cache})
         present: list[torch.Tensor] = []
         for layer in cache.layers:
             assert isinstance(layer, HybridLayer)
@@ -184,11 +194,12 @@ float16: that difference divided by the output's largest magnitude, since fp16 r
 with it (the differences seen on the example model are in ``benchmarks/README.md``)."""
 
 
-def _load_for_export(checkpoint: Path, dtype: str = "float32", allow_nonfinite: bool = False) -> tuple[nn.Module, CacheLayout]:
+def _load_for_export(checkpoint: Path, dtype: str = "float32", allow_nonfinite: bool = False,
+                     check_hashes: bool = True) -> tuple[nn.Module, CacheLayout]:
     from hydracc.runtime.loader import load
 
     _register()
-    model = load(checkpoint, dtype=DTYPES[dtype], allow_nonfinite=allow_nonfinite)
+    model = load(checkpoint, dtype=DTYPES[dtype], allow_nonfinite=allow_nonfinite, check_hashes=check_hashes)
     layout = cache_layout(model)
     model.set_attn_implementation(EXPORT_ATTENTION)
     return model, layout
@@ -297,12 +308,13 @@ def check_onnx(
     if not prefill_diff <= atol:
         raise ExportError(f"prefill graph differs from the torch model by {prefill_diff:.3g} (--atol {atol:g})")
     # decode: onnxruntime's own cache against hydracc's runtime with a HybridCache
-    from hydracc.runtime.loader import ATTN_IMPLEMENTATION
+    from hydracc.runtime.loader import ATTN_IMPLEMENTATION, cache_argument
 
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     cache = HybridCache(model.config)
     with torch.no_grad():
-        ref_logits = model(ids, past_key_values=cache, use_cache=True).logits
+        named = {cache_argument(model): cache}  # (past_key_values before transformers 5.25)
+        ref_logits = model(ids, use_cache=True, **named).logits
     past = got[1:]
     ort_next = got[0][:, -1].argmax(-1)
     ref_next = ref_logits[:, -1].argmax(-1)
@@ -315,7 +327,7 @@ def check_onnx(
         feeds = {"input_ids": ort_next[:, None].astype(np.int64), "position_ids": position, **dict(zip(names, past))}
         out = decode.run(None, feeds)
         with torch.no_grad():
-            ref = model(ref_next[:, None], past_key_values=cache, use_cache=True).logits
+            ref = model(ref_next[:, None], use_cache=True, **named).logits
         decode_diff = max(decode_diff, _max_diff(out[0], ref, relative))
         if not decode_diff <= atol:
             raise ExportError(f"decode graph differs from hydracc's decode by {decode_diff:.3g} at step {step} (--atol {atol:g})")
@@ -327,6 +339,7 @@ def check_onnx(
 def export_onnx(
     checkpoint: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *, atol: float | None = None,
     check_tokens: int = 8, force: bool = False, dtype: str = "float32", allow_nonfinite: bool = False,
+    check_hashes: bool = True,
 ) -> ExportReport:
     """Export ``checkpoint`` (a converted folder) to ``out`` (default ``checkpoint/onnx``) and check it.
 
@@ -342,6 +355,9 @@ def export_onnx(
         raise ExportError(f"unknown ONNX dtype {dtype!r}", hint=f"choose one of {', '.join(DTYPES)}")
     atol = DEFAULT_ATOL[dtype] if atol is None else atol
     src = Path(checkpoint)
+    check_name_length(src, "checkpoint path", error=CheckpointError)  # before any path is looked at
+    if out is not None:
+        check_name_length(out, "output", extra=TEMP_NAME_EXTRA)
     if not src.exists():
         raise CheckpointError(f"checkpoint path {src} does not exist", hint="give the folder of a converted checkpoint (hydracc convert -o)")
     if src.is_file():
@@ -351,7 +367,7 @@ def export_onnx(
         raise OutputError(f"output {dest} would replace the checkpoint {src}", hint="write the ONNX files to a new folder (default: CHECKPOINT/onnx)")
     dest = dest.expanduser().absolute()
     check_destination(dest, force)  # before any work: a file, someone else's folder, cwd/home/root
-    model, layout = _load_for_export(src, dtype, allow_nonfinite)
+    model, layout = _load_for_export(src, dtype, allow_nonfinite, check_hashes)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > PROTOBUF_LIMIT // 2
     tmp = make_temp_folder(dest)
     try:

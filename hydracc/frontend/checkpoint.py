@@ -33,6 +33,7 @@ from typing import Any, Self
 import torch
 
 from hydracc.errors import CheckpointError
+from hydracc.paths import check_name_length
 
 __all__ = ["SUPPORTED_DTYPES", "Checkpoint", "TensorInfo", "open_checkpoint"]
 
@@ -244,6 +245,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     Only headers are read; every problem found raises :class:`CheckpointError`.
     """
     p = Path(os.fspath(path)).expanduser()
+    check_name_length(p, "checkpoint path", error=CheckpointError)  # else exists() ends in "File name too long"
     if not p.exists():
         raise CheckpointError(
             f"checkpoint path {p} does not exist",
@@ -272,6 +274,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
             _refuse_single_shard(p)
             files, index_path, weight_map = [p], None, None
     config = read_config(root)
+    if isinstance(config.get("model_type"), str):  # an encoder is told so, not that its causal-LM head is missing
+        from hydracc.frontend.model import check_decoder_only
+
+        check_decoder_only(config["model_type"], config)
 
     infos: dict[str, TensorInfo] = {}
     for f in files:

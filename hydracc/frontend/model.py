@@ -16,6 +16,8 @@ Design decisions:
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -55,15 +57,154 @@ def load_config(config: dict[str, Any]):  # -> transformers.PretrainedConfig
             hint=f"hydracc builds models from transformers' own classes (tested: {', '.join(_KNOWN_FAMILIES)}); "
             "remote code is never run",
         )
+    check_decoder_only(model_type, config)
     check_sizes(config)
+    check_rope(config)
     fields = {k: v for k, v in config.items() if k not in ("model_type", "auto_map")}
     try:
-        return AutoConfig.for_model(model_type, **fields)
+        with _rope_warnings() as warned, quiet_transformers():
+            cfg = AutoConfig.for_model(model_type, **fields)
     except Exception as exc:  # transformers' own validation (strict dataclass fields, architecture checks)
         raise CheckpointError(
             f"config.json is not a valid {model_type!r} config: {_first_line(exc)}",
             hint="check config.json against the weights it came with (head counts, hidden size, types)",
         ) from exc
+    missing = [m for m in warned if "Missing required" in m]
+    if missing:  # the rotary tables cannot be built from it
+        raise CheckpointError(f"config.json: transformers rejects its RoPE parameters: {missing[0]}", hint=_ROPE_HINT)
+    for message in warned:  # out of transformers' range but computable: said before the work, not refused
+        import warnings
+
+        warnings.warn(f"config.json: transformers warns about its RoPE parameters: {message} (hydracc goes on; the "
+                      "rotary tables are checked to be finite: check the values against the model's own card)",
+                      stacklevel=2)
+    return cfg
+
+
+_ROPE_HINT = ("fix rope_theta / rope_scaling (or rope_parameters) in config.json: they must be the values the model "
+              "was trained with (e.g. rope_theta 10000.0 or 500000.0; a scaling factor >= 1)")
+_ROPE_POSITIVE = ("rope_theta", "factor", "attention_factor", "partial_rotary_factor")
+"""RoPE fields that must be finite numbers > 0 where a config gives them (``partial_rotary_factor`` also <= 1)."""
+_ROPE_FINITE = ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+"""RoPE fields that must be finite numbers where a config gives them (null: the default)."""
+_ROPE_REFUSED = ("must", "Missing required")
+"""What marks a transformers RoPE warning as a value out of its range (``... field must be a float or int >= 1, got
+0.5``, a missing ``factor``): said as a hydracc warning before the work (a missing key is an error; values that make the
+tables non-finite or non-positive are refused by ``check_rope`` and ``check_rotary_buffers``). The others are advice
+(unrecognized keys some families store, yarn's factor against ``max_position_embeddings /
+original_max_position_embeddings``) and stay transformers' log lines."""
+
+
+def check_rope(config: dict[str, Any]) -> None:
+    """Refuse RoPE parameters that make the rotary tables non-finite or meaningless, naming the field:
+    ``rope_theta`` and the scaling ``factor`` (and the other numbers ``rope_scaling`` /
+    ``rope_parameters`` may hold, nested per layer type or not) must be finite and positive."""
+    where: list[tuple[str, dict[str, Any]]] = [("", config)]
+    for key in ("rope_scaling", "rope_parameters"):
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise CheckpointError(f"config.json: {key} is {value!r}; it must be an object (or null)", hint=_ROPE_HINT)
+        nested = [k for k, v in value.items() if isinstance(v, dict)]
+        if nested:
+            where += [(f"{key}.{k}.", value[k]) for k in nested]
+        else:
+            where.append((f"{key}.", value))
+    for prefix, fields in where:
+        for name in _ROPE_POSITIVE + _ROPE_FINITE if prefix else ("rope_theta", "partial_rotary_factor"):
+            if fields.get(name) is None:  # absent or null: transformers' default (or its own warning below)
+                continue
+            value = fields[name]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value):
+                raise CheckpointError(f"config.json: {prefix}{name} is {value!r}; it must be a finite number",
+                                      hint=_ROPE_HINT)
+            if name in _ROPE_POSITIVE and value <= 0:
+                raise CheckpointError(f"config.json: {prefix}{name} is {value!r}; it must be greater than 0",
+                                      hint=_ROPE_HINT)
+            if name == "partial_rotary_factor" and value > 1:
+                raise CheckpointError(f"config.json: {prefix}{name} is {value!r}; it must be at most 1 (the whole head)",
+                                      hint=_ROPE_HINT)
+        for name in ("short_factor", "long_factor"):
+            value = fields.get(name) if prefix else None
+            if value is not None and not (isinstance(value, list) and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in value)):
+                raise CheckpointError(f"config.json: {prefix}{name} must be a list of finite numbers > 0, got {value!r}",
+                                      hint=_ROPE_HINT)
+
+
+@contextlib.contextmanager
+def _rope_warnings() -> Iterator[list[str]]:
+    """Collect what transformers' RoPE validation warns about (it only logs), whatever its verbosity."""
+    found: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if record.levelno >= logging.WARNING and any(word in message for word in _ROPE_REFUSED):
+                found.append(message)
+            elif record.levelno >= effective and logger.parent is not None:  # advice: logged as transformers would
+                logger.parent.handle(record)
+
+    logger = logging.getLogger("transformers.modeling_rope_utils")
+    handler, level, propagate, effective = Collect(), logger.level, logger.propagate, logger.getEffectiveLevel()
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False  # what it refuses is reported as an error, not logged as well
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
+def check_rotary_buffers(model: nn.Module) -> None:
+    """The rotary tables built from the config must be finite (a last check behind ``check_rope``)."""
+    for name, buf in model.named_buffers():
+        if name.rsplit(".", 1)[-1].endswith("inv_freq") and buf.is_floating_point() and not bool(buf.isfinite().all()):
+            raise CheckpointError(
+                f"the rotary frequencies built from config.json ({name}) are not finite",
+                hint=_ROPE_HINT,
+            )
+    for name, module in model.named_modules():
+        scaling = getattr(module, "attention_scaling", None)
+        if isinstance(scaling, (int, float)) and not math.isfinite(scaling):
+            raise CheckpointError(f"the RoPE attention scaling built from config.json ({name}) is {scaling}",
+                                  hint=_ROPE_HINT)
+
+
+_DECODER_HINT = (f"hydracc converts decoder-only language models with causal attention ({', '.join(_KNOWN_FAMILIES)}, "
+                 "...); convert the causal-LM version of the model, if it has one")
+
+
+def check_decoder_only(model_type: str, config: dict[str, Any]) -> None:
+    """Refuse encoder (BERT, RoBERTa, ...) and encoder-decoder (T5, BART, ...) models by name, before transformers builds
+    a causal-LM head they do not have (and the weights are reported as missing)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    arch = config.get("architectures")
+    named = f" ({', '.join(map(str, arch))})" if isinstance(arch, list) and arch else ""
+    if config.get("is_encoder_decoder") is True:
+        raise UnsupportedModelError(f"model_type {model_type!r}{named} is an encoder-decoder model: encoder-decoder "
+                                    "models are not supported", hint=_DECODER_HINT)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and config.get("is_decoder") is not True:
+        raise UnsupportedModelError(f"model_type {model_type!r}{named} is an encoder model (bidirectional attention): "
+                                    "encoder models are not supported", hint=_DECODER_HINT)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Keep transformers' warnings and notes (``If you want to use BertLMHeadModel as a standalone ...``) off stderr
+    while hydracc builds its models: what matters reaches the user as hydracc's own error; errors still show."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 SIZE_KEYS = (
@@ -129,7 +270,7 @@ def build_model(config: dict[str, Any], *, attn_implementation: str = "sdpa", on
     cfg = load_config(config)
     ctx = parameters_on_meta() if on_meta else contextlib.nullcontext()
     try:
-        with ctx, warnings.catch_warnings():
+        with ctx, warnings.catch_warnings(), quiet_transformers():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_config(
                 cfg, attn_implementation=attn_implementation, trust_remote_code=False,
@@ -145,6 +286,7 @@ def build_model(config: dict[str, Any], *, attn_implementation: str = "sdpa", on
             f"transformers cannot build a {cfg.model_type!r} model from config.json: {_first_line(exc)}",
             hint="check config.json against the weights it came with (head counts, hidden size)",
         ) from exc
+    check_rotary_buffers(model)
     return model.eval()
 
 

@@ -82,7 +82,8 @@ class ConvertOptions:
                                type=_PATH, optional=True)
     plan_file: Path | None = _opt(None, "Convert by this plan JSON instead of planning.", flags=("--plan-file",), type=_PATH,
                                   optional=True)
-    plan_out: Path | None = _opt(None, "Write the plan JSON (with the scores) to this file.", flags=("--plan-out",), type=_PATH,
+    plan_out: Path | None = _opt(None, "Write the plan JSON (with the scores) to this file (not inside the input; an existing "
+                                 "file only with --force).", flags=("--plan-out",), type=_PATH,
                                  optional=True)
     plan_png: Path | None = _opt(None, "Draw a layers x heads heat map of the deciding score, full heads marked (needs "
                                  "matplotlib).", flags=("--plan-png",), type=_PATH, optional=True)
@@ -163,7 +164,8 @@ class ConvertOptions:
                                     flags=("--plugin",), multiple=True, metavar="FILE.py|MODULE")
     permute: bool = _opt(True, "Reorder heads in the weights so full heads are contiguous.", flags=("--permute",),
                          secondary="--no-permute", type=bool)
-    force: bool = _opt(False, "Replace OUTPUT if it exists (only once the new one is complete).", flags=("--force",), type=bool)
+    force: bool = _opt(False, "Replace OUTPUT if it exists (only once the new one is complete; only a folder hydracc wrote), "
+                      "and existing --plan-out/--plan-png files.", flags=("--force",), type=bool)
     max_shard_size: str | int = _opt("5GB", "Largest output shard, e.g. 5GB or 500MiB.", flags=("--max-shard-size",),
                                      type=_SIZE)
     onnx: bool = _opt(False, "Also export OUTPUT/onnx (prefill and decode graphs), checked with onnxruntime (see "
@@ -177,6 +179,7 @@ class ConvertOptions:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f, getattr(self, f.name)))
+        object.__setattr__(self, "linear_kind_given", self.linear_kind is not None)
         if self.linear_kind is None:  # the default kind: elu, or gdn when distilling (benchmarks/README.md)
             object.__setattr__(self, "linear_kind", DISTILL_KIND if self.distill else "elu")
 
@@ -193,6 +196,8 @@ class ConvertOptions:
         return cls(path=path, **kwargs)
 
     def replace(self, **changes: Any) -> ConvertOptions:
+        if not self.linear_kind_given:  # keep the kind a default: it follows distill, and a plan file may still decide
+            changes.setdefault("linear_kind", None)
         return dataclasses.replace(self, **changes)
 
     # --- derived values -----------------------------------------------------------------
@@ -247,6 +252,7 @@ class ConvertOptions:
             self.max_shard_bytes  # noqa: B018
         except (TypeError, ValueError) as exc:
             raise OptionError(f"{n('max_shard_size')}: {exc}") from exc
+        _check_name_lengths(self, n)  # before any path is looked at
         if self.output is not None and not self.dry_run and self.output.exists() and not self.force:
             raise OutputError(f"output {self.output} already exists",
                               hint=f"choose a new path or {'add --force' if style == 'cli' else 'pass force=True'} to replace it")
@@ -260,12 +266,25 @@ class ConvertOptions:
                 raise OutputError(f"output {self.output} would replace the input checkpoint {self.path}",
                                   hint="write the converted checkpoint to a new folder")
             check_destination(self.output.expanduser().absolute(), self.force)  # parent, file, someone else's folder: now
+        if self.base_model is not None and not (0 < len(self.base_model) <= 256 and self.base_model.isprintable()
+                                                and not any(0xD800 <= ord(c) <= 0xDFFF for c in self.base_model)):
+            raise OptionError(f"{n('base_model')} must be a Hub id such as Qwen/Qwen3-1.7B (printable text of at most 256 "
+                              f"characters), got {self.base_model[:80].encode('utf-8', 'backslashreplace').decode('ascii', 'backslashreplace')!r}")
+        if self.plan_file is not None:  # the plan file decides every head: a planning option would be ignored
+            ignored = [name for name in _PLANNING_OPTIONS if getattr(self, name) != _default(name)]
+            if self.linear_kind_given:
+                ignored.insert(0, "linear_kind")
+            if ignored:
+                raise OptionError(f"{n('plan_file')} decides every head, so {', '.join(n(k) for k in ignored)} would be "
+                                  "ignored", hint=f"drop {' and '.join(n(k) for k in ignored)}, or plan with them instead of "
+                                  f"{n('plan_file')} (edit the plan file to change it)")
         if self.plan_file is None and self.full_ratio is not None and self.kv_budget is not None:
             raise OptionError(f"give one budget: {n('full_ratio')} or {n('kv_budget')}, not both")
         if self.max_full_per_layer is not None and self.max_full_per_layer < self.min_full_per_layer:
             raise OptionError(f"{n('max_full_per_layer')} ({self.max_full_per_layer}) is below {n('min_full_per_layer')} "
                               f"({self.min_full_per_layer})")
         self.budget()  # the planner's own checks, before any work
+        targets: dict[Path, str] = {}
         for name in ("plan_out", "plan_png"):  # side files too: their folders are known now, not after the analysis
             target = getattr(self, name)
             if target is None:
@@ -276,6 +295,24 @@ class ConvertOptions:
             if not target.parent.is_dir():
                 raise OutputError(f"{n(name)} {target}: the folder {target.parent} does not exist",
                                   hint=f"create {target.parent} first, or choose another path")
+            try:
+                inside_input = _inside_input(target, self.path)
+                resolved = target.resolve()
+            except (OSError, RuntimeError) as exc:  # a symlink loop
+                raise OutputError(f"{n(name)} {target}: {exc}", hint="give the path of a regular file") from None
+            if inside_input:
+                raise OutputError(f"{n(name)} {target} is inside the input checkpoint {self.path}",
+                                  hint="hydracc never writes into its input: choose a path outside it")
+            if self.output is not None and resolved.is_relative_to(self.output.expanduser().resolve()):
+                raise OutputError(f"{n(name)} {target} is inside the output folder {self.output}, which is replaced "
+                                  "whole at the end", hint="write it beside the output folder")
+            if (target.exists() or target.is_symlink()) and not self.force:
+                raise OutputError(f"{n(name)} {target} already exists",
+                                  hint=f"choose a new path, or {'add --force' if style == 'cli' else 'pass force=True'} "
+                                       "to replace it")
+            if resolved in targets:
+                raise OptionError(f"{n(targets[resolved])} and {n(name)} are the same file ({target})")
+            targets[resolved] = name
         if self.plan_png is not None:
             try:
                 import matplotlib  # noqa: F401
@@ -329,6 +366,47 @@ class ConvertOptions:
         elif self.device is not None:
             check_device(self.device, n("device"))
         return file_plan
+
+
+def _inside_input(target: Path, checkpoint: Path) -> bool:
+    """Whether writing ``target`` would change the input: a file inside an input folder, or one of the files of a
+    single-file input (the weights and their shards, ``config.json``, the index, the side files a conversion
+    copies, the card)."""
+    from hydracc.emit.writer import SIDE_FILES
+
+    src = checkpoint.expanduser().resolve()
+    dest = target.resolve()
+    if src.is_dir():
+        return dest.is_relative_to(src)
+    ours = {"config.json", "model.safetensors.index.json", "README.md", *SIDE_FILES}
+    return dest == src or (dest.parent == src.parent and (dest.name in ours or dest.suffix == ".safetensors"))
+
+
+_PLANNING_OPTIONS = ("strategy", "full_ratio", "kv_budget", "score", "sensitivity", "exact_k", "objective",
+                     "min_full_per_layer", "max_full_per_layer", "keep_full", "force_linear", "sink", "window")
+"""Options that only choose a plan: with a plan file, giving one is an error (it would be ignored)."""
+
+
+def _default(name: str) -> Any:
+    return ConvertOptions.__dataclass_fields__[name].default
+
+
+def _check_name_lengths(o: ConvertOptions, n: _Namer) -> None:
+    """Every path's names fit the filesystem (the output's with the temporary folder's suffix), before any path is
+    looked at: an over-long name would otherwise end in ``OSError: File name too long``, perhaps after the work;
+    and ``calib`` is a regular file (not a folder, ``/dev/zero`` or a pipe)."""
+    from hydracc.analysis.calibration import check_calibration_file
+    from hydracc.errors import CheckpointError
+    from hydracc.paths import SIDE_NAME_EXTRA, TEMP_NAME_EXTRA, check_name_length
+
+    check_name_length(o.path, "checkpoint path", error=CheckpointError)
+    if o.output is not None:
+        check_name_length(o.output, "output", extra=TEMP_NAME_EXTRA)
+    for name, extra in (("plan_out", SIDE_NAME_EXTRA), ("plan_png", SIDE_NAME_EXTRA), ("plan_file", 0), ("calib", 0)):
+        if getattr(o, name) is not None:
+            check_name_length(getattr(o, name), n(name), extra=extra, error=OutputError if extra else OptionError)
+    if o.calib is not None:
+        check_calibration_file(o.calib)
 
 
 def require_onnx() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +53,21 @@ class ProgressHooks:
         pass
 
 
+_HOOK_METHODS = ("begin", "end", "analyzed", "distilled", "wrote", "converted")
+
+
+def check_hooks(progress: Any) -> None:
+    """``progress`` must be ``None`` or a ``ProgressHooks`` (or an object with all its methods): an ``OptionError``
+    now, not an ``AttributeError`` once the work has started."""
+    if progress is None or isinstance(progress, ProgressHooks):
+        return
+    missing = [m for m in _HOOK_METHODS if not callable(getattr(progress, m, None))]
+    if missing:
+        raise OptionError(f"progress must be a ProgressHooks or None, got {progress!r} ({type(progress).__name__}), "
+                          f"which has no {', '.join(missing)} method{'s' if len(missing) > 1 else ''}",
+                          hint="subclass hydracc.pipeline.ProgressHooks and override the methods you need")
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a conversion, with what was kept (``str(exc)``; the CLI prints it and exits 130)."""
 
@@ -74,7 +88,8 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
     ``HydraError`` for anything the user can fix; nothing is written to ``options.output`` unless
     everything succeeded.
     """
-    from hydracc.distill.train import state_dir_for
+    check_hooks(progress)  # before any work (or import)
+    from hydracc.distill.state import TrainingState, state_dir_for
     from hydracc.kernels.kinds import kind_by_name
     from hydracc.pipeline import stages
     from hydracc.planning.plan import cache_cost
@@ -96,12 +111,16 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
         file_plan is not None and stages.needs_learned_params(file_plan))
     samples = max(o.calib_samples, o.distill_samples if o.distill else 0)
     dtype = stages.capture_dtype(device)
-    if needs_analysis or may_learn:
-        insp = stages.inspect_checkpoint(o.path, calibration=(samples, o.seq_len), dtype=dtype)
-    else:
-        insp = stages.inspect_checkpoint(o.path, dtype=dtype)
-    insp.checkpoint.allow_nonfinite = o.allow_nonfinite
+    # the distillation state folder beside the output is claimed before any work: a folder of the
+    # user's, or of another live run, is refused now; only what this run wrote is removed later
+    state = TrainingState(state_dir_for(o.output), "") if settings is not None and o.output is not None else None
+    if state is not None:
+        state.claim(resume=o.resume)
+    insp = None
     try:
+        insp = stages.inspect_checkpoint(o.path, dtype=dtype, calibration=(samples, o.seq_len)
+                                         if needs_analysis or may_learn else None)
+        insp.checkpoint.allow_nonfinite = o.allow_nonfinite
         analysis = None
         if needs_analysis:  # a plan by the same rules without scores: --keep-full and the rest fail now, not after the analysis
             stages.make_plan(insp, budget=budget, strategy="even", keep_full=o.keep_full, force_linear=o.force_linear,
@@ -116,7 +135,7 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
                                                 progress=hooks.analyzed)
         plan = stages.make_plan(insp, plan_file=o.plan_file, budget=budget, strategy=o.strategy, analysis=analysis,
                                 score=o.score, keep_full=o.keep_full, force_linear=o.force_linear, linear_kind=o.linear_kind,
-                                seed=o.seed, kind_params=o.kind_params, fusion=want_fusion)
+                                seed=o.seed, kind_params=o.kind_params, fusion=want_fusion, other_model=o.force)
         if o.fusion is False and any(lp.has_learned_kind() for lp in plan.layers):
             no_fusion = "--no-fusion" if style == "cli" else "fusion=False"
             raise OptionError(f"{no_fusion}: the plan has hedgehog or gdn heads, which always come with fusion")
@@ -140,9 +159,9 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
                         result.learned = stages.learn_params(insp, plan, rows, settings=settings, out=output, resume=o.resume,
                                                              progress=hooks.distilled, device=device)
                 except KeyboardInterrupt as exc:
-                    state = state_dir_for(output)
-                    saved = (f"; the training state is saved in {state}: rerun with "
-                             f"{'--resume' if style == 'cli' else 'resume=True'} to continue") if state.is_dir() else ""
+                    saved = (f"; the training state is saved in {state.dir}: rerun with "
+                             f"{'--resume' if style == 'cli' else 'resume=True'} to continue") if state is not None and \
+                        state.has_state() else ""
                     what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
                     raise (Terminated if isinstance(exc, Terminated) else Interrupted)(
                         f"{what}; nothing was written to {output}{saved}") from exc
@@ -154,10 +173,13 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
                 result.files = stages.emit(insp, result.rewrite, output, force=o.force, max_shard_bytes=o.max_shard_bytes,
                                            on_tensor=hooks.wrote, learned=result.learned, base_model=o.base_model)
             result.output = output
-            if settings is not None:
-                shutil.rmtree(state_dir_for(output), ignore_errors=True)
+            if state is not None:
+                state.release()
     finally:
-        insp.checkpoint.close()
+        if insp is not None:
+            insp.checkpoint.close()
+        if state is not None:
+            state.release(keep_state=True)  # a saved state stays for --resume; a claim that saved nothing goes
     hooks.converted(result)
     if o.onnx:
         from hydracc.export.onnx import export_onnx
@@ -165,7 +187,7 @@ def run_conversion(options: ConvertOptions, *, progress: ProgressHooks | None = 
         assert result.output is not None
         with _stage(hooks, "onnx"):
             result.onnx = export_onnx(result.output, None, atol=o.atol, check_tokens=8, force=False,
-                                        allow_nonfinite=o.allow_nonfinite)
+                                        allow_nonfinite=o.allow_nonfinite, check_hashes=False)  # (written just now)
     return result
 
 
@@ -194,6 +216,7 @@ def convert(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = N
     and its settings; its seed is the conversion's ``seed`` unless that is given). A wrong
     type, an unknown keyword or conflicting options raise ``HydraError`` before any work.
     """
+    check_hooks(progress)
     kwargs = _legacy_kwargs(kwargs)
     if out is not None:
         kwargs["output"] = out

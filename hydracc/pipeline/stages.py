@@ -31,6 +31,7 @@ from hydracc.analysis.calibration import (
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     Calibration,
+    check_calibration_size,
     default_calibration,
     load_calibration,
 )
@@ -40,14 +41,15 @@ from hydracc.device import default_device
 from hydracc.distill.train import DistillResult, DistillSettings, distill, initial_values, state_dir_for
 from hydracc.emit.hydra_section import hydra_section
 from hydracc.emit.writer import DEFAULT_MAX_SHARD_BYTES, SIDE_FILES, CheckpointWriter
-from hydracc.errors import HydraError, OutputError, PassError
+from hydracc.errors import HydraError, OutputError, PassError, PlanError
 from hydracc.frontend.capture import CapturedModel, capture, require_sites
 from hydracc.frontend.checkpoint import Checkpoint, open_checkpoint
 from hydracc.frontend.model import build_model, check_runtime_support, expected_weights, match_weights
 from hydracc.passes import PassContext, PassManager, pipeline
 from hydracc.passes.hybridize import HYBRID_OP
 from hydracc.planning.budget import Budget, make_budget_plan
-from hydracc.planning.plan import CacheCost, Plan, cache_cost, check_plan_fits, load_plan  # noqa: F401 (cache_cost: old name)
+from hydracc.planning.plan import CacheCost, Plan, cache_cost, check_plan_fits, load_plan, with_counted_budget  # noqa: F401 (cache_cost: old name)
+from hydracc.runtime.integrity import DIGESTS_KEY
 
 
 @dataclass
@@ -225,8 +227,15 @@ def calibration_for(
 ) -> Calibration:
     """Calibration rows for this model: read from ``calib`` or the built-in default."""
     vocab = int(inspection.checkpoint.config.get("vocab_size") or inspection.captured.config.vocab_size)
+    cfg = inspection.captured.config
+    holds = {"hidden": getattr(cfg, "hidden_size", None), "layers": getattr(cfg, "num_hidden_layers", None),
+             "element_bytes": inspection.dtype.itemsize if inspection.dtype is not None else inspection.element_bytes}
     if calib is not None:
-        return load_calibration(calib, vocab_size=vocab, samples=samples, seq_len=seq_len, checkpoint_root=inspection.checkpoint.root)
+        loaded = load_calibration(calib, vocab_size=vocab, samples=samples, seq_len=seq_len,
+                                  checkpoint_root=inspection.checkpoint.root)
+        check_calibration_size(loaded.samples, loaded.seq_len, **holds)  # a file's rows are known once read
+        return loaded
+    check_calibration_size(samples, seq_len, **holds)  # before the rows are made
     from hydracc.evaluation.probes import token_space
 
     return default_calibration(vocab_size=vocab, samples=samples, seq_len=seq_len,
@@ -293,15 +302,24 @@ def make_plan(
     seed: int = 0,
     kind_params: dict[str, int] | None = None,
     fusion: bool | None = None,
+    other_model: bool = False,
 ) -> Plan:
     """Plan stage: read ``plan_file``, or allocate ``budget`` (default: 25% of units) by ``strategy``.
 
     ``fusion``: ``True``/``False`` sets scale-normalized fusion (overriding a plan file's
     choice; layers with learned kinds keep theirs), ``None`` keeps the plan file's or is off.
+    A plan file's budget record is recomputed from its heads (``with_counted_budget``); a plan made
+    for another ``model_type`` is refused unless ``other_model``.
     """
     sites = inspection.captured.sites
     if plan_file is not None:
         plan = load_plan(plan_file)
+        made_for, model_type = plan.model.get("model_type"), inspection.captured.config.model_type
+        if made_for is not None and made_for != model_type and not other_model:
+            raise PlanError(f"plan file {plan_file} was made for a {str(made_for)[:60]!r} model, but this checkpoint is "
+                            f"{model_type!r} (the shapes match, so it would apply, likely to the wrong heads)",
+                            hint="plan this model with --plan --plan-out, or pass --force to use the plan anyway")
+        with_counted_budget(plan, sites, inspection.element_bytes)
         if fusion is not None:
             plan.fusion = fusion
     else:
@@ -463,6 +481,7 @@ def emit(
             writer.add(name, tensor)
             if on_tensor is not None:
                 on_tensor(name, tensor.numel() * tensor.element_size())
+        config["hydra"][DIGESTS_KEY] = dict(sorted(writer.digests.items()))  # checked by load and verify
         writer.write_json("config.json", config)
         for side in SIDE_FILES:
             if (ck.root / side).is_file():

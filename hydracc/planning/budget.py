@@ -98,6 +98,11 @@ def parse_head_names(names: Sequence[str], sites: Sequence[AttentionSite], optio
     return out
 
 
+def _names(raw: Sequence[str]) -> list[str]:
+    """``--keep-full``/``--force-linear`` values as given (``"0.1, 1.2"`` allowed) -> one ``layer.head`` per item."""
+    return [name for item in raw for name in filter(None, (x.strip() for x in item.split(",")))]
+
+
 def _units(sites: Sequence[AttentionSite], element_bytes: int) -> list[Unit]:
     units: list[Unit] = []
     for s in sorted(sites, key=lambda s: s.layer):
@@ -279,8 +284,8 @@ def make_budget_plan(
         "kv_fraction_used": round(sum(u.cost for u in chosen) / total_bytes, 6) if total_bytes else 0.0,
         "min_full_per_layer": budget.min_per_layer,
         "max_full_per_layer": budget.max_per_layer,
-        "keep_full": list(keep_full) or None,
-        "force_linear": list(force_linear) or None,
+        "keep_full": _names(keep_full) or None,  # one layer.head per item, as the plan format holds them
+        "force_linear": _names(force_linear) or None,
     }
     if strategy == "heads":
         record["score"] = score

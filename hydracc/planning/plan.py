@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,9 +234,183 @@ def plan_from_json(doc: Any) -> Plan:
     for name, blob in (("model", model), ("budget", budget)):
         _field(len(json.dumps(blob)) <= MAX_BLOB_BYTES, f"plan.{name}",
                f"is larger than {MAX_BLOB_BYTES // 1024} KiB; it is copied into the converted config, so keep it short")
+    check_budget(budget)
+    _check_model(model)
     fusion = doc.get("fusion", False)
     _field(isinstance(fusion, bool), "plan.fusion", "must be true or false")
     return Plan(sorted(out, key=lambda lp: lp.layer), model, budget, unit, fusion)
+
+
+# --- the free-form blocks: ``budget`` is hydracc's record of how the plan was made -----------------------
+# Every field the planner writes has a checker; anything else is refused, so what reaches the converted
+# config, the model card and the plot is typed and bounded (the card escapes text on top of this).
+
+Check = Any  # a function (value, path) -> None that raises PlanError
+
+
+def _text(limit: int = 512) -> Check:
+    def check(v: Any, path: str) -> None:
+        _field(isinstance(v, str) and len(v) <= limit and v.isprintable(), path,
+               f"must be a single line of printable text of at most {limit} characters")
+    return check
+
+
+def _choice(options: Sequence[str]) -> Check:
+    def check(v: Any, path: str) -> None:
+        _field(v in options, path, f"must be one of {', '.join(map(repr, options))}, got {str(v)[:80]!r}")
+    return check
+
+
+def _number(low: float, high: float) -> Check:
+    def check(v: Any, path: str) -> None:
+        _field(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) and low <= v <= high, path,
+               f"must be a number from {low:g} to {high:g}, got {str(v)[:80]!r}")
+    return check
+
+
+def _integer(low: int = 0, high: int = 2**62) -> Check:
+    def check(v: Any, path: str) -> None:
+        _field(_is_int(v) and low <= v <= high, path, f"must be an integer from {low} to {high}, got {str(v)[:80]!r}")
+    return check
+
+
+def _unit_name(v: Any, path: str) -> None:
+    _field(isinstance(v, str) and len(v) <= 24 and _UNIT_NAME.fullmatch(v) is not None, path,
+           f"must name a unit as layer.head (e.g. '3.5'), got {str(v)[:80]!r}")
+
+
+def _list_of(item: Check, limit: int = 4096) -> Check:
+    def check(v: Any, path: str) -> None:
+        _field(isinstance(v, list) and len(v) <= limit, path, f"must be a list of at most {limit} items")
+        for i, x in enumerate(v):
+            item(x, f"{path}[{i}]")
+    return check
+
+
+def _record(fields: dict[str, Check]) -> Check:
+    def check(v: Any, path: str) -> None:
+        _field(isinstance(v, dict), path, "must be an object")
+        for key, value in v.items():
+            _field(key in fields, f"{path}.{str(key)[:40]}",
+                   f"unknown field (known: {', '.join(fields)})")
+            if value is not None:
+                fields[key](value, f"{path}.{key}")
+    return check
+
+
+def _mapping(key: Check, value: Check) -> Check:
+    def check(v: Any, path: str) -> None:
+        _field(isinstance(v, dict) and len(v) <= 64, path, "must be an object of at most 64 fields")
+        for k, x in v.items():
+            key(k, f"{path} key")
+            value(x, f"{path}.{k}")
+    return check
+
+
+_UNIT_NAME = re.compile(r"\d{1,6}\.\d{1,6}")
+_STRATEGIES = ("heads", "layers", "random", "even")
+_BUDGET_FIELDS: dict[str, Check] = {
+    "strategy": _choice(_STRATEGIES),
+    "full_ratio": _number(0, 1),
+    "kv_budget": _number(0, 1),
+    "linear_kind": _choice(KIND_NAMES),
+    "linear_kind_params": _mapping(_choice(("sink", "window")), _integer()),
+    "full_units": _integer(),
+    "total_units": _integer(),
+    "kv_fraction_used": _number(0, 1),
+    "min_full_per_layer": _integer(),
+    "max_full_per_layer": _integer(),
+    "keep_full": _list_of(_unit_name),
+    "force_linear": _list_of(_unit_name),
+    "score": _choice(("sensitivity", "retrieval", "linear_error")),
+    "objective": _choice(("recall", "kl")),
+    "objective_fell_back_to_kl": _text(),
+    "full_decided_by": _mapping(_choice(("recall", "kl", "joint")), _list_of(_unit_name)),
+    "stability": _record({
+        "agree": _number(0, 1), "resamples": _integer(),
+        "margin": _record({"kept": _unit_name, "dropped": _unit_name, "score": _text(), "kept_value": _number(-1e300, 1e300),
+                           "dropped_value": _number(-1e300, 1e300), "relative": _number(-1e300, 1e300)}),
+    }),
+    "seed": _integer(),
+    "calibration": _record({"source": _text(1024), "samples": _integer(), "seq_len": _integer()}),
+    "source": _choice(("plan_file",)),
+    "edited": lambda v, path: _field(isinstance(v, bool), path, "must be true or false"),
+}
+_MODEL_FIELDS: dict[str, Check] = {
+    "model_type": _text(128),
+    "num_layers": _integer(),
+    "num_heads": _list_of(_integer(), 64),
+    "num_kv_heads": _list_of(_integer(), 64),
+    "head_dim": _list_of(_integer(), 64),
+}
+
+
+def check_budget(budget: Any) -> None:
+    """Validate a plan's ``budget`` record (types, ranges, known fields); raises ``PlanError``."""
+    _record(_BUDGET_FIELDS)(budget, "plan.budget")
+
+
+def _check_model(model: Any) -> None:
+    _record(_MODEL_FIELDS)(model, "plan.model")
+
+
+def count_units(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int = 2) -> dict[str, Any]:
+    """What a plan keeps, counted from its heads: full units of all units (KV groups when the model shares KV
+    heads, else heads) and the share of the KV-cache bytes kept."""
+    grouped = any(s.num_kv_heads < s.num_heads for s in sites)
+    full = total = 0
+    for lp in plan.layers:
+        if grouped:
+            full += len(lp.cached_kv_heads())
+            total += lp.num_kv_heads
+        else:
+            full += len(lp.full_heads())
+            total += lp.num_heads
+    cost = cache_cost(plan, sites, element_bytes)
+    return {"unit": "kv_group" if grouped else "head", "full_units": full, "total_units": total,
+            "kv_fraction_used": round(cost.ratio, 6)}
+
+
+def _names_agree(plan: Plan, budget: dict[str, Any], *, grouped: bool) -> bool:
+    """Whether the units a budget record names (``layer.head``) are full or linear as the plan's heads say."""
+    def unit(name: str, lp_by_layer: dict[int, LayerPlan]) -> str | None:
+        layer, head = (int(x) for x in name.split("."))
+        lp = lp_by_layer.get(layer)
+        if lp is None or head >= lp.num_heads:
+            return None
+        group = lp.num_heads // lp.num_kv_heads if grouped else 1
+        return f"{layer}.{head // group * group}"
+
+    by_layer = {lp.layer: lp for lp in plan.layers}
+    full = set()
+    for lp in plan.layers:
+        group = lp.num_heads // lp.num_kv_heads if grouped else 1
+        full |= {f"{lp.layer}.{h // group * group}" for h in lp.full_heads()}
+    decided = [n for names in (budget.get("full_decided_by") or {}).values() for n in names]  # keep-full units are not listed
+    margin = (budget.get("stability") or {}).get("margin") or {}
+    checks = [
+        all(unit(n, by_layer) in full for n in decided),
+        all(unit(n, by_layer) in full for n in budget.get("keep_full") or []),
+        all(unit(n, by_layer) not in full for n in budget.get("force_linear") or []),
+        "kept" not in margin or unit(margin["kept"], by_layer) in full,
+        "dropped" not in margin or unit(margin["dropped"], by_layer) not in full,
+    ]
+    return all(checks)
+
+
+def with_counted_budget(plan: Plan, sites: Sequence[AttentionSite], element_bytes: int = 2) -> Plan:
+    """A plan read from a file, with its budget record recomputed from its heads: the record is kept only when
+    its counts and the units it names (decided-by lists, --keep-full, --force-linear, the stability margin) still
+    describe the plan; else the plan was edited after planning, and only the counts stay."""
+    counted = count_units(plan, sites, element_bytes)
+    unit = counted.pop("unit")
+    recorded = plan.budget
+    same = bool(recorded) and all(recorded.get(k) == counted[k] for k in ("full_units", "total_units")) \
+        and _names_agree(plan, recorded, grouped=unit == "kv_group")
+    plan.unit = unit
+    plan.budget = {**recorded, **counted, "source": "plan_file"} if same else {**counted, "source": "plan_file",
+                                                                              "edited": bool(recorded)}
+    return plan
 
 
 def load_plan(path: str | Path) -> Plan:

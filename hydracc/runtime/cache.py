@@ -540,10 +540,12 @@ EMPTY_POSITION = 2**31 - 1
 class HybridCache(Cache):
     """A transformers cache for a converted model: see the module docstring.
 
-    ``HybridCache(model.config)``; pass it as ``past_key_values`` to ``generate`` or
-    ``forward`` (models loaded with ``hydracc.load`` or after ``import hydracc`` get one from
-    ``generate`` by default). ``max_cache_len``: tokens to preallocate the full heads' keys and
-    values for (the prompt plus the new tokens); None appends by concatenation.
+    ``HybridCache(model.config)``; pass it to ``generate`` or ``forward`` as ``cache``
+    (transformers 5.25 on) or ``past_key_values`` (before; ``loader.cache_argument(model)`` says
+    which). Models loaded with ``hydracc.load`` or after ``import hydracc`` get one by default
+    from ``generate`` and from a forward with ``use_cache=True``. ``max_cache_len``: tokens to
+    preallocate the full heads' keys and values for (the prompt plus the new tokens); None
+    appends by concatenation.
     """
 
     def __init__(self, config: Any = None, num_layers: int | None = None, max_cache_len: int | None = None) -> None:

@@ -22,8 +22,14 @@ Design decisions:
   (a wrapper around transformers' cache preparation, active only when the attention is
   ``"hydracc"``); its layers hand the attention function a ``HybridStep`` instead of
   tensors, and a preallocated buffer for the full heads' keys and values as long as the
-  generation (``max_cache_length``). With any other cache (a ``DynamicCache`` passed by the caller) linear heads are
-  recomputed from the cached keys: correct, not memory-saving.
+  generation (``max_cache_length``). A forward called with ``use_cache=True`` and no cache gets
+  one too (a forward pre-hook on the base model, the module whose forward would make a
+  ``DynamicCache``); a forward that leaves ``use_cache`` to the config is left alone (it runs the
+  op, as evaluation does). With any other cache (a ``DynamicCache`` passed by the caller) linear
+  heads are recomputed from the cached keys: correct, not memory-saving.
+- transformers 5.25 renamed the cache argument ``past_key_values`` to ``cache`` (the old name
+  warns); ``cache_argument(model)`` gives the name the installed version takes, and the two
+  wrappers above look for the cache under either name.
 """
 
 from __future__ import annotations
@@ -82,8 +88,27 @@ def hybrid_attention_forward(
     elif pads is not None:
         out = _padded_rows(query, key, value, pads, codes, float(scale), params, entry.head_windows)
     else:
+        if query.shape[2] < key.shape[2] and not torch.compiler.is_compiling():
+            _warn_recompute(codes)
         out = torch.ops.hydracc.hybrid_attention(query, key, value, codes, float(scale), params, entry.head_windows)
     return out.transpose(1, 2).contiguous(), None
+
+
+_warned_recompute = False
+
+
+def _warn_recompute(codes: list[int]) -> None:
+    """Once per process: decoding through another cache (a ``DynamicCache`` from a plain forward) recomputes every
+    non-full head over the whole context at each step: correct, but as slow as no cache and as large as full KV."""
+    global _warned_recompute
+    if _warned_recompute or all(c == 0 for c in codes):
+        return
+    _warned_recompute = True
+    import warnings
+
+    warnings.warn("hydracc: this step's cache is not a HybridCache, so the linear and streaming heads are recomputed "
+                  "over the whole context (slow, and the cache holds every head's keys); call the first forward with "
+                  "use_cache=True, pass hydracc.HybridCache(model.config), or use model.generate()", stacklevel=3)
 
 
 def _padded_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pads: torch.Tensor, codes: list[int],
@@ -236,10 +261,24 @@ def _attach_learned_params_on_init() -> None:
             and getattr(config, "_attn_implementation", None) in (ATTN_IMPLEMENTATION, "hydracc_export")
         ):
             attach_learned_params(self)
+        if config is not None and isinstance(getattr(config, "hydra", None), dict):
+            _hybrid_cache_in_forward(self)  # (checks the attention at each call: it can be switched later)
+            if "tensor_sha256" in config.hydra:  # checked before loading; a model saved again (cast, fine-tuned)
+                config.hydra = {k: v for k, v in config.hydra.items() if k != "tensor_sha256"}  # makes no claim
         return original(self, *args, **kwargs)
 
     post_init._hydracc_wrapped = True  # type: ignore[attr-defined]
     PreTrainedModel.post_init = post_init
+
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""Names transformers has taken the cache by: ``cache`` from 5.25 on, ``past_key_values`` before."""
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword the model's ``forward`` (and so ``generate``) takes its cache by on this transformers."""
+    params = inspect.signature(type(model).forward).parameters  # (follows transformers' decorators' __wrapped__)
+    return next((name for name in CACHE_ARGUMENTS if name in params), "past_key_values")
 
 
 def _use_hybrid_cache_in_generate() -> None:
@@ -248,7 +287,7 @@ def _use_hybrid_cache_in_generate() -> None:
     Wraps ``GenerationMixin._prepare_cache_for_generation``: after transformers prepared its
     cache, a plain ``DynamicCache`` for a model whose attention is ``"hydracc"`` is replaced by
     a ``HybridCache``. Caches the caller passed, other cache implementations and other models
-    are left alone.
+    are left alone. The cache is looked for under each of ``CACHE_ARGUMENTS``.
     """
     try:
         from transformers.cache_utils import DynamicCache
@@ -261,12 +300,16 @@ def _use_hybrid_cache_in_generate() -> None:
     signature = inspect.signature(original)
 
     def prepare(self: Any, generation_config: Any, model_kwargs: dict, *args: Any, **kwargs: Any) -> Any:
+        passed = any(model_kwargs.get(n) is not None for n in CACHE_ARGUMENTS)  # the caller's (5.4 marks it not)
         result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        if passed:
+            return result
         try:  # the tokens generate will hold (prompt + new tokens - 1): the full heads' buffer size
             length = signature.bind(self, generation_config, model_kwargs, *args, **kwargs).arguments.get("max_cache_length")
         except TypeError:  # pragma: no cover - another transformers signature
             length = None
-        cache = model_kwargs.get("past_key_values")
+        name = next((n for n in CACHE_ARGUMENTS if model_kwargs.get(n) is not None), None)
+        cache = model_kwargs.get(name) if name is not None else None
         if (
             getattr(self.config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
             and getattr(generation_config, "cache_implementation", None) in (None, "dynamic")
@@ -276,7 +319,7 @@ def _use_hybrid_cache_in_generate() -> None:
         ):
             from hydracc.runtime.cache import HybridCache
 
-            model_kwargs["past_key_values"] = HybridCache(
+            model_kwargs[name] = HybridCache(
                 self.config, max_cache_len=int(length) if isinstance(length, int) and length > 0 else None
             )
         return result
@@ -285,7 +328,68 @@ def _use_hybrid_cache_in_generate() -> None:
     GenerationMixin._prepare_cache_for_generation = prepare
 
 
+def _hybrid_cache_in_forward(model: nn.Module) -> None:
+    """Give a converted base model's forward a ``HybridCache`` when called with ``use_cache=True`` and no cache.
+
+    transformers' base models (``LlamaModel``, ...) make a ``DynamicCache`` inside their forward
+    when asked for a cache and given none; a forward pre-hook puts a ``HybridCache`` in its place
+    first. Only ``use_cache=True`` passed by the caller counts (the causal-LM model passes it
+    through): a forward that leaves it to the config makes no hybrid cache, so evaluation and
+    padded forwards keep running the op. The attention is checked at each call. Registered once,
+    on the base model only (a causal-LM model's ``base_model`` is its inner model).
+    """
+    if getattr(model, "_hydracc_cache_hook", False) or getattr(model, "base_model", model) is not model:
+        return
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover
+        return
+    names = [p.name for p in params]
+    cache_name = next((name for name in CACHE_ARGUMENTS if name in names), None)
+    if cache_name is None or "use_cache" not in names:
+        return
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    def given(args: tuple, kwargs: dict, name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        at = positional.index(name) if name in positional else len(args)
+        return args[at] if at < len(args) else None
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if getattr(module.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            return None
+        if given(args, kwargs, "use_cache") is not True or any(given(args, kwargs, n) is not None for n in CACHE_ARGUMENTS):
+            return None
+        if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+            return None  # (transformers turns the cache off here)
+        from hydracc.runtime.cache import HybridCache
+
+        cache = HybridCache(module.config)
+        at = positional.index(cache_name) if cache_name in positional else len(args)
+        if at < len(args):
+            args = (*args[:at], cache, *args[at + 1:])
+        else:
+            kwargs = {**{k: v for k, v in kwargs.items() if k not in CACHE_ARGUMENTS}, cache_name: cache}
+        return args, kwargs
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model._hydracc_cache_hook = True
+
+
 _register()
+
+
+def check_weight_digests(root: Path, config: dict[str, Any]) -> None:
+    """The weights of the converted folder ``root`` against the digests its config records (``runtime.integrity``)."""
+    from hydracc.frontend.checkpoint import open_checkpoint
+    from hydracc.runtime.integrity import check_tensor_digests
+
+    ck = open_checkpoint(root)
+    try:
+        check_tensor_digests(root, config, ck.files)
+    finally:
+        ck.close()
 
 
 def check_converted(path: str | os.PathLike[str]) -> tuple[Path, dict[int, HydraLayer], dict[str, Any]]:
@@ -364,13 +468,16 @@ def quiet_transformers() -> None:
 
 
 def load(path: str | os.PathLike[str], *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         allow_nonfinite: bool = False) -> nn.Module:
+         allow_nonfinite: bool = False, check_hashes: bool = True) -> nn.Module:
     """Load a converted checkpoint folder; the returned model's forward runs the hybrid.
 
     ``dtype`` defaults to the dtype the weights are stored in. Weights holding NaN or infinity are
-    refused (a ``CheckpointError``) unless ``allow_nonfinite``.
+    refused (a ``CheckpointError``) unless ``allow_nonfinite``; so are weights that differ from the
+    digests the conversion recorded (edited after conversion), unless ``check_hashes=False``.
     """
     root, _, config = check_converted(path)
+    if check_hashes:
+        check_weight_digests(root, config)
     model = from_pretrained(root, config, allow_nonfinite=allow_nonfinite, attn_implementation=ATTN_IMPLEMENTATION,
                             dtype=dtype if dtype is not None else "auto")
     return model.to(device).eval()

@@ -93,7 +93,7 @@ def test_update_card_writes_the_figures_once(conversions, tmp_path) -> None:
     update_card(conv, report)
     again = card.read_text()
     assert again.count("## Verification") == 1 and "| agreement | 0.5 |" in again and "| agreement | 1 |" not in again
-    start, end = again.index("## Verification"), again.index("## How to load")
+    start, end = again.index("<!-- hydracc verify: begin -->"), again.index("## How to load")
     assert again[:start] + again[end:] == before  # nothing else of the card changed
     assert card.stat().st_mode == mode and not [p for p in conv.iterdir() if p.name.startswith(".")]
     (conv / "README.md").write_text("my own card\n")

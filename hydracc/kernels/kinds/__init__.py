@@ -8,7 +8,7 @@ passes and kernels refer to a kind by its ``name`` (in JSON) or its small intege
 the op's ``int[] head_kinds``, and as ``tl.constexpr`` values in the Triton kernels). Codes
 are part of the saved-checkpoint format: never renumber a row, only append new ones. Adding a
 kind: one module here, a row in ``HEAD_KINDS``, its Triton branches (or a torch fallback) and
-tests; ``tests/kernels/test_kind_table.py`` checks that each row provides every hook.
+tests; ``tests/kernel_ops/test_kind_table.py`` checks that each row provides every hook.
 
 Per-head tensors: a layer's learned parameters travel in the op's ``Tensor[] head_params`` as
 exactly the tensors named by ``PARAM_NAMES``, in that order, each indexed by *query head* (row

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hydracc.kernels import OP_SCHEMA, PARAM_NAMES, hybrid_attention, hybrid_attention_reference
-from kernels.kernel_cases import FIVE_KINDS, WINDOWS, make_params
+from kernel_ops.kernel_cases import FIVE_KINDS, WINDOWS, make_params
 
 OP = torch.ops.hydracc.hybrid_attention.default
 KINDS = [0, 1, 1, 1, 1, 0, 1, 1]  # 8 query heads, 2 of them full

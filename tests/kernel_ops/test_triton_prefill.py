@@ -27,7 +27,7 @@ from hydracc.kernels import (  # noqa: E402
     hybrid_op,
 )
 from hydracc.kernels.triton_prefill import PrefillConfig, hybrid_prefill, sdpa_head_range, work_plan  # noqa: E402
-from kernels.kernel_cases import FIVE_KINDS, WINDOWS, make_params, qkv  # noqa: E402
+from kernel_ops.kernel_cases import FIVE_KINDS, WINDOWS, make_params, qkv  # noqa: E402
 
 SCALE = 0.3
 F, E, H, G, S = FULL.code, ELU.code, HEDGEHOG.code, GDN.code, STREAMING.code

@@ -31,7 +31,7 @@ from hydracc.kernels import (
     streaming_attention,
 )
 from hydracc.kernels.kinds.elu import causal_linear_attention_step
-from kernels.kernel_cases import ATOL, RTOL, gen, make_params, param_dict, qkv, rand
+from kernel_ops.kernel_cases import ATOL, RTOL, gen, make_params, param_dict, qkv, rand
 
 LENGTHS = [1, 7, 33, 65, 130]
 

@@ -25,7 +25,7 @@ from hydracc.kernels import (
     linear_state_step,
 )
 from hydracc.kernels.decode_op import decode_layout, hybrid_decode, hybrid_decode_reference
-from kernels.kernel_cases import FIVE_KINDS, WINDOWS, make_params, param_dict
+from kernel_ops.kernel_cases import FIVE_KINDS, WINDOWS, make_params, param_dict
 
 SCALE = 0.3
 F, E, H, G, S = FULL.code, ELU.code, HEDGEHOG.code, GDN.code, STREAMING.code

@@ -12,7 +12,7 @@ import torch
 import hydracc.kernels.kinds as kinds_pkg
 from hydracc.kernels import HEAD_KINDS, PARAM_NAMES, HeadKind, kind_by_code, param_shapes, state_shapes
 from hydracc.kernels.kinds import FUSION_PARAM, STATE_PART_COUNT, STATE_PARTS
-from kernels.kernel_cases import make_params, param_dict, qkv
+from kernel_ops.kernel_cases import make_params, param_dict, qkv
 
 KIND_IDS = [kind.name for kind in HEAD_KINDS]
 COMMON = {"base"}  # modules of shared pieces, not kinds

@@ -25,8 +25,8 @@ from hydracc.kernels import (
     kind_by_name,
     run_kind,
 )
-from kernels.kernel_cases import FIVE_KINDS, WINDOWS, make_params
-from kernels.kernel_cases import qkv as fresh_qkv
+from kernel_ops.kernel_cases import FIVE_KINDS, WINDOWS, make_params
+from kernel_ops.kernel_cases import qkv as fresh_qkv
 
 ATOL = RTOL = 1e-5
 

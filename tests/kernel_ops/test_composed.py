@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hydracc.kernels import ELU, FULL, GDN, HEDGEHOG, STREAMING, kind_by_code
 from hydracc.kernels.composed import hybrid_attention_composed
 from hydracc.kernels.naive import hybrid_attention_reference
-from kernels.kernel_cases import FIVE_KINDS, WINDOWS, make_params
+from kernel_ops.kernel_cases import FIVE_KINDS, WINDOWS, make_params
 
 HEADS = [(8, 8), (8, 2), (8, 1)]
 # name -> (kinds of 8 query heads, whether head_params are passed)

@@ -1,1 +1,0 @@
-"""Kernel tests (a package so ``kernels.kernel_cases`` resolves here, not to an installed ``kernels``)."""
