@@ -15,6 +15,11 @@ Design decisions:
   the byte tasks they were trained on; other vocabularies the same tasks in their own tokens
   (``probes``: text through their tokenizer, recall and passkey from ordinary ids), or
   perplexity on ``calib`` rows.
+- Models with a real tokenizer (``TokenSpace.text``: a tokenizer.json and a vocabulary of 4,096 or
+  more) get the text tasks by default (``text_eval.TEXT_TASKS``): perplexity on held-out prose,
+  passkey and key-value lookup answered by generation, copying of a repeated span; the tasks above
+  stay available by name. ``original`` (the original's ``--json`` report, or its folder) limits a
+  converted model to the recall cells the original passes.
 """
 
 from __future__ import annotations
@@ -32,9 +37,19 @@ import torch.nn.functional as F
 from hydracc.errors import HydraError
 from hydracc.evaluation.probes import TokenSpace, heldout_ids, passkey_probe, recall_probe, token_space
 from hydracc.evaluation.tasks import IGNORE, stack, stdlib_corpus
+from hydracc.evaluation.text_eval import (
+    TEXT_TASKS,
+    TextSettings,
+    copy_task,
+    count_text_steps,
+    generated_task,
+    prose_perplexity,
+)
+from hydracc.evaluation.text_tasks import TextTokenizer
 
 TASKS = ("ppl", "mqar", "passkey")
-"""The built-in tasks; ``recall`` (a file of the model's own probes) runs when one is given."""
+"""The built-in tasks of byte-level and id-only models; ``recall`` (a file of the model's own probes) runs when one is given."""
+ALL_TASKS = TASKS + TEXT_TASKS + ("recall",)
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,8 @@ class EvalSettings:
     passkey_samples: int = 32
     batch: int = 16
     seed: int = 1234
+    text: TextSettings = TextSettings()
+    """The text tasks of models with a real tokenizer (``text_eval``)."""
 
 
 @dataclass
@@ -64,7 +81,7 @@ class EvalResult:
 
 
 def load_for_eval(path: str | Path, device: str | torch.device = "cpu", *,
-                  allow_nonfinite: bool = False) -> tuple[torch.nn.Module, bool, TokenSpace]:
+                  allow_nonfinite: bool = False, check_hashes: bool = True) -> tuple[torch.nn.Module, bool, TokenSpace]:
     """The model at ``path`` (a checkpoint folder or a file in one), whether it is converted, and its tokens."""
     from hydracc.frontend.checkpoint import open_checkpoint
     from hydracc.runtime.loader import from_pretrained, load
@@ -77,7 +94,7 @@ def load_for_eval(path: str | Path, device: str | torch.device = "cpu", *,
         raise HydraError(f"{root}: config.json has no usable vocab_size ({vocab!r})")
     space = token_space(root, vocab)
     if "hydra" in config:
-        return load(root, device=device, allow_nonfinite=allow_nonfinite), True, space
+        return load(root, device=device, allow_nonfinite=allow_nonfinite, check_hashes=check_hashes), True, space
     model = from_pretrained(root, config, allow_nonfinite=allow_nonfinite, attn_implementation="sdpa")
     return model.to(device).eval(), False, space
 
@@ -241,30 +258,74 @@ def count_batches(tasks: tuple[str, ...], s: EvalSettings, recall_rows: tuple[in
         n += len(s.passkey_lengths) * per(s.passkey_samples / s.batch)
     if "recall" in tasks:
         n += sum(per(r / s.batch) for r in recall_rows)
-    return n
+    return n + count_text_steps(tasks, s.text)
+
+
+def default_tasks(path: str | Path, recall: bool = False) -> tuple[str, ...]:
+    """The tasks ``evaluate`` runs on the model at ``path`` by default: the text tasks for a real
+    tokenizer, else the probe tasks (and ``recall`` when a probe file is given)."""
+    from hydracc.frontend.checkpoint import open_checkpoint
+
+    ck = open_checkpoint(path)
+    ck.close()
+    vocab = ck.config.get("vocab_size")
+    text = isinstance(vocab, int) and vocab > 1 and token_space(ck.root, vocab).text
+    return (TEXT_TASKS if text else TASKS) + (("recall",) if recall else ())
+
+
+def load_original_report(original: str | Path | dict[str, Any], tasks: tuple[str, ...], s: EvalSettings,
+                         device: str | torch.device) -> dict[str, Any]:
+    """The original's scores: a report dict, a ``hydracc eval --json`` file, or a checkpoint folder (evaluated now)."""
+    if isinstance(original, dict):
+        return original
+    p = Path(original)
+    if p.is_dir():
+        return evaluate(p, tasks, s, device=device).to_json()
+    import json
+
+    try:
+        report = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise HydraError(f"--original {p}: no such file or folder") from None
+    except (OSError, ValueError) as exc:
+        raise HydraError(f"--original {p}: not a JSON report ({exc})",
+                         hint="write it with: hydracc eval ORIGINAL --json > original.json") from None
+    if not isinstance(report, dict) or report.get("converted") is not False:
+        raise HydraError(f"--original {p}: not the report of an original model (hydracc eval ORIGINAL --json)")
+    return report
 
 
 def evaluate(
     path: str | Path,
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] | None = None,
     settings: EvalSettings | None = None,
     advance: Callable[[], None] = lambda: None,
     *,
     calib: str | Path | None = None,
     recall: str | Path | None = None,
+    original: str | Path | dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     allow_nonfinite: bool = False,
+    check_hashes: bool = True,
 ) -> EvalResult:
     """Run ``tasks`` on the model at ``path``; ``advance`` is called once per batch (progress).
 
     ``calib``: perplexity on these rows (``--calib`` formats) instead of the built-in held-out text.
     ``recall``: the model's own recall probes (``load_recall_probes``), scored as task ``recall``.
+    ``tasks``: ``None`` for the model's default tasks (``default_tasks``).
+    ``original``: for a converted model, the original's report or folder; text-task cells the
+    original fails are then not run (``text_eval``).
     """
     s = settings or EvalSettings()
     torch.manual_seed(s.seed)
+    if tasks is None:
+        tasks = default_tasks(path)
+    unknown = [t for t in tasks if t not in ALL_TASKS]
+    if unknown:
+        raise HydraError(f"unknown task {', '.join(unknown)}", hint=f"tasks: {', '.join(ALL_TASKS)}")
     if "recall" in tasks and recall is None:
         raise HydraError("the recall task scores a file of the model's own probes", hint="give --recall FILE.npz")
-    model, converted, space = load_for_eval(path, device, allow_nonfinite=allow_nonfinite)
+    model, converted, space = load_for_eval(path, device, allow_nonfinite=allow_nonfinite, check_hashes=check_hashes)
     probes = load_recall_probes(recall, space.vocab_size) if recall is not None and "recall" in tasks else {}
     rows = None
     if calib is not None:
@@ -272,9 +333,26 @@ def evaluate(
 
         rows = load_calibration(calib, vocab_size=space.vocab_size, samples=s.ppl_windows, seq_len=s.ppl_seq_len + 1,
                                 checkpoint_root=Path(path) if Path(path).is_dir() else Path(path).parent).tokens
+    text_tasks = [t for t in tasks if t in TEXT_TASKS]
+    if text_tasks and not space.text:
+        raise HydraError(f"{', '.join(text_tasks)} need a real tokenizer (a tokenizer.json and a vocabulary of 4,096 "
+                         f"or more); this model has {space.describe} and {space.vocab_size} ids",
+                         hint=f"its tasks: {', '.join(TASKS)}")
+    reference = None
+    if original is not None and text_tasks:
+        if not converted:
+            raise HydraError("--original is for a converted model; this one is an original")
+        reference = load_original_report(original, tuple(text_tasks), s, device)
+    tok = TextTokenizer(space.tokenizer) if space.text else None
     result = EvalResult(str(path), converted, tokens=space.describe)
     for task in tasks:
-        if task == "ppl":
+        if task == "prose":
+            result.scores[task] = prose_perplexity(model, tok, s.text, s.seed, advance)
+        elif task in ("passkey_gen", "kv_lookup"):
+            result.scores[task] = generated_task(task, model, tok, s.text, s.seed, advance, reference)
+        elif task == "copy":
+            result.scores[task] = copy_task(model, tok, s.text, s.seed, advance, reference)
+        elif task == "ppl":
             result.scores[task] = perplexity(model, s, advance, space, rows)
         elif task == "recall":
             result.scores[task] = recall_file(model, s, advance, probes, Path(recall).name)

@@ -6,6 +6,8 @@ Decisions:
   checkpoint's ``tokenizer.json`` (a data file, read with ``tokenizers``), recall and passkey from a
   pool of ordinary ids (the tokenizer's special tokens left out; without a tokenizer, the middle half
   of the id space, away from the special ids vocabularies put at either end).
+- Models with a real tokenizer (``TokenSpace.text``) get the text tasks of ``text_tasks`` by default;
+  these probes stay available to them by name.
 - A probe is ``(tokens[T], labels[T])`` with labels ``IGNORE`` except at scored positions, the layout
   of ``tasks``, so the same scorers run on both.
 """
@@ -47,6 +49,13 @@ class TokenSpace:
     @property
     def bytes(self) -> bool:
         return self.vocab_size == VOCAB_SIZE
+
+    @property
+    def text(self) -> bool:
+        """A real tokenizer (``text_tasks.TEXT_MIN_VOCAB`` ids or more): the text tasks apply."""
+        from hydracc.evaluation.text_tasks import TEXT_MIN_VOCAB
+
+        return self.tokenizer is not None and self.vocab_size >= TEXT_MIN_VOCAB
 
     @property
     def describe(self) -> str:
