@@ -279,7 +279,7 @@ def test_convert_with_distillation_json_and_resume_errors(tiny_checkpoint, tmp_p
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--sink", "4"], "--linear-kind streaming"),
+        (["--linear-kind", "elu", "--sink", "4"], "--linear-kind streaming"),
         (["--resume"], "add --distill"),
         (["--distill", "--no-fusion"], "drop --no-fusion"),
         (["--linear-kind", "full"], "Invalid value for '--linear-kind'"),

@@ -49,7 +49,7 @@ def test_well_above_chance_where_it_was_trained(original_scores) -> None:
 
 @pytest.mark.slow
 def test_all_linear_conversion_scores_far_lower(original_scores, tmp_path) -> None:
-    convert(MODEL, tmp_path / "linear", full_ratio=0.0, strategy="even")
+    convert(MODEL, tmp_path / "linear", full_ratio=0.0, strategy="even", linear_kind="elu")
     broken = evaluate(tmp_path / "linear").to_json()
     assert broken["converted"] is True
     assert broken["mqar"]["accuracy"] < 0.5 * original_scores["mqar"]["accuracy"]
@@ -89,7 +89,8 @@ def test_default_plan_keeps_the_recall_circuit_of_a_model_it_never_saw(tmp_path)
     recall of the best of all 28 plans (measured by benchmarks/quality.py, in quality.json)."""
     ref = json.loads((QWEN / "quality.json").read_text())
     out = tmp_path / "converted"
-    report = _cli("convert", QWEN, "-o", out, "--kv-budget", "0.25", "--calib", QWEN / "calib.npy", "--json", "-q")
+    report = _cli("convert", QWEN, "-o", out, "--kv-budget", "0.25", "--calib", QWEN / "calib.npy", "--linear-kind", "elu",
+                  "--json", "-q")
     budget = report["plan"]["budget"]
     assert budget["objective"] == "recall" and "objective_fell_back_to_kl" not in budget
     found = report["analysis"]["objective"]

@@ -35,7 +35,7 @@ CASES = {
     "even-hedgehog": ["--strategy", "even", "--linear-kind", "hedgehog", *SMALL],
     "heads-gdn": ["--linear-kind", "gdn", "--full-ratio", "0.5", *SMALL],
     "streaming-keep": ["--linear-kind", "streaming", "--sink", "2", "--window", "16", "--keep-full", "3.0", *SMALL],
-    "layers-fusion-nopermute": ["--strategy", "layers", "--fusion", "--no-permute", *SMALL],
+    "layers-fusion-nopermute": ["--strategy", "layers", "--linear-kind", "elu", "--fusion", "--no-permute", *SMALL],
     "distill": ["--strategy", "random", "--seed", "3", "--distill", "--steps", "3", "--e2e-steps", "2",
                 "--distill-samples", "8", "--distill-batch", "4", *SMALL],
 }

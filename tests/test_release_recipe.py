@@ -46,7 +46,7 @@ def _run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
 
 def _workflow_env() -> dict[str, str]:
     env = {k: str(v) for k, v in _workflow()["env"].items()}
-    assert env["PLAN_ARGS"] == "--full-ratio 0.5"  # the shipped plan under review keeps half the KV groups
+    assert env["PLAN_ARGS"] == "--full-ratio 0.5 --linear-kind elu"  # the shipped plan under review: half the KV groups, elu
     return env
 
 

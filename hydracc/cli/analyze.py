@@ -32,7 +32,7 @@ def _calibration_options(fn: Any) -> Any:
 @click.command("analyze")
 @click.argument("path", type=click.Path(path_type=Path))
 @_calibration_options
-@click.option("--linear-kind", type=linear_kind_type(), default="elu", show_default=True,
+@click.option("--linear-kind", type=linear_kind_type(), default="streaming", show_default=True,
               help="Kind the linear_error and sensitivity scores measure (hedgehog and gdn at their starting values, with "
                    "fusion).")
 @json_option("Print the scores as JSON on stdout; the table goes to stderr.")

@@ -39,7 +39,8 @@ def converted(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("release")
     out = {}
     for name, ratio in (("full", "1.0"), ("linear", "0.0")):
-        res = run("convert", EXAMPLE, "-o", root / name, "--strategy", "even", "--full-ratio", ratio, "-q")
+        res = run("convert", EXAMPLE, "-o", root / name, "--strategy", "even", "--full-ratio", ratio, "--linear-kind",
+                  "elu", "-q")
         assert res.exit_code == 0, res.output
         out[name] = root / name
     return out

@@ -18,7 +18,7 @@ FAST = VerifySettings(samples=4, seq_len=64, recall_samples=8, recall_pairs=(4,)
 def conversions(tmp_path_factory):
     root = tmp_path_factory.mktemp("verify")
     convert(EXAMPLE, root / "full", full_ratio=1.0, strategy="even")
-    convert(EXAMPLE, root / "linear", full_ratio=0.0, strategy="even")
+    convert(EXAMPLE, root / "linear", full_ratio=0.0, strategy="even", linear_kind="elu")
     return root
 
 

@@ -100,7 +100,7 @@ def test_bad_values_are_hydra_errors_before_any_work(tmp_path, kwargs, message) 
     ("kwargs", "message"),
     [
         ({"full_ratio": 0.5, "kv_budget": 0.5}, "give one budget: full_ratio or kv_budget, not both"),
-        ({"sink": 2}, "sink and window set streaming heads: add linear_kind='streaming'"),
+        ({"sink": 2, "linear_kind": "elu"}, "sink and window set streaming heads: add linear_kind='streaming'"),
         ({"resume": True}, "resume=True continues a distillation: add distill=True"),
         ({"distill": True, "fusion": False}, "distill=True trains the fusion scales: drop fusion=False"),
         ({"linear_kind": "hedgehog", "fusion": False}, "hedgehog heads always come with fusion"),

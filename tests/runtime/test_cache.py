@@ -146,7 +146,7 @@ def test_cache_keeps_only_full_kv_groups(tiny_checkpoint, tmp_path) -> None:
     from transformers import DynamicCache
 
     src = tiny_checkpoint("llama-gqa")  # 2 layers x 2 KV groups
-    convert(src, tmp_path / "out", full_ratio=0.25, strategy="even")  # 1 of 4 groups full
+    convert(src, tmp_path / "out", full_ratio=0.25, strategy="even", linear_kind="elu")  # 1 of 4 groups full
     model = hydracc.load(tmp_path / "out")
     ids = _ids(200)
     hybrid, dense = HybridCache(model.config), DynamicCache(config=model.config)
