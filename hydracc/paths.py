@@ -1,4 +1,5 @@
-"""Paths the user names: refused before any work when the filesystem cannot hold their names.
+"""Paths the user names, refused before any work when the filesystem cannot hold their names; and whether the
+process a hydracc folder's owner marker names still runs (temporary output folders, distillation states).
 
 Runtime-safe (no torch, no compiler modules): ``open_checkpoint`` uses it when loading a converted checkpoint.
 """
@@ -6,11 +7,12 @@ Runtime-safe (no torch, no compiler modules): ``open_checkpoint`` uses it when l
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from hydracc.errors import HydraError, OutputError
 
-__all__ = ["SIDE_NAME_EXTRA", "TEMP_NAME_EXTRA", "check_name_length"]
+__all__ = ["SIDE_NAME_EXTRA", "TEMP_NAME_EXTRA", "check_name_length", "process_running"]
 
 TEMP_NAME_EXTRA = len(".") + len(".hydracc-tmp-") + 8
 """Characters hydracc adds to an output folder's name for the folders it writes beside it: the temporary
@@ -62,3 +64,19 @@ def check_name_length(path: str | os.PathLike[str], what: str, *, extra: int = 0
     if total > path_max:
         raise error(f"{what} {p} is too long: {total} bytes as an absolute path (with what hydracc adds), the "
                     f"limit is {path_max}", hint=hint or "choose a shorter path")
+
+
+def process_running(pid: object, host: object) -> bool:
+    """Whether process ``pid`` runs on ``host``, as an owner marker records them. A process on another host counts
+    as running (it cannot be told from here); a pid that cannot be one (not an int in 1..2**31-1) as not running."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True

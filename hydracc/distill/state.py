@@ -33,6 +33,7 @@ from torch import Tensor
 from hydracc import distributed
 from hydracc.analysis.calibration import Calibration
 from hydracc.errors import HydraError, OutputError
+from hydracc.paths import process_running
 from hydracc.planning.plan import Plan
 
 
@@ -225,20 +226,7 @@ def read_owner(folder: Path) -> dict[str, Any] | None:
 
 def owner_is_alive(owner: dict[str, Any]) -> bool:
     """Whether the marker names another process that runs on this machine (a run on another host counts as alive)."""
-    pid = owner.get("pid")
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
-        return False
-    if owner.get("host") != socket.gethostname():
-        return True  # cannot tell: never take over another machine's live run
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return owner.get("pid") != os.getpid() and process_running(owner.get("pid"), owner.get("host"))
 
 
 def restore_adam(optimizer: torch.optim.Adam, names: list[str], tensors: dict[str, Tensor]) -> None:

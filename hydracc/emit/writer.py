@@ -36,11 +36,11 @@ from typing import Any, Self
 import torch
 
 from hydracc.errors import OutputError
-from hydracc.paths import SIDE_NAME_EXTRA, TEMP_NAME_EXTRA, check_name_length
+from hydracc.paths import TEMP_NAME_EXTRA, check_name_length, process_running
 from hydracc.runtime.integrity import tensor_digest
 
 __all__ = [
-    "SIDE_NAME_EXTRA", "TEMP_NAME_EXTRA", "CheckpointWriter", "check_destination", "check_name_length", "hydracc_made",
+    "CheckpointWriter", "check_destination", "hydracc_made",
     "json_safe", "make_temp_folder", "parse_size", "remove_stale_temp_folders", "swap_into_place",
 ]
 
@@ -498,17 +498,9 @@ def _owner_is_gone(marker: Path) -> bool:
         pid, host = int(owner["pid"]), str(owner["host"])
     except (OSError, ValueError, KeyError, TypeError):
         return False  # no marker of ours: not ours to remove
-    if host != socket.gethostname() or pid <= 0:
+    if pid <= 0 or pid == os.getpid():
         return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    return not process_running(pid, host)
 
 
 def swap_into_place(tmp: Path, out: Path, *, force: bool) -> None:

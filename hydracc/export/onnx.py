@@ -39,17 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from hydracc.emit.writer import (
-    OWNER_MARKER,
-    TEMP_NAME_EXTRA,
-    check_destination,
-    check_name_length,
-    make_temp_folder,
-    swap_into_place,
-)
+from hydracc.emit.writer import OWNER_MARKER, check_destination, make_temp_folder, swap_into_place
 from hydracc.errors import CheckpointError, HydraError, OutputError
 from hydracc.kernels.kinds import GDN, HEAD_KINDS, STREAMING, kind_by_code
 from hydracc.kernels.kinds.gdn import GDN_CHUNK
+from hydracc.paths import TEMP_NAME_EXTRA, check_name_length
 from hydracc.runtime.cache import HybridCache, HybridLayer
 from hydracc.runtime.hydra_config import read_hydra_layers
 
